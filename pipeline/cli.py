@@ -1,0 +1,134 @@
+"""The `pipeline` command line (also `python -m pipeline`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Distributed training of VAEs with a categorical (multinomial) prior: "
+    "WebDataset shards -> Ray Train DDP -> MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Turn a dataset into WebDataset shards + manifest.json (any fsspec URL).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+Overrides = Annotated[
+    Optional[list[str]],
+    typer.Option("--override", "-o", help="Dotted config override, repeatable: -o train.epochs=3 -o model.latent.categories=10"),
+]
+OutUrl = Annotated[str, typer.Option("--out", help="Output directory or fsspec URL (file://, s3://, gs://, memory://)")]
+ShardSize = Annotated[int, typer.Option("--samples-per-shard", min=1, help="Samples per .tar shard")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _write(splits, out: str, source: str, samples_per_shard: int) -> None:
+    from pipeline.data import write_shards
+
+    manifest = write_shards(splits, out, source=source, samples_per_shard=samples_per_shard, progress=True)
+    counts = ", ".join(f"{name} {info.samples}" for name, info in manifest.splits.items())
+    console.print(f"wrote {sum(len(i.shards) for i in manifest.splits.values())} shards ({counts}) + manifest.json to {out}")
+
+
+@data_app.command("digits")
+def data_digits(out: OutUrl = "data/digits", samples_per_shard: ShardSize = 500) -> None:
+    """sklearn's bundled 8x8 digits (real data, offline): train/val/test 1297/250/250."""
+    from pipeline.data import DataError, load_digits_splits
+
+    try:
+        _write(load_digits_splits(), out, "sklearn.datasets.load_digits", samples_per_shard)
+    except DataError as err:
+        _fail(str(err))
+
+
+@data_app.command("mnist")
+def data_mnist(
+    source: Annotated[str, typer.Option("--source", help="Directory or URL with the four MNIST idx .gz files")],
+    out: OutUrl = "data/mnist",
+    samples_per_shard: ShardSize = 5000,
+) -> None:
+    """MNIST from the four idx .gz files: train/val/test 50000/10000/10000 (val = last 10k of the train file)."""
+    from pipeline.data import DataError, load_mnist_splits
+
+    try:
+        _write(load_mnist_splits(source), out, f"mnist:{source}", samples_per_shard)
+    except DataError as err:
+        _fail(str(err))
+
+
+def _load(config_path: str, overrides: list[str] | None):
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        return load_config(config_path, overrides or [])
+    except ConfigError as err:
+        _fail(str(err), code=2)
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Argument(help="YAML config, e.g. configs/digits-categorical.yaml")],
+    override: Overrides = None,
+    address: Annotated[
+        Optional[str], typer.Option("--address", help="Ray cluster to use (default $RAY_ADDRESS, else a local cluster)")
+    ] = None,
+) -> None:
+    """Train a VAE with Ray Train (DDP) and track it in MLflow; prints the run id and final val -ELBO."""
+    from pipeline.train.trainer import TrainingError, train as run_training
+
+    cfg = _load(config, override)
+    try:
+        result = run_training(cfg, address=address)
+    except TrainingError as err:
+        _fail(str(err))
+    print(f"run_id: {result.run_id}")
+    print(f"val/loss (-ELBO): {result.val_loss:.4f} after {result.epochs} epochs, {result.steps} steps, {result.seconds:.0f} s")
+    store = result.tracking_uri
+    hint = "pipeline ui" if store.startswith("sqlite:") else f"open {store}"
+    print(f"view it: {hint}  (then open http://127.0.0.1:5000 -> experiment '{cfg.tracking.experiment}')")
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1")] = 5000,
+    host: Annotated[str, typer.Option(help="Bind address; keep 127.0.0.1 unless you mean to expose it")] = "127.0.0.1",
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="Store to serve (default as for train)")] = None,
+) -> None:
+    """Serve the MLflow UI for the configured store (default: ./mlflow.db) on 127.0.0.1."""
+    from pipeline.train.tracking import resolve_tracking_uri
+
+    store = resolve_tracking_uri(tracking_uri)
+    if store.startswith(("http://", "https://")):
+        _fail(f"{store} is already a tracking server: open it in a browser")
+    console.print(f"MLflow UI for {store} on http://{host}:{port} (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", host,
+           "--port", str(port), "--workers", "1"]
+    raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+
+
+@app.command("config")
+def show_config(config: str, override: Overrides = None) -> None:
+    """Print the resolved config (file + overrides + defaults) as YAML."""
+    from pipeline.train.tracking import config_yaml
+
+    print(config_yaml(_load(config, override)), end="")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Typed run configuration: YAML file + dotted CLI overrides -> pydantic models.
+
+Every section forbids unknown keys, so a typo (``train.epoch``) is an error that
+names the key and lists the allowed ones instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    url: str = Field(description="Directory or fsspec URL holding manifest.json and the shards")
+    binarize: Literal["dynamic", "threshold", "none"] = Field(
+        "dynamic",
+        description="dynamic: x ~ Bernoulli(pixel) every time a sample is seen; threshold: pixel > 0.5; none: grey levels",
+    )
+    shuffle_buffer: int = Field(1000, ge=0, description="Samples held in each worker's shuffle buffer (0 = no shuffle)")
+    verify: bool = Field(False, description="Check each shard's sha256 against the manifest when it is read")
+
+
+class LatentConfig(_Section):
+    kind: Literal["categorical", "gaussian"] = "categorical"
+    variables: int = Field(20, ge=1, description="Categorical: number of variables N. Gaussian: latent dimension")
+    categories: int = Field(10, ge=2, description="Categorical: classes K per variable (ignored for gaussian)")
+    hard: bool = Field(False, description="Straight-through: one-hot forward pass, relaxed gradient")
+    tau0: float = Field(1.0, gt=0, description="Initial Gumbel-Softmax temperature")
+    tau_min: float = Field(0.5, gt=0, description="Temperature floor")
+    anneal_rate: float = Field(3e-5, ge=0, description="r in tau = max(tau_min, tau0 * exp(-r * t))")
+    anneal_every: int = Field(1000, ge=1, description="t is the global step rounded down to a multiple of this")
+
+
+class ModelConfig(_Section):
+    arch: Literal["mlp"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [512, 256], description="Encoder widths; the decoder mirrors them")
+    latent: LatentConfig = Field(default_factory=LatentConfig)
+
+    @model_validator(mode="after")
+    def _positive_widths(self) -> "ModelConfig":
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ValueError("model.hidden must be a non-empty list of positive widths")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(100, ge=1, description="Global batch: split evenly across train.workers")
+    workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    seed: int = 0
+    log_every: int = Field(20, ge=1, description="Log train/* metrics every this many steps")
+    storage: str | None = Field(None, description="Ray Train storage_path for checkpoints (default: ./ray_results)")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        if self.batch_size % self.workers:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} must be a multiple of train.workers={self.workers} "
+                "(each worker takes an equal share of the global batch)"
+            )
+        return self
+
+    @property
+    def batch_per_worker(self) -> int:
+        return self.batch_size // self.workers
+
+
+class TrackingConfig(_Section):
+    experiment: str = "pipeline"
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd"
+    )
+    run_name: str | None = None
+
+
+class RunConfig(_Section):
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as {"train.epochs": 10, ...}: MLflow params and the CLI's override keys."""
+        return flatten(self.model_dump())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (3, 1e-3, [1, 2], true)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.path=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {assignment!r}: empty key segment")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {key} is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            section = _section_at(e["loc"][:-1])
+            allowed = ", ".join(section.model_fields) if section else "?"
+            lines.append(f"unknown key '{key}' (allowed here: {allowed})")
+        else:
+            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _section_at(path: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for key in path:
+        field = model.model_fields.get(str(key))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def parse_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    tree = dict(tree)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (data, model, train, tracking)")
+    try:
+        return parse_config(tree, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,196 @@
+"""The per-worker training loop: DDP minibatch SGD on the -ELBO, run by every Ray Train rank.
+
+Read top to bottom: setup, resume, then per epoch a fixed number of steps (the same on
+every rank, from the manifest), validation from all-reduced sums, a checkpoint report.
+Only rank 0 (`is_master`) talks to MLflow and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import ray.train
+import ray.train.torch
+
+from pipeline.config import RunConfig
+from pipeline.data import eval_batches, read_manifest, steps_per_epoch, train_batches
+from pipeline.models import build_vae, perplexity_from_usage, temperature_at
+from pipeline.train.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from pipeline.train.tracking import RunLogger
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or its gradient became NaN/inf; carries the global step."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float) -> None:
+        super().__init__(f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm})")
+        self.step = step
+
+
+@dataclass
+class WorkerArgs:
+    """What the driver sends to every worker (plain data: it crosses process boundaries)."""
+
+    config: dict[str, Any]
+    dataset_url: str  # absolute, so workers need not share the driver's cwd
+    tracking_uri: str
+    run_id: str
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    args = WorkerArgs(**loop_config)
+    cfg = RunConfig.model_validate(args.config)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    is_master = rank == 0
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+
+    manifest = read_manifest(args.dataset_url)
+    input_dim = int(np.prod(manifest.image_shape))
+    model = build_vae(cfg.model, input_dim)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    latent = cfg.model.latent
+    batch = cfg.train.batch_per_worker
+    steps = steps_per_epoch(manifest.splits["train"].samples, world_size, batch)
+
+    step, start_epoch = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker group continues from the last reported checkpoint
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state)
+        step, start_epoch = state["step"], state["epoch"]
+
+    ddp_model = ray.train.torch.prepare_model(model)
+    logger = RunLogger(args.tracking_uri, args.run_id) if is_master else None
+    if is_master:
+        print(f"[rank 0] {world_size} workers x batch {batch}, {steps} steps/epoch, epochs {start_epoch + 1}..{cfg.train.epochs}")
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        ddp_model.train()
+        window = _Window()
+        batches = train_batches(
+            manifest, args.dataset_url, epoch=epoch, seed=cfg.train.seed, rank=rank, world_size=world_size,
+            batch_per_rank=batch, shuffle_buffer=cfg.data.shuffle_buffer, binarize=cfg.data.binarize,
+            verify=cfg.data.verify,
+        )
+        tic = time.perf_counter()
+        for x, _labels in batches:
+            window.data_wait += time.perf_counter() - tic
+            tau = temperature_at(step, latent.tau0, latent.tau_min, latent.anneal_rate, latent.anneal_every)
+            out = ddp_model(x, temperature=tau)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            # DDP has averaged the gradients, so grad_norm is identical on every rank: all
+            # ranks stop at the same step on NaN/inf without an extra collective.
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), float("inf")))
+            if not np.isfinite(grad_norm) or not np.isfinite(out.loss.item()):
+                if logger:
+                    logger.set_tags({"failure": "non-finite loss", "failure.step": step})
+                raise NonFiniteLossError(step, out.loss.item(), grad_norm)
+            optimizer.step()
+            step += 1
+            window.add(out, batch * world_size)
+            if step % cfg.train.log_every == 0 or step == 1:
+                elapsed = time.perf_counter() - window.start
+                metrics = window.means() | {
+                    "train/temperature": tau,
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/grad_norm": grad_norm,
+                    "perf/samples_per_s": window.samples / max(elapsed, 1e-9),
+                    "perf/data_wait_frac": window.data_wait / max(elapsed, 1e-9),
+                }
+                if logger:
+                    logger.log_metrics(metrics, step)
+                window = _Window()
+            tic = time.perf_counter()
+
+        val = evaluate_split(ddp_model.module if hasattr(ddp_model, "module") else model, manifest, args.dataset_url,
+                             "val", rank=rank, world_size=world_size, batch_size=batch, cfg=cfg, step=step)
+        report = {"epoch": epoch + 1, "step": step, **val}
+        if logger:
+            logger.log_metrics(val, step)
+            print(f"[rank 0] epoch {epoch + 1}/{cfg.train.epochs} step {step}: val -ELBO {val['val/loss']:.3f} "
+                  f"(recon {val['val/recon']:.3f}, kl {val['val/kl']:.3f})")
+        _report_with_checkpoint(report, is_master, model, optimizer, step, epoch + 1, args.config)
+
+
+class _Window:
+    """Running sums of the train metrics between two log steps."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.samples = 0
+        self.count = 0
+        self.sums = {"train/loss": 0.0, "train/recon": 0.0, "train/kl": 0.0}
+
+    def add(self, out: Any, global_samples: int) -> None:
+        self.count += 1
+        self.samples += global_samples
+        self.sums["train/loss"] += out.loss.item()
+        self.sums["train/recon"] += out.recon.item()
+        self.sums["train/kl"] += out.kl.item()
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+@torch.no_grad()
+def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, split: str, *, rank: int,
+                   world_size: int, batch_size: int, cfg: RunConfig, step: int) -> dict[str, float]:
+    """-ELBO on a whole split: each rank sums over its share, one all_reduce combines them."""
+    model.eval()
+    latent = model.latent
+    tau = temperature_at(step, cfg.model.latent.tau0, cfg.model.latent.tau_min,
+                         cfg.model.latent.anneal_rate, cfg.model.latent.anneal_every)
+    # [recon sum, kl sum, sample count] + per-variable KL sums (+ code usage for categorical)
+    totals = torch.zeros(3, dtype=torch.float64)
+    kl_terms = torch.zeros(latent.num_kl_terms, dtype=torch.float64)
+    usage = latent.usage(torch.zeros(1, latent.param_size))
+    usage = None if usage is None else torch.zeros_like(usage, dtype=torch.float64)
+    for x, _ in eval_batches(manifest, dataset_url, split=split, rank=rank, world_size=world_size,
+                             batch_size=batch_size, binarize=cfg.data.binarize, seed=cfg.train.seed):
+        out = model(x, temperature=tau)
+        n = x.shape[0]
+        totals += torch.tensor([out.recon_per_sample.sum().item(), out.kl_per_sample.sum().item(), n],
+                               dtype=torch.float64)
+        kl_terms += out.kl_per_variable.double() * n
+        if usage is not None:
+            usage += latent.usage(out.params).double()
+    flat = torch.cat([totals, kl_terms] + ([usage.flatten()] if usage is not None else []))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flat)  # every rank calls this exactly once, even with no samples
+    recon_sum, kl_sum, count = flat[:3].tolist()
+    if count == 0:
+        raise RuntimeError(f"split {split!r} has no samples to evaluate")
+    metrics = {f"{split}/loss": (recon_sum + kl_sum) / count, f"{split}/recon": recon_sum / count,
+               f"{split}/kl": kl_sum / count}
+    per_variable = flat[3 : 3 + kl_terms.numel()] / count
+    metrics |= {f"{split}/kl_latent_{i}": float(v) for i, v in enumerate(per_variable)}
+    if usage is not None:
+        metrics["latent/perplexity"] = perplexity_from_usage(flat[3 + kl_terms.numel():].view_as(usage).float())
+    model.train()
+    return metrics
+
+
+def _report_with_checkpoint(metrics: dict[str, Any], is_master: bool, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, step: int, epoch: int, config: dict[str, Any]) -> None:
+    # ray.train.report is a barrier: every rank calls it once per epoch; only rank 0 uploads.
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if is_master:
+            save_checkpoint(Path(tmp), model=model, optimizer=optimizer, step=step, epoch=epoch, config=config)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)

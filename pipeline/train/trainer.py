@@ -1,0 +1,130 @@
+"""Driver side of `pipeline train`: check inputs, connect to Ray, create the MLflow run,
+run TorchTrainer, then log the final artifacts (grids, model) into the same run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from pipeline.config import RunConfig
+from pipeline.data import DataError, read_manifest
+from pipeline.train import tracking
+from pipeline.train.loop import WorkerArgs, train_loop_per_worker
+
+console = Console(stderr=True)
+
+
+class TrainingError(RuntimeError):
+    """Training did not finish; the message says why (and the MLflow run is marked FAILED)."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    tracking_uri: str
+    val_loss: float
+    epochs: int
+    steps: int
+    checkpoint_path: str | None
+    seconds: float
+
+
+def absolute_url(url: str) -> str:
+    """Local paths become absolute (workers do not share our cwd); URLs pass through."""
+    return url if "://" in url else str(Path(url).expanduser().resolve())
+
+
+def connect_ray(address: str | None, config: RunConfig) -> None:
+    """Join RAY_ADDRESS/--address if given, else start a local cluster sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    cpus = os.cpu_count() or 1
+    needed = config.train.workers * config.train.cpus_per_worker
+    if needed > cpus:
+        raise TrainingError(
+            f"train.workers={config.train.workers} x train.cpus_per_worker={config.train.cpus_per_worker} "
+            f"needs {needed:g} CPUs but this machine has {cpus}; lower them or pass --address to use a cluster"
+        )
+    # address="local": never attach to a stale cluster from /tmp/ray; 127.0.0.1 because Ray
+    # was seen to pick an unreachable node address and hang otherwise; no dashboard (~1 GiB).
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING, configure_logging=True)
+
+
+def train(config: RunConfig, *, address: str | None = None, trigger: str = "manual") -> TrainResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    dataset_url = absolute_url(config.data.url)
+    try:
+        manifest = read_manifest(dataset_url)  # fail on a bad path before any worker starts
+    except DataError as err:
+        raise TrainingError(str(err)) from None
+    if "train" not in manifest.splits or "val" not in manifest.splits:
+        raise TrainingError(f"{dataset_url}: manifest needs 'train' and 'val' splits, has {sorted(manifest.splits)}")
+
+    tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
+    # Created here, before the workers, so sqlite schema creation never stalls rank 0 mid-DDP.
+    run_id = tracking.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest(), trigger=trigger)
+    console.print(f"MLflow run [bold]{run_id}[/] in experiment '{config.tracking.experiment}' ({tracking_uri})")
+    try:
+        with console.status("starting Ray"):
+            connect_ray(address, config)
+        storage = absolute_url(config.train.storage or "ray_results")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=asdict(WorkerArgs(config.model_dump(mode="json"), dataset_url, tracking_uri, run_id)),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=config.train.workers, use_gpu=config.train.use_gpu,
+                resources_per_worker={"CPU": config.train.cpus_per_worker},
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"{config.tracking.experiment}-{run_id[:8]}", storage_path=storage,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - any failure must mark the run FAILED
+        reason = _root_cause(err)
+        tracking.end_run(tracking_uri, run_id, failed=True, reason=reason)
+        raise TrainingError(f"training failed (MLflow run {run_id} marked FAILED): {reason}") from err
+
+    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    from pipeline.train.artifacts import log_final_artifacts
+
+    try:
+        log_final_artifacts(config, tracking_uri, run_id, checkpoint_path, dataset_url, manifest)
+    except Exception as err:  # noqa: BLE001
+        tracking.end_run(tracking_uri, run_id, failed=True, reason=f"final artifacts: {err}")
+        raise
+    tracking.end_run(tracking_uri, run_id)
+    metrics = result.metrics or {}
+    return TrainResult(
+        run_id=run_id, tracking_uri=tracking_uri, val_loss=float(metrics.get("val/loss", float("nan"))),
+        epochs=int(metrics.get("epoch", 0)), steps=int(metrics.get("step", 0)), checkpoint_path=checkpoint_path,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error message: Ray wraps worker exceptions several layers deep."""
+    seen = err
+    for _ in range(10):
+        nxt = seen.__cause__ or getattr(seen, "cause", None)
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen).strip() or type(seen).__name__
+    return text.splitlines()[-1] if len(text) > 500 else text

@@ -1,0 +1,85 @@
+"""Config: every shipped YAML loads; overrides; unknown keys and wrong types are named."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"digits-categorical.yaml", "mnist-categorical.yaml", "mnist-gaussian.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_names_its_command(path):
+    config = load_config(path)
+    assert config.train.batch_size % config.train.workers == 0
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"pipeline train configs/{path.name}" in line for line in header), "header must give the launch command"
+
+
+def test_required_keys_exist_and_overrides_apply():
+    config = load_config(
+        CONFIGS[0],
+        ["train.epochs=3", "model.latent.categories=10", "train.lr=1e-4", "data.url=s3://bucket/ds",
+         "model.hidden=[64, 32]", "model.latent.kind=gaussian", "tracking.experiment=x", "train.seed=7"],
+    )
+    assert config.train.epochs == 3
+    assert config.model.latent.categories == 10
+    assert config.train.lr == pytest.approx(1e-4)
+    assert config.data.url == "s3://bucket/ds"
+    assert config.model.hidden == [64, 32]
+    assert config.model.latent.kind == "gaussian"
+    assert config.tracking.experiment == "x"
+    flat = config.flat()
+    for key in ["data.url", "train.epochs", "train.batch_size", "train.workers", "train.lr", "train.seed",
+                "model.latent.kind", "model.latent.variables", "model.latent.categories", "tracking.experiment"]:
+        assert key in flat
+
+
+def test_unknown_key_is_named_with_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS[0], ["train.epoch=3"])
+    message = str(err.value)
+    assert "train.epoch" in message and "epochs" in message and "batch_size" in message
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(CONFIGS[0], ["trian.epochs=3"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS[0], ["train.epochs=many"])
+    assert "train.epochs" in str(err.value) and "many" in str(err.value)
+
+
+def test_bad_choice_is_named():
+    with pytest.raises(ConfigError, match="model.latent.kind"):
+        load_config(CONFIGS[0], ["model.latent.kind=dirichlet"])
+
+
+def test_batch_must_split_across_workers():
+    with pytest.raises(ConfigError, match="batch_size"):
+        parse_config({"data": {"url": "x"}, "train": {"batch_size": 5, "workers": 2}})
+
+
+def test_missing_data_url_is_named():
+    with pytest.raises(ConfigError, match="data"):
+        parse_config({"train": {"epochs": 1}})
+
+
+def test_malformed_override_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(CONFIGS[0], ["train.epochs"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)

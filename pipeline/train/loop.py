@@ -32,7 +32,10 @@ class NonFiniteLossError(RuntimeError):
 
     def __init__(self, step: int, loss: float, grad_norm: float) -> None:
         super().__init__(f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm})")
-        self.step = step
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+    def __reduce__(self):  # Ray pickles worker errors back to the driver
+        return type(self), (self.step, self.loss, self.grad_norm)
 
 
 @dataclass

@@ -1,0 +1,43 @@
+"""Data layer: sources -> WebDataset shards + manifest -> per-rank streams of torch batches.
+
+Names are imported lazily so that `pipeline data ...` commands do not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "DataError": "errors",
+    "ShardError": "errors",
+    "Split": "sources",
+    "load_digits_splits": "sources",
+    "load_mnist_splits": "sources",
+    "ShardInfo": "shards",
+    "SplitInfo": "shards",
+    "Manifest": "shards",
+    "write_shards": "shards",
+    "read_manifest": "shards",
+    "shard_url": "shards",
+    "rank_assignment": "stream",
+    "steps_per_epoch": "stream",
+    "read_shard": "stream",
+    "train_batches": "stream",
+    "eval_batches": "stream",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from pipeline.data.errors import DataError, ShardError
+    from pipeline.data.shards import Manifest, ShardInfo, SplitInfo, read_manifest, shard_url, write_shards
+    from pipeline.data.sources import Split, load_digits_splits, load_mnist_splits
+    from pipeline.data.stream import eval_batches, rank_assignment, read_shard, steps_per_epoch, train_batches
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline.data' has no attribute {name!r}")
+    value = getattr(import_module(f"pipeline.data.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value

@@ -1,0 +1,236 @@
+"""WebDataset tar shards plus a manifest.json, written and read through fsspec.
+
+Layout of a dataset folder (local path, file://, memory://, s3://, gs://):
+
+    manifest.json            written last: its presence means the dataset is complete
+    train-00000.tar ...      one tar per ``samples_per_shard`` samples of a split
+    val-00000.tar ...
+
+Each sample is two tar members, ``{split}-{index:07d}.npy`` (``np.save`` of the uint8
+H x W image) and ``{split}-{index:07d}.cls`` (the label as ASCII decimal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import BinaryIO, Callable, Iterator, Literal
+
+import fsspec
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from pipeline.data.errors import DataError
+from pipeline.data.sources import Split
+
+MANIFEST_NAME = "manifest.json"
+# Keys a shard may ever declare: formats that decode without running code. Pickle-based
+# suffixes (pyd, pickle, pkl, pth) can never be declared, whatever a manifest says.
+SAFE_KEYS = frozenset({"npy", "cls", "png", "json"})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ShardInfo(_Model):
+    path: str  # relative to the manifest's folder
+    samples: int
+    bytes: int
+    sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _stays_inside_dataset(cls, path: str) -> str:
+        # A manifest is untrusted input too: it must not point readers outside its own folder.
+        if not path or path.startswith("/") or "://" in path or ".." in path.split("/"):
+            raise ValueError(f"shard path {path!r} must be relative to the manifest, without '..'")
+        return path
+
+
+class SplitInfo(_Model):
+    samples: int
+    shards: list[ShardInfo]
+
+    @model_validator(mode="after")
+    def _counts_agree(self) -> "SplitInfo":
+        # Readers size epochs from these counts; a disagreement would break the lockstep rule.
+        if self.samples != sum(shard.samples for shard in self.shards):
+            raise ValueError(f"split has samples={self.samples} but its shards hold {sum(s.samples for s in self.shards)}")
+        return self
+
+
+class Manifest(_Model):
+    format_version: int = 1
+    source: str
+    image_shape: list[int]
+    dtype: Literal["uint8"] = "uint8"
+    keys: list[str] = ["npy", "cls"]
+    splits: dict[str, SplitInfo]
+    created: str  # ISO 8601, UTC
+
+    @field_validator("keys")
+    @classmethod
+    def _only_safe_keys(cls, keys: list[str]) -> list[str]:
+        unsafe = sorted(set(keys) - SAFE_KEYS)
+        if unsafe:
+            raise ValueError(f"keys {unsafe} are not allowed (safe keys: {sorted(SAFE_KEYS)})")
+        return keys
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: the dataset version tag.
+
+        ``created`` is left out, so rewriting the same data gives the same tag; the shards'
+        own sha256 values are in, so any change to any sample changes the tag.
+        """
+        canonical = json.dumps(self.model_dump(exclude={"created"}), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class _HashingWriter:
+    """Write-through file wrapper that hashes and counts bytes, so a shard is never held in memory."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self.inner = inner
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        self.inner.write(data)
+        return len(data)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o444
+    info.mtime = 0  # fixed metadata: the same samples always give the same bytes and sha256
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _encode_image(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, image, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_shards(
+    splits: dict[str, Split],
+    out_url: str,
+    *,
+    source: str,
+    samples_per_shard: int = 5000,
+    progress: bool = True,
+) -> Manifest:
+    """Write every split as tar shards under ``out_url`` and return the manifest.
+
+    Each shard is streamed straight to its fsspec file, so memory stays at one sample
+    (plus the filesystem's write buffer) however large the dataset. An existing
+    manifest is removed first and the new one written last, so an interrupted write
+    never leaves a folder that looks like a complete dataset.
+    """
+    if samples_per_shard < 1:
+        raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    shapes = {tuple(split.images.shape[1:]) for split in splits.values()}
+    if len(shapes) != 1:
+        raise DataError(f"all splits must share one image shape, got {sorted(shapes)}")
+    fs, root = fsspec.core.url_to_fs(out_url)
+    root = root.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+    manifest_path = f"{root}/{MANIFEST_NAME}"
+    stale = _shard_paths_of_old_manifest(fs, manifest_path)
+    if fs.exists(manifest_path):
+        fs.rm(manifest_path)
+
+    split_infos: dict[str, SplitInfo] = {}
+    with _progress_bar(progress, total=sum(len(s) for s in splits.values())) as advance:
+        for name, split in splits.items():
+            shards = []
+            for shard_number, first in enumerate(range(0, len(split), samples_per_shard)):
+                last = min(first + samples_per_shard, len(split))
+                shard_path = f"{name}-{shard_number:05d}.tar"
+                with fs.open(f"{root}/{shard_path}", "wb") as out:
+                    writer = _HashingWriter(out)
+                    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
+                        for index in range(first, last):
+                            key = f"{name}-{index:07d}"
+                            _add_member(tar, f"{key}.npy", _encode_image(split.images[index]))
+                            _add_member(tar, f"{key}.cls", str(int(split.labels[index])).encode("ascii"))
+                            advance(1)
+                shards.append(
+                    ShardInfo(path=shard_path, samples=last - first, bytes=writer.bytes, sha256=writer.sha256.hexdigest())
+                )
+            split_infos[name] = SplitInfo(samples=len(split), shards=shards)
+
+    manifest = Manifest(
+        source=source,
+        image_shape=list(shapes.pop()),
+        splits=split_infos,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    fs.pipe_file(manifest_path, manifest.model_dump_json(indent=2).encode())
+    written = {info.path for split in split_infos.values() for info in split.shards}
+    for path in stale - written:  # shards of a previous, larger write that the new manifest no longer names
+        if fs.exists(f"{root}/{path}"):
+            fs.rm(f"{root}/{path}")
+    return manifest
+
+
+def _shard_paths_of_old_manifest(fs: fsspec.AbstractFileSystem, manifest_path: str) -> set[str]:
+    try:
+        old = Manifest.model_validate_json(fs.cat_file(manifest_path))
+    except (OSError, ValueError):  # absent or unreadable: nothing we can safely clean up
+        return set()
+    return {info.path for split in old.splits.values() for info in split.shards}
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n)``: a rich progress bar over samples, or a no-op (tests, worker processes)."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import Progress
+
+    with Progress() as bar:
+        task = bar.add_task("writing shards", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def manifest_location(url: str) -> tuple[str, str]:
+    """(dataset folder URL, manifest.json URL) for a folder URL or a direct manifest.json URL."""
+    url = url.rstrip("/")
+    if url.endswith(".json"):
+        return url.rsplit("/", 1)[0] if "/" in url else ".", url
+    return url, f"{url}/{MANIFEST_NAME}"
+
+
+def read_manifest(url: str) -> Manifest:
+    """Load the manifest of the dataset at ``url`` (its folder, or the manifest.json itself)."""
+    _, path = manifest_location(url)
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        raw = fs.cat_file(fs_path)
+    except FileNotFoundError:
+        raise DataError(
+            f"no {MANIFEST_NAME} at {path} — create one with `pipeline data digits --out {manifest_location(url)[0]}`"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {path}: {type(err).__name__}: {err}") from None
+    try:
+        return Manifest.model_validate_json(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()[:5])
+        raise DataError(f"{path} is not a valid dataset manifest: {problems}") from None
+
+
+def shard_url(dataset_url: str, shard: ShardInfo) -> str:
+    """URL of one shard: the manifest's folder joined with the shard's relative path."""
+    folder, _ = manifest_location(dataset_url)
+    return f"{folder}/{shard.path}"

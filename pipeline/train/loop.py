@@ -7,6 +7,7 @@ Only rank 0 (`is_master`) talks to MLflow and writes checkpoints.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -48,7 +49,16 @@ class WorkerArgs:
     run_id: str
 
 
+def _quiet_ray_reports() -> None:
+    # Ray Train logs every report (all metrics) at INFO on a logger named by its file path,
+    # which LoggingConfig does not reach; rank 0's own epoch line says what matters.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    _quiet_ray_reports()
     args = WorkerArgs(**loop_config)
     cfg = RunConfig.model_validate(args.config)
     context = ray.train.get_context()
@@ -75,7 +85,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         restore_rng(state)
         step, start_epoch = state["step"], state["epoch"]
 
-    ddp_model = ray.train.torch.prepare_model(model)
+    ddp_model = ray.train.torch.prepare_model(model)  # moves to this rank's device, wraps in DDP
+    device = ray.train.torch.get_device()
     logger = RunLogger(args.tracking_uri, args.run_id) if is_master else None
     if is_master:
         print(f"[rank 0] {world_size} workers x batch {batch}, {steps} steps/epoch, epochs {start_epoch + 1}..{cfg.train.epochs}")
@@ -91,6 +102,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tic = time.perf_counter()
         for x, _labels in batches:
             window.data_wait += time.perf_counter() - tic
+            x = x.to(device, non_blocking=True)
             tau = temperature_at(step, latent.tau0, latent.tau_min, latent.anneal_rate, latent.anneal_every)
             out = ddp_model(x, temperature=tau)
             optimizer.zero_grad(set_to_none=True)
@@ -155,26 +167,29 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
                    world_size: int, batch_size: int, cfg: RunConfig, step: int) -> dict[str, float]:
     """-ELBO on a whole split: each rank sums over its share, one all_reduce combines them."""
     model.eval()
+    device = next(model.parameters()).device
     latent = model.latent
     tau = temperature_at(step, cfg.model.latent.tau0, cfg.model.latent.tau_min,
                          cfg.model.latent.anneal_rate, cfg.model.latent.anneal_every)
     # [recon sum, kl sum, sample count] + per-variable KL sums (+ code usage for categorical)
     totals = torch.zeros(3, dtype=torch.float64)
     kl_terms = torch.zeros(latent.num_kl_terms, dtype=torch.float64)
-    usage = latent.usage(torch.zeros(1, latent.param_size))
-    usage = None if usage is None else torch.zeros_like(usage, dtype=torch.float64)
+    usage = latent.usage(torch.zeros(1, latent.param_size, device=device))
+    usage = None if usage is None else torch.zeros(usage.shape, dtype=torch.float64)
     for x, _ in eval_batches(manifest, dataset_url, split=split, rank=rank, world_size=world_size,
                              batch_size=batch_size, binarize=cfg.data.binarize, seed=cfg.train.seed):
-        out = model(x, temperature=tau)
+        out = model(x.to(device), temperature=tau)
         n = x.shape[0]
         totals += torch.tensor([out.recon_per_sample.sum().item(), out.kl_per_sample.sum().item(), n],
                                dtype=torch.float64)
-        kl_terms += out.kl_per_variable.double() * n
+        kl_terms += out.kl_per_variable.double().cpu() * n
         if usage is not None:
-            usage += latent.usage(out.params).double()
+            usage += latent.usage(out.params).double().cpu()
     flat = torch.cat([totals, kl_terms] + ([usage.flatten()] if usage is not None else []))
     if dist.is_available() and dist.is_initialized():
+        flat = flat.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(flat)  # every rank calls this exactly once, even with no samples
+        flat = flat.cpu()
     recon_sum, kl_sum, count = flat[:3].tolist()
     if count == 0:
         raise RuntimeError(f"split {split!r} has no samples to evaluate")

@@ -8,6 +8,7 @@ go out with `log_batch` (one HTTP request per log step, not one per metric).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -137,6 +138,8 @@ def log_model(tracking_uri: str, run_id: str, model: Any, input_example: Any) ->
     import torch
     from mlflow.models import infer_signature
 
+    # MLflow warns that it logs torch "2.13.0+cpu" as "torch==2.13.0": that is what we want.
+    logging.getLogger("mlflow.utils.requirements_utils").setLevel(logging.ERROR)
     mlflow.set_tracking_uri(tracking_uri)
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()

@@ -58,8 +58,10 @@ def connect_ray(address: str | None, config: RunConfig) -> None:
         )
     # address="local": never attach to a stale cluster from /tmp/ray; 127.0.0.1 because Ray
     # was seen to pick an unreachable node address and hang otherwise; no dashboard (~1 GiB).
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING, configure_logging=True)
+    # The dashboard (127.0.0.1 only) also serves the state API that Ray Train's placement-group
+    # cleaner polls; without it that actor logs a warning every few seconds.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
 
 
 def train(config: RunConfig, *, address: str | None = None, trigger: str = "manual") -> TrainResult:
@@ -75,6 +77,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     if "train" not in manifest.splits or "val" not in manifest.splits:
         raise TrainingError(f"{dataset_url}: manifest needs 'train' and 'val' splits, has {sorted(manifest.splits)}")
 
+    _tune_ray_train_env()
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
     # Created here, before the workers, so sqlite schema creation never stalls rank 0 mid-DDP.
     run_id = tracking.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest(), trigger=trigger)
@@ -93,6 +96,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
             run_config=ray.train.RunConfig(
                 name=f"{config.tracking.experiment}-{run_id[:8]}", storage_path=storage,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         )
         result = trainer.fit()
@@ -116,6 +120,17 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
         epochs=int(metrics.get("epoch", 0)), steps=int(metrics.get("step", 0)), checkpoint_path=checkpoint_path,
         seconds=time.perf_counter() - started,
     )
+
+
+def _tune_ray_train_env() -> None:
+    """Ray Train settings it propagates from the driver to its controller and workers.
+
+    A report blocks until the controller has consumed the previous one, and the controller
+    polls every 2 s by default: with short epochs that poll, not training, set the pace.
+    Ray's print patch echoes every worker print twice on the driver console. User values win.
+    """
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def _root_cause(err: BaseException) -> str:

@@ -22,7 +22,7 @@ _EXPORTS = {
     "shard_url": "shards",
     "rank_assignment": "stream",
     "steps_per_epoch": "stream",
-    "read_shard": "stream",
+    "read_shard": "reader",
     "train_batches": "stream",
     "eval_batches": "stream",
 }
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from pipeline.data.errors import DataError, ShardError
     from pipeline.data.shards import Manifest, ShardInfo, SplitInfo, read_manifest, shard_url, write_shards
     from pipeline.data.sources import Split, load_digits_splits, load_mnist_splits
-    from pipeline.data.stream import eval_batches, rank_assignment, read_shard, steps_per_epoch, train_batches
+    from pipeline.data.reader import read_shard
+    from pipeline.data.stream import eval_batches, rank_assignment, steps_per_epoch, train_batches
 
 
 def __getattr__(name: str) -> Any:

@@ -29,13 +29,32 @@ class DataConfig(_Section):
     )
     shuffle_buffer: int = Field(1000, ge=0, description="Samples held in each worker's shuffle buffer (0 = no shuffle)")
     verify: bool = Field(False, description="Check each shard's sha256 against the manifest when it is read")
+    partitions: int | None = Field(
+        None, ge=1,
+        description="Fixed split of each epoch's sample order into P streams (default: train.workers). The samples of "
+        "every global batch depend on P, not on the worker count: resuming on W workers needs W to divide P",
+    )
 
 
 class LatentConfig(_Section):
-    kind: Literal["categorical", "gaussian"] = "categorical"
-    variables: int = Field(20, ge=1, description="Categorical: number of variables N. Gaussian: latent dimension")
-    categories: int = Field(10, ge=2, description="Categorical: classes K per variable (ignored for gaussian)")
+    kind: Literal["categorical", "gaussian", "mixture"] = "categorical"
+    variables: int = Field(
+        20, ge=1, description="Categorical: number of variables N. Gaussian and mixture: latent dimension of z"
+    )
+    categories: int = Field(
+        10, ge=2, description="Categorical: classes K per variable. Mixture: components K of y (ignored for gaussian)"
+    )
     hard: bool = Field(False, description="Straight-through: one-hot forward pass, relaxed gradient")
+    prior: Literal["uniform", "learned"] = Field(
+        "uniform", description="Categorical/mixture prior over classes: uniform, or learned logits"
+    )
+    kl: Literal["analytic", "relaxed"] = Field(
+        "analytic",
+        description="Categorical KL: analytic (log K - H(q), discrete) or relaxed (Concrete MC estimate log q(z) - log p(z))",
+    )
+    prior_tau: float | None = Field(
+        None, gt=0, description="Relaxed KL: temperature of the Concrete prior (default: the posterior temperature)"
+    )
     tau0: float = Field(1.0, gt=0, description="Initial Gumbel-Softmax temperature")
     tau_min: float = Field(0.5, gt=0, description="Temperature floor")
     anneal_rate: float = Field(3e-5, ge=0, description="r in tau = max(tau_min, tau0 * exp(-r * t))")
@@ -43,14 +62,19 @@ class LatentConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["mlp"] = "mlp"
+    arch: Literal["mlp", "conv"] = Field("mlp", description="mlp: fully connected; conv: conv stack, then the hidden widths")
     hidden: list[int] = Field(default_factory=lambda: [512, 256], description="Encoder widths; the decoder mirrors them")
+    channels: list[int] = Field(
+        default_factory=lambda: [32, 64], description="conv: channels of the stride-2 conv layers (decoder mirrors them)"
+    )
     latent: LatentConfig = Field(default_factory=LatentConfig)
 
     @model_validator(mode="after")
     def _positive_widths(self) -> "ModelConfig":
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError("model.hidden must be a non-empty list of positive widths")
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError("model.channels must be a non-empty list of positive channel counts")
         return self
 
 
@@ -64,6 +88,15 @@ class TrainConfig(_Section):
     seed: int = 0
     log_every: int = Field(20, ge=1, description="Log train/* metrics every this many steps")
     storage: str | None = Field(None, description="Ray Train storage_path for checkpoints (default: ./ray_results)")
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited)")
+    checkpoint_every_steps: int = Field(0, ge=0, description="Also checkpoint every this many steps (0: epoch ends only)")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage (the newest)")
+    on_nonfinite: Literal["stop", "skip_batch"] = Field(
+        "stop", description="NaN/inf loss or gradient: stop (run FAILED) or skip that batch's update (counted)"
+    )
+    sample_log: str | None = Field(
+        None, description="Testing aid: a directory where each rank appends the keys of every batch it trained on"
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -92,6 +125,20 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _partitions_fit(self) -> "RunConfig":
+        partitions = self.data.partitions or self.train.workers
+        if partitions % self.train.workers or self.train.batch_size % partitions:
+            raise ValueError(
+                f"data.partitions={partitions} must be a multiple of train.workers={self.train.workers} "
+                f"and divide train.batch_size={self.train.batch_size}"
+            )
+        return self
+
+    @property
+    def partitions(self) -> int:
+        return self.data.partitions or self.train.workers
 
     def flat(self) -> dict[str, Any]:
         """The config as {"train.epochs": 10, ...}: MLflow params and the CLI's override keys."""

@@ -4,20 +4,34 @@ from pipeline.models.latents import (
     CategoricalLatent,
     GaussianLatent,
     Latent,
+    active_units,
     build_latent,
     perplexity_from_usage,
     temperature_at,
 )
+from pipeline.models.likelihood import (
+    discrete_elbo,
+    exact_log_px_and_elbo,
+    importance_log_px,
+    log_importance_weights,
+)
+from pipeline.models.mixture import MixtureLatent
 from pipeline.models.vae import VAE, VAEOutput, build_vae
 
 __all__ = [
     "CategoricalLatent",
     "GaussianLatent",
     "Latent",
+    "MixtureLatent",
     "VAE",
     "VAEOutput",
+    "active_units",
     "build_latent",
     "build_vae",
+    "discrete_elbo",
+    "exact_log_px_and_elbo",
+    "importance_log_px",
+    "log_importance_weights",
     "perplexity_from_usage",
     "temperature_at",
 ]

@@ -1,11 +1,15 @@
 """Latent families behind one small interface: categorical (Gumbel-Softmax) and Gaussian.
 
 Every latent maps encoder output ``params`` [B, param_size] to a code ``z`` [B, code_size]
-that the decoder reads, and knows its analytic KL to a fixed prior.
+that the decoder reads, and knows its KL to the prior. For evaluation every latent also
+draws un-relaxed samples from its posterior (the importance-sampling proposal), scores codes
+under posterior and prior (codes may carry leading sample dims: z [..., B, code_size]) and,
+when discrete and small, enumerates its whole code space. The Gaussian mixture is in mixture.py.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import ABC, abstractmethod
 
@@ -14,6 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import LatentConfig
+
+# Log-probabilities below this are "impossible" for relaxed densities: e^-100 is far below any
+# probability float32 can tell from 0, and the floor keeps (log a - tau * y) finite at tau = 0.1.
+RELAXED_LOG_FLOOR = -100.0
+# Gaussian log-variances are clamped to this range: exp() stays finite for any encoder output.
+LOGVAR_RANGE = (-30.0, 20.0)
 
 
 def temperature_at(step: int, tau0: float, tau_min: float, rate: float, every: int) -> float:
@@ -27,17 +37,46 @@ def temperature_at(step: int, tau0: float, tau_min: float, rate: float, every: i
     return max(tau_min, tau0 * math.exp(-rate * t))
 
 
+def gumbel_like(tensor: Tensor) -> Tensor:
+    """Standard Gumbel noise, finite: the uniform draw is kept inside (0, 1)."""
+    info = torch.finfo(tensor.dtype)
+    uniform = torch.rand_like(tensor).clamp_(min=info.tiny, max=1.0 - info.eps)
+    return -torch.log(-torch.log(uniform))
+
+
+def exp_concrete_log_density(y: Tensor, log_alpha: Tensor, tau: float) -> Tensor:
+    """log density of the ExpConcrete (log-space Concrete) distribution at y, summed over the last dim.
+
+    Maddison et al. 2017, eq. 20: log (K-1)! + (K-1) log tau + sum_k (log a_k - tau y_k)
+    - K logsumexp_k (log a_k - tau y_k). Working with y = log z avoids the underflow of z
+    itself at low temperature; the KL is invariant under this change of variables.
+    """
+    k = y.shape[-1]
+    scores = log_alpha - tau * y
+    return math.lgamma(k) + (k - 1) * math.log(tau) + scores.sum(-1) - k * torch.logsumexp(scores, dim=-1)
+
+
 class Latent(nn.Module, ABC):
     """Common interface of a latent family; subclasses set the three sizes in __init__."""
 
     param_size: int  # encoder output width
-    code_size: int  # decoder input width
+    code_size: int  # width of a code z
     num_kl_terms: int  # KL entries per sample (variables or dimensions)
+    unit_size: int = 1  # posterior-mean entries per unit, for the active-units count
 
     def __init__(self) -> None:
         super().__init__()
         # Non-persistent anchor so prior samples land on the module's device without any parameters.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    @property
+    def decoder_size(self) -> int:
+        """Width of what the decoder reads (``decoder_input`` of a code)."""
+        return self.code_size
+
+    def decoder_input(self, z: Tensor) -> Tensor:
+        """The part of a code the decoder reads (all of it, except for the mixture's z)."""
+        return z
 
     @abstractmethod
     def rsample(self, params: Tensor, temperature: float) -> Tensor:
@@ -47,46 +86,77 @@ class Latent(nn.Module, ABC):
     def kl(self, params: Tensor) -> Tensor:
         """Analytic KL(q(z|x) || p(z)) per variable, [B, num_kl_terms]."""
 
+    def sample_and_kl(self, params: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """The training pass: a reparameterised code and the KL terms [B, num_kl_terms] to optimise."""
+        return self.rsample(params, temperature), self.kl(params)
+
     @abstractmethod
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n samples from the prior, [n, code_size]."""
 
     @abstractmethod
+    def sample_posterior(self, params: Tensor, n: int) -> Tensor:
+        """n un-relaxed samples per input from q(z|x), [n, B, code_size] (the IS proposal)."""
+
+    @abstractmethod
     def log_prob(self, params: Tensor, z: Tensor) -> Tensor:
-        """log q(z|x) per sample, [B]."""
+        """log q(z|x) for codes z [..., B, code_size], -> [..., B]."""
 
     @abstractmethod
     def prior_log_prob(self, z: Tensor) -> Tensor:
-        """log p(z) per sample, [B]."""
+        """log p(z) for codes z [..., code_size], -> [...]."""
 
     @abstractmethod
     def mode(self, params: Tensor) -> Tensor:
         """Deterministic code for reconstruction: posterior mode (categorical) or mean (gaussian)."""
 
+    @abstractmethod
+    def posterior_mean(self, params: Tensor) -> Tensor:
+        """E_q[z] [B, units * unit_size]: what Burda et al.'s active-units criterion looks at."""
+
+    def enumerate_codes(self, limit: int) -> Tensor | None:
+        """Every code [M, code_size] when the latent is discrete with M <= limit codes, else None."""
+        return None
+
     def usage(self, params: Tensor) -> Tensor | None:
         """Posterior mass summed over the batch (for code-usage perplexity); None if not meaningful."""
         return None
 
+    def cluster(self, params: Tensor) -> Tensor | None:
+        """Most probable mixture component per input [B] (for cluster accuracy); None if no components."""
+        return None
+
 
 class CategoricalLatent(Latent):
-    """N independent categorical variables with K classes each, uniform prior.
+    """N independent categorical variables with K classes each; uniform or learned prior.
 
     ``params`` are logits [B, N*K]; ``z`` is the (relaxed) one-hot code flattened to [B, N*K].
+    ``kl="relaxed"`` trains on the Concrete estimate log q(y) - log p(y) at the sampled y
+    (posterior at the sampling temperature, prior at ``prior_tau``, default the same).
     """
 
-    def __init__(self, variables: int, categories: int, hard: bool = False) -> None:
+    def __init__(self, variables: int, categories: int, hard: bool = False, *, prior: str = "uniform",
+                 kl: str = "analytic", prior_tau: float | None = None) -> None:
         super().__init__()
         if variables < 1 or categories < 2:
             raise ValueError(f"need variables >= 1 and categories >= 2, got {variables}, {categories}")
+        if prior not in ("uniform", "learned") or kl not in ("analytic", "relaxed"):
+            raise ValueError(f"prior must be uniform|learned and kl analytic|relaxed, got {prior!r}, {kl!r}")
         self.variables = variables
         self.categories = categories
         self.hard = hard
+        self.kl_mode = kl
+        self.prior_tau = prior_tau
         self.param_size = variables * categories
         self.code_size = variables * categories
         self.num_kl_terms = variables
+        self.unit_size = categories
+        # Learned prior: free logits per variable, starting at the uniform distribution.
+        self.prior_logits = nn.Parameter(torch.zeros(variables, categories)) if prior == "learned" else None
 
     def extra_repr(self) -> str:
-        return f"variables={self.variables}, categories={self.categories}, hard={self.hard}"
+        prior = "learned" if self.prior_logits is not None else "uniform"
+        return f"variables={self.variables}, categories={self.categories}, hard={self.hard}, prior={prior}, kl={self.kl_mode}"
 
     def _log_q(self, params: Tensor) -> Tensor:
         """Posterior log-probabilities [B, N, K], clamped to a finite floor.
@@ -98,45 +168,91 @@ class CategoricalLatent(Latent):
         log_q = F.log_softmax(logits, dim=-1)
         return log_q.clamp_min(torch.finfo(log_q.dtype).min)
 
-    def rsample(self, params: Tensor, temperature: float) -> Tensor:
-        log_q = self._log_q(params)
-        # Clamp the uniform draw away from 0 so -log(-log(u)) stays finite (u<1 holds for torch.rand).
-        tiny = torch.finfo(log_q.dtype).tiny
-        uniform = torch.rand_like(log_q).clamp_(min=tiny, max=1.0 - torch.finfo(log_q.dtype).eps)
-        gumbel = -torch.log(-torch.log(uniform))
-        relaxed = F.softmax((log_q + gumbel) / temperature, dim=-1)
+    def log_prior(self) -> Tensor:
+        """Prior log-probabilities [N, K]."""
+        if self.prior_logits is None:
+            return torch.full((self.variables, self.categories), -math.log(self.categories),
+                              dtype=self._anchor.dtype, device=self._anchor.device)
+        return F.log_softmax(self.prior_logits, dim=-1)
+
+    def _relaxed_log_sample(self, log_q: Tensor, temperature: float) -> Tensor:
+        """y = log of a Gumbel-Softmax sample [B, N, K], computed in log space (finite at any tau)."""
+        log_alpha = log_q.clamp_min(RELAXED_LOG_FLOOR)
+        return F.log_softmax((log_alpha + gumbel_like(log_alpha)) / temperature, dim=-1)
+
+    def _code_from_log_sample(self, y: Tensor) -> Tensor:
+        relaxed = y.exp()
         if self.hard:
             one_hot = F.one_hot(relaxed.argmax(dim=-1), self.categories).to(relaxed.dtype)
             # one_hot + (relaxed - relaxed) is exactly one-hot forward, relaxed gradient backward.
             relaxed = one_hot + (relaxed - relaxed.detach())
-        return relaxed.reshape(params.shape[0], self.code_size)
+        return relaxed.reshape(y.shape[0], self.code_size)
+
+    def rsample(self, params: Tensor, temperature: float) -> Tensor:
+        return self._code_from_log_sample(self._relaxed_log_sample(self._log_q(params), temperature))
 
     def kl(self, params: Tensor) -> Tensor:
-        # KL(q || Uniform(K)) = sum_k q_k (log q_k + log K) = log K - H(q)
+        # KL(q || p) = sum_k q_k (log q_k - log p_k); uniform p: log K - H(q)
         log_q = self._log_q(params)
-        q = log_q.exp()
-        return (q * (log_q + math.log(self.categories))).sum(dim=-1)
+        return (log_q.exp() * (log_q - self.log_prior())).sum(dim=-1)
+
+    def relaxed_kl(self, params: Tensor, y: Tensor, temperature: float) -> Tensor:
+        """Single-sample Concrete KL estimate log q(y|x) - log p(y) per variable, [B, N], at log-sample y."""
+        log_alpha_q = self._log_q(params).clamp_min(RELAXED_LOG_FLOOR)
+        log_alpha_p = self.log_prior().clamp_min(RELAXED_LOG_FLOOR)
+        prior_tau = self.prior_tau or temperature
+        return exp_concrete_log_density(y, log_alpha_q, temperature) - exp_concrete_log_density(y, log_alpha_p, prior_tau)
+
+    def sample_and_kl(self, params: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        if self.kl_mode == "analytic":
+            return super().sample_and_kl(params, temperature)
+        y = self._relaxed_log_sample(self._log_q(params), temperature)
+        return self._code_from_log_sample(y), self.relaxed_kl(params, y, temperature)
+
+    def _one_hot_from(self, log_probs: Tensor) -> Tensor:
+        """Gumbel-max: exact categorical samples from log-probabilities [..., N, K], as one-hot."""
+        index = (log_probs + gumbel_like(log_probs)).argmax(dim=-1)
+        return F.one_hot(index, self.categories).to(log_probs.dtype)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        index = torch.randint(self.categories, (n, self.variables), generator=generator, device=gen_device)
+        if self.prior_logits is None:
+            index = torch.randint(self.categories, (n, self.variables), generator=generator, device=gen_device)
+        else:
+            probs = self.log_prior().detach().exp().to(gen_device)
+            index = torch.multinomial(probs, n, replacement=True, generator=generator).T  # [n, N]
         one_hot = F.one_hot(index, self.categories).to(device=self._anchor.device, dtype=self._anchor.dtype)
         return one_hot.reshape(n, self.code_size)
 
+    def sample_posterior(self, params: Tensor, n: int) -> Tensor:
+        log_q = self._log_q(params)
+        one_hot = self._one_hot_from(log_q.unsqueeze(0).expand(n, *log_q.shape))
+        return one_hot.reshape(n, params.shape[0], self.code_size)
+
     def log_prob(self, params: Tensor, z: Tensor) -> Tensor:
         # For one-hot z this picks log q of the chosen class per variable, summed over variables.
-        log_q = self._log_q(params)
-        codes = z.reshape(z.shape[0], self.variables, self.categories)
-        return (codes * log_q).sum(dim=(-2, -1))
+        codes = z.reshape(*z.shape[:-1], self.variables, self.categories)
+        return (codes * self._log_q(params)).sum(dim=(-2, -1))
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
-        value = -self.variables * math.log(self.categories)
-        return torch.full((z.shape[0],), value, dtype=z.dtype, device=z.device)
+        codes = z.reshape(*z.shape[:-1], self.variables, self.categories)
+        return (codes * self.log_prior().to(z.dtype)).sum(dim=(-2, -1))
 
     def mode(self, params: Tensor) -> Tensor:
         logits = params.reshape(params.shape[0], self.variables, self.categories)
         one_hot = F.one_hot(logits.argmax(dim=-1), self.categories).to(params.dtype)
         return one_hot.reshape(params.shape[0], self.code_size)
+
+    def posterior_mean(self, params: Tensor) -> Tensor:
+        # The mean of the one-hot code is q itself; a variable is one unit of K entries.
+        return self._log_q(params).exp().reshape(params.shape[0], self.code_size)
+
+    def enumerate_codes(self, limit: int) -> Tensor | None:
+        if self.categories**self.variables > limit:
+            return None
+        index = torch.tensor(list(itertools.product(range(self.categories), repeat=self.variables)),
+                             device=self._anchor.device)
+        return F.one_hot(index, self.categories).to(self._anchor.dtype).reshape(len(index), self.code_size)
 
     def usage(self, params: Tensor) -> Tensor:
         # Summed (not averaged) so ranks can all-reduce and normalise once; a metric, so no graph.
@@ -160,7 +276,7 @@ class GaussianLatent(Latent):
 
     def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = params.chunk(2, dim=-1)
-        return mu, logvar
+        return mu, logvar.clamp(*LOGVAR_RANGE)
 
     def rsample(self, params: Tensor, temperature: float = 1.0) -> Tensor:
         # The temperature only applies to relaxed discrete latents; accepted for a uniform call site.
@@ -176,10 +292,13 @@ class GaussianLatent(Latent):
         z = torch.randn(n, self.dim, generator=generator, device=gen_device)
         return z.to(device=self._anchor.device, dtype=self._anchor.dtype)
 
+    def sample_posterior(self, params: Tensor, n: int) -> Tensor:
+        mu, logvar = self._split(params)
+        return mu + torch.randn(n, *mu.shape, dtype=mu.dtype, device=mu.device) * torch.exp(0.5 * logvar)
+
     def log_prob(self, params: Tensor, z: Tensor) -> Tensor:
         mu, logvar = self._split(params)
-        log_density = -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) * torch.exp(-logvar))
-        return log_density.sum(dim=-1)
+        return gaussian_log_density(z, mu, logvar).sum(dim=-1)
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
         return (-0.5 * (math.log(2 * math.pi) + z.pow(2))).sum(dim=-1)
@@ -187,6 +306,14 @@ class GaussianLatent(Latent):
     def mode(self, params: Tensor) -> Tensor:
         mu, _ = self._split(params)
         return mu
+
+    def posterior_mean(self, params: Tensor) -> Tensor:
+        return self.mode(params)
+
+
+def gaussian_log_density(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """Elementwise log N(z; mu, exp(logvar)) (broadcasting)."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) * torch.exp(-logvar))
 
 
 def perplexity_from_usage(usage_sum: Tensor) -> float:
@@ -202,9 +329,29 @@ def perplexity_from_usage(usage_sum: Tensor) -> float:
     return float(entropy.exp().mean())
 
 
+def active_units(mean_sum: Tensor, square_sum: Tensor, count: float, unit_size: int, threshold: float = 0.01) -> int:
+    """Burda et al. 2016: a unit is active when Cov_x(E_q[u|x]) > threshold.
+
+    Takes sums over the data (so ranks can all-reduce them first): of the posterior means
+    [U * unit_size] and of their squares. A categorical variable is one unit whose variance is
+    summed over its K class probabilities.
+    """
+    if count <= 0:
+        return 0
+    mean = mean_sum.double() / count
+    variance = (square_sum.double() / count - mean.pow(2)).clamp_min(0.0)
+    per_unit = variance.reshape(-1, unit_size).sum(dim=-1)
+    return int((per_unit > threshold).sum())
+
+
 def build_latent(cfg: LatentConfig) -> Latent:
     if cfg.kind == "categorical":
-        return CategoricalLatent(cfg.variables, cfg.categories, hard=cfg.hard)
+        return CategoricalLatent(cfg.variables, cfg.categories, hard=cfg.hard, prior=cfg.prior, kl=cfg.kl,
+                                 prior_tau=cfg.prior_tau)
     if cfg.kind == "gaussian":
         return GaussianLatent(cfg.variables)
+    if cfg.kind == "mixture":
+        from pipeline.models.mixture import MixtureLatent  # mixture.py builds on this module
+
+        return MixtureLatent(cfg.variables, cfg.categories, prior=cfg.prior)
     raise ValueError(f"unknown latent kind {cfg.kind!r}")

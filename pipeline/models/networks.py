@@ -1,0 +1,74 @@
+"""Encoder/decoder networks: the papers' MLP and a small conv net for H x W images.
+
+Both read and write flat pixel vectors [B, H*W], so the VAE and the data path do not care
+which one is used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def mlp(widths: list[int]) -> nn.Sequential:
+    """Linear layers through ``widths`` with ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _halvings(size: int, times: int) -> list[int]:
+    """Spatial sizes after each 3x3 stride-2 padding-1 conv: ceil(s / 2) each time."""
+    sizes = [size]
+    for _ in range(times):
+        sizes.append(math.ceil(sizes[-1] / 2))
+    return sizes
+
+
+class ConvEncoder(nn.Module):
+    """[B, H*W] -> stride-2 3x3 convs (ReLU) -> flatten -> MLP through ``hidden`` -> [B, out_size]."""
+
+    def __init__(self, image_shape: tuple[int, int], channels: list[int], hidden: list[int], out_size: int) -> None:
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        layers: list[nn.Module] = []
+        previous = 1
+        for c in channels:
+            layers += [nn.Conv2d(previous, c, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+            previous = c
+        self.convs = nn.Sequential(*layers)
+        h, w = (_halvings(s, len(channels))[-1] for s in self.image_shape)
+        self.head = mlp([previous * h * w, *hidden, out_size])
+
+    def forward(self, x: Tensor) -> Tensor:
+        images = x.reshape(x.shape[0], 1, *self.image_shape)
+        return self.head(self.convs(images).flatten(1))
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of ConvEncoder: MLP -> [C, h, w] -> stride-2 4x4 transposed convs -> crop to H x W -> logits."""
+
+    def __init__(self, in_size: int, hidden: list[int], channels: list[int], image_shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.start = (channels[-1], *(_halvings(s, len(channels))[-1] for s in self.image_shape))
+        self.head = nn.Sequential(mlp([in_size, *reversed(hidden), int(torch.tensor(self.start).prod())]), nn.ReLU())
+        layers: list[nn.Module] = []
+        outs = [*reversed(channels[:-1]), 1]
+        previous = channels[-1]
+        for i, c in enumerate(outs):
+            layers.append(nn.ConvTranspose2d(previous, c, kernel_size=4, stride=2, padding=1))
+            if i < len(outs) - 1:
+                layers.append(nn.ReLU())
+            previous = c
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        maps = self.deconvs(self.head(z).reshape(z.shape[0], *self.start))
+        h, w = self.image_shape
+        return maps[:, 0, :h, :w].reshape(z.shape[0], h * w)  # each doubling may overshoot odd sizes: crop

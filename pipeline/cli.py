@@ -68,6 +68,22 @@ def data_mnist(
         _fail(str(err))
 
 
+@data_app.command("binarized-mnist")
+def data_binarized_mnist(
+    source: Annotated[str, typer.Option("--source", help="Directory or URL with binarized_mnist_{train,valid,test}.amat.gz")],
+    out: OutUrl = "data/binarized_mnist",
+    samples_per_shard: ShardSize = 5000,
+) -> None:
+    """Larochelle's fixed binarization of MNIST (.amat.gz): train/val/test 50000/10000/10000, pixels 0/255,
+    no labels (-1). Train on it with data.binarize: threshold (the images are already binary)."""
+    from pipeline.data import DataError, load_binarized_mnist_splits
+
+    try:
+        _write(load_binarized_mnist_splits(source), out, f"binarized_mnist:{source}", samples_per_shard)
+    except DataError as err:
+        _fail(str(err))
+
+
 def _load(config_path: str, overrides: list[str] | None):
     from pipeline.config import ConfigError, load_config
 
@@ -116,6 +132,39 @@ def ui(
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", host,
            "--port", str(port), "--workers", "1"]
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+
+
+@app.command()
+def evaluate(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a finished training run")],
+    split: Annotated[str, typer.Option("--split", help="Split of the run's dataset to evaluate")] = "test",
+    importance_samples: Annotated[
+        int, typer.Option("--importance-samples", "-k", min=1, help="Samples per input for the IS estimate of log p(x)")
+    ] = 5000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Inputs per batch")] = 100,
+    data_url: Annotated[
+        Optional[str], typer.Option("--data-url", help="Dataset to read (default: the run's dataset.url tag)")
+    ] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default as for train)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the posterior samples")] = 0,
+) -> None:
+    """-ELBO, importance-weighted -log p(x) (and exact -log p(x) when the code space is small) of a trained
+    run on a whole split; logs them (test/loss, test/nll_is_k<K>, ...) into the same MLflow run."""
+    import json
+
+    from pipeline.evaluate import EvaluationError, evaluate_run
+
+    try:
+        result = evaluate_run(run_id, split=split, importance_samples=importance_samples, batch_size=batch_size,
+                              tracking_uri=tracking_uri, data_url=data_url, seed=seed)
+    except EvaluationError as err:
+        _fail(str(err))
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        for line in result.lines():
+            print(line)
 
 
 @app.command("config")

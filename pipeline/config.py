@@ -29,6 +29,18 @@ class DataConfig(_Section):
     )
     shuffle_buffer: int = Field(1000, ge=0, description="Samples held in each worker's shuffle buffer (0 = no shuffle)")
     verify: bool = Field(False, description="Check each shard's sha256 against the manifest when it is read")
+    on_corrupt: Literal["error", "skip"] = Field(
+        "error", description="A damaged sample or shard: error (stop, naming the shard) or skip it (counted, logged)"
+    )
+    cache_dir: str | None = Field(None, description="Local folder caching remote shards across epochs (None: no cache)")
+    cache_max_bytes: int = Field(10 * 2**30, ge=0, description="Size limit of cache_dir; least recently used evicted")
+    read_retries: int = Field(5, ge=0, description="Retries of a transient read error (reset, timeout, 5xx) per request")
+    retry_backoff_s: float = Field(0.2, ge=0, description="First retry's backoff; doubles per retry (max 5 s), jittered")
+    partitions: int | None = Field(
+        None, ge=1,
+        description="Fixed split of each epoch's sample order into P streams (default: train.workers). The samples of "
+        "every global batch depend on P, not on the worker count: resuming on W workers needs W to divide P",
+    )
     partitions: int | None = Field(
         None, ge=1,
         description="Fixed split of each epoch's sample order into P streams (default: train.workers). The samples of "

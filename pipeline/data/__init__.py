@@ -14,6 +14,7 @@ _EXPORTS = {
     "Split": "sources",
     "load_digits_splits": "sources",
     "load_mnist_splits": "sources",
+    "load_binarized_mnist_splits": "binarized",
     "ShardInfo": "shards",
     "SplitInfo": "shards",
     "Manifest": "shards",
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from pipeline.data.errors import DataError, ShardError
     from pipeline.data.shards import Manifest, ShardInfo, SplitInfo, read_manifest, shard_url, write_shards
     from pipeline.data.sources import Split, load_digits_splits, load_mnist_splits
+    from pipeline.data.binarized import load_binarized_mnist_splits
     from pipeline.data.reader import read_shard
     from pipeline.data.stream import eval_batches, rank_assignment, steps_per_epoch, train_batches
 

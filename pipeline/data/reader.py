@@ -1,9 +1,22 @@
 """Reading one shard: a WebDataset tar streamed through fsspec, decoded safely.
 
 Shards are untrusted. Only the member suffixes the manifest declares are accepted
-(anything else, e.g. ``.pyd`` pickles, is refused before it is decoded), ``.npy`` is loaded
-with ``allow_pickle=False`` and must match the manifest's shape and dtype, and any read
-error is re-raised as a ShardError naming the shard.
+(anything else, e.g. ``.pyd`` pickles, is refused before its bytes are read), members larger
+than any legitimate sample are refused before they are read, ``.npy`` is loaded with
+``allow_pickle=False`` and must match the manifest's shape and dtype, and any read error is
+re-raised as a ShardError naming the shard.
+
+Remote shards are read through `remote.RetryingReader` (transient errors retried, counted)
+and, when ``cache_dir`` is set, through the local `cache.ShardCache`.
+
+Corruption policy (``on_corrupt``):
+- ``"error"`` (default): the first problem raises ShardError naming the shard and the sample.
+- ``"skip"``: a bad sample is skipped; a shard that cannot be read further (truncated,
+  garbage, unreachable, sha256 mismatch) has its remaining samples skipped. Each skipped
+  sample position is counted once per process (`data_health()`), with the shard's first
+  problem. Nothing is ever unpickled in either mode. With ``verify`` the shard is hashed
+  in full *before* any sample is yielded (from the cache when there is one, else by a
+  first pass over the stream), so a tampered shard contributes no samples at all.
 """
 
 from __future__ import annotations
@@ -12,19 +25,136 @@ import hashlib
 import io
 import lzma
 import tarfile
+import threading
 import zlib
-from typing import Any, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterator, Literal, Sequence
 
-import fsspec
 import numpy as np
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext
 
-from pipeline.data.errors import ShardError
+from pipeline.data.cache import ShardCache, cache_stats
+from pipeline.data.errors import DataError, ShardError
+from pipeline.data.remote import RetryPolicy, is_local, open_for_reading, retry_count
 from pipeline.data.shards import Manifest, ShardInfo, shard_url
+
+OnCorrupt = Literal["error", "skip"]
+Sample = tuple[str, np.ndarray, int]
+Piece = tuple[int, int, int]
 
 # Errors a corrupt shard can raise while it is read; all are re-raised as ShardError.
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError)
 _NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER_MAX = 4096  # np.save headers are 128 bytes; anything much larger is not ours
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How this process reads shards; set once per worker with `set_read_options`."""
+
+    on_corrupt: OnCorrupt = "error"
+    cache_dir: str | None = None
+    cache_max_bytes: int = 10 << 30
+    retries: int = 5
+    retry_backoff_s: float = 0.2
+
+    @classmethod
+    def from_config(cls, data: Any) -> "ReadOptions":
+        """From a `pipeline.config.DataConfig`."""
+        return cls(on_corrupt=data.on_corrupt, cache_dir=data.cache_dir, cache_max_bytes=data.cache_max_bytes,
+                   retries=data.read_retries, retry_backoff_s=data.retry_backoff_s)
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(retries=self.retries, backoff_s=self.retry_backoff_s)
+
+
+_OPTIONS = ReadOptions()
+
+
+def set_read_options(options: ReadOptions) -> None:
+    """Process-wide defaults for `read_shard` (explicit keyword arguments still win)."""
+    global _OPTIONS
+    _OPTIONS = options
+
+
+def get_read_options() -> ReadOptions:
+    return _OPTIONS
+
+
+@lru_cache(maxsize=8)
+def _cache(directory: str, max_bytes: int) -> ShardCache:
+    return ShardCache(directory, max_bytes)
+
+
+# --- what was skipped --------------------------------------------------------------------------------
+
+
+@dataclass
+class DataHealth:
+    """Snapshot of this process's read problems (cumulative since start or `reset_data_health`)."""
+
+    skipped_samples: int = 0
+    skipped_shards: dict[str, str] = field(default_factory=dict)  # shard URL -> first problem
+    read_retries: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metric names -> values."""
+        return {"data/skipped_samples": float(self.skipped_samples), "data/read_retries": float(self.read_retries),
+                "data/cache_hits": float(self.cache_hits), "data/cache_misses": float(self.cache_misses)}
+
+
+class _SkipLedger:
+    """Which sample positions of which shards were skipped: a bitmap per damaged shard, so a
+    sample skipped again in a later epoch (or a refill pass) is counted once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._skipped: dict[str, np.ndarray] = {}
+        self._problems: dict[str, str] = {}
+
+    def record(self, url: str, shard_samples: int, first: int, stop: int, problem: str) -> None:
+        with self._lock:
+            bitmap = self._skipped.setdefault(url, np.zeros(max(shard_samples, stop), dtype=bool))
+            bitmap[first:stop] = True
+            self._problems.setdefault(url, problem)
+
+    def snapshot(self) -> tuple[int, dict[str, str]]:
+        with self._lock:
+            return int(sum(int(b.sum()) for b in self._skipped.values())), dict(self._problems)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._skipped.clear()
+            self._problems.clear()
+
+
+_LEDGER = _SkipLedger()
+
+
+def data_health() -> DataHealth:
+    """Skipped samples and shards, read retries and cache hits of this process so far."""
+    skipped, shards = _LEDGER.snapshot()
+    cache = cache_stats()
+    return DataHealth(skipped, shards, retry_count(), cache.hits, cache.misses)
+
+
+def reset_data_health() -> None:
+    from pipeline.data import cache, remote
+
+    _LEDGER.clear()
+    remote.reset_retry_count()
+    cache._STATS.hits = cache._STATS.misses = cache._STATS.evicted = 0
+
+
+# --- decoding ------------------------------------------------------------------------------------------
 
 
 class _HashingReader:
@@ -42,19 +172,45 @@ class _HashingReader:
         return data
 
 
-def _declared_members_only(files: Iterable[dict[str, Any]], url: str, declared: set[str]) -> Iterator[dict[str, Any]]:
-    """Refuse any tar member whose suffix the manifest does not declare, before it is grouped or decoded."""
-    for member in files:
-        prefix, suffix = base_plus_ext(member["fname"])
-        if prefix is None or suffix.lower() not in declared:
-            raise ShardError(
+def _groups(tar: tarfile.TarFile, url: str, declared: set[str], max_member: int) -> Iterator[tuple[str, dict, ShardError | None]]:
+    """(key, {suffix: bytes}, problem) per sample, WebDataset-style: consecutive members sharing a prefix.
+
+    An undeclared or oversized member is never read; it marks its sample as bad instead.
+    """
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    problem: ShardError | None = None
+    for info in tar:
+        if not info.isfile():
+            continue
+        prefix, suffix = base_plus_ext(info.name)
+        if prefix is None:  # no "key.suffix" shape at all: a sample of its own, refused
+            if key is not None:
+                yield key, members, problem
+                key, members, problem = None, {}, None
+            yield info.name, {}, ShardError(
                 url, f"undeclared member refused (the manifest declares only {sorted(declared)}; never unpickled)",
-                member=member["fname"],
-            )
-        yield member
+                member=info.name)
+            continue
+        suffix = suffix.lower()
+        if key is not None and (prefix != key or suffix in members):
+            yield key, members, problem
+            key, members, problem = None, {}, None
+        key = prefix
+        if suffix not in declared:
+            problem = problem or ShardError(
+                url, f"undeclared member refused (the manifest declares only {sorted(declared)}; never unpickled)",
+                member=info.name)
+        elif info.size > max_member:
+            problem = problem or ShardError(url, f"member of {info.size} bytes refused (limit {max_member})",
+                                            member=info.name)
+        elif problem is None:
+            members[suffix] = tar.extractfile(info).read()  # type: ignore[union-attr]
+    if key is not None:
+        yield key, members, problem
 
 
-def _decode(sample: dict[str, Any], url: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[str, np.ndarray, int]:
+def _decode(sample: dict[str, Any], url: str, shape: tuple[int, ...], dtype: np.dtype) -> Sample:
     key = sample["__key__"]
     for suffix in ("npy", "cls"):
         if suffix not in sample:
@@ -75,6 +231,47 @@ def _decode(sample: dict[str, Any], url: str, shape: tuple[int, ...], dtype: np.
     return key, image, int(text)
 
 
+def _as_shard_error(url: str, err: BaseException) -> ShardError:
+    if isinstance(err, ShardError):
+        return err
+    detail = str(err.args[0]).split(" @ ")[0] if err.args else ""  # webdataset appends stream reprs
+    return ShardError(url, f"unreadable shard ({type(err).__name__}: {detail})")
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _open_shard(url: str, shard: ShardInfo, options: ReadOptions) -> Iterator[tuple[Any, bool]]:
+    """(binary stream, already_verified). Remote shards go through the cache when one is configured."""
+    if options.cache_dir and not is_local(url):
+        cache = _cache(options.cache_dir, options.cache_max_bytes)
+        if cache.fits(shard.bytes):
+            for attempt in range(2):
+                path = cache.fetch(url, shard.sha256, shard.bytes, options.policy)
+                try:
+                    with open(path, "rb") as local:
+                        yield local, bool(shard.sha256)  # the cache checked the sha256 on download
+                    return
+                except FileNotFoundError:  # evicted by another process between fetch and open
+                    if attempt:
+                        raise
+    with open_for_reading(url, options.policy) as stream:
+        yield stream, False
+
+
+def _hash_whole_shard(url: str, shard: ShardInfo, options: ReadOptions) -> None:
+    with _open_shard(url, shard, options) as (stream, verified):
+        if verified:
+            return
+        hasher = _HashingReader(stream)
+        while hasher.read(1 << 20):
+            pass
+    if hasher.sha256.hexdigest() != shard.sha256:
+        raise ShardError(url, f"sha256 mismatch: manifest expects {shard.sha256}, "
+                              f"file has {hasher.sha256.hexdigest()} ({hasher.bytes} bytes)")
+
+
 def read_shard(
     manifest: Manifest,
     dataset_url: str,
@@ -83,43 +280,108 @@ def read_shard(
     start: int = 0,
     stop: int | None = None,
     verify: bool = False,
-) -> Iterator[tuple[str, np.ndarray, int]]:
+    on_corrupt: OnCorrupt | None = None,
+    options: ReadOptions | None = None,
+) -> Iterator[Sample]:
     """Yield (key, uint8 image, label) for samples [start, stop) of one shard.
 
     Samples before ``start`` are skipped without being decoded; reading ends at ``stop``.
-    With ``verify=True`` the rest of the shard is read after ``stop`` (no decoding) so the
-    sha256, computed while streaming, covers the whole file; it is checked at the shard's
-    end, after the samples have been yielded, against the manifest.
+    With ``verify=True`` the sha256 of the whole file is checked against the manifest: in
+    "error" mode while streaming (the rest of the shard is read after ``stop``, undecoded, and
+    the check runs at the shard's end); in "skip" mode before the first sample. ``options``
+    default to the process-wide `set_read_options`; ``on_corrupt`` overrides theirs.
     """
+    options = options or _OPTIONS
+    skip = (on_corrupt or options.on_corrupt) == "skip"
     url = shard_url(dataset_url, shard)
     stop = shard.samples if stop is None else stop
+    if start >= stop and not verify:
+        return
     shape, dtype = tuple(manifest.image_shape), np.dtype(manifest.dtype)
+    max_member = max(1 << 20, 4 * (_NPY_HEADER_MAX + int(np.prod(shape)) * dtype.itemsize))
+    index = 0
     try:
-        with fsspec.open(url, "rb") as raw:
-            reader = _HashingReader(raw)
-            index = 0
+        if verify and skip:
+            _hash_whole_shard(url, shard, options)
+        with _open_shard(url, shard, options) as (raw, verified):
+            check_hash = verify and not verified and not skip
+            stream = _HashingReader(raw) if check_hash else raw
             if start < stop:
-                files = tar_file_expander([{"url": url, "stream": reader}], eof_value=None)
-                samples = group_by_keys(_declared_members_only(files, url, set(manifest.keys)))
-                for sample in samples:
-                    if index >= start:
-                        yield _decode(sample, url, shape, dtype)
-                    index += 1
-                    if index >= stop:
-                        break
-                samples.close()
+                with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                    for key, members, problem in _groups(tar, url, set(manifest.keys), max_member):
+                        if index >= start:
+                            try:
+                                if problem is not None:
+                                    raise problem
+                                sample = _decode({"__key__": key, **members}, url, shape, dtype)
+                            except ShardError as err:
+                                if not skip:
+                                    raise
+                                _LEDGER.record(url, shard.samples, index, index + 1, str(err))
+                            else:
+                                yield sample
+                        index += 1
+                        if index >= stop:
+                            break
                 if index < stop:  # tarfile ends quietly when a shard is cut at a member boundary
                     raise ShardError(url, f"truncated: ended after {index} samples, the manifest says {shard.samples}")
-            if verify:
-                while reader.read(1 << 20):
+            if check_hash:
+                while stream.read(1 << 20):
                     pass
-                actual = reader.sha256.hexdigest()
+                actual = stream.sha256.hexdigest()
                 if actual != shard.sha256:
                     raise ShardError(
-                        url, f"sha256 mismatch: manifest expects {shard.sha256}, file has {actual} ({reader.bytes} bytes)"
+                        url, f"sha256 mismatch: manifest expects {shard.sha256}, file has {actual} ({stream.bytes} bytes)"
                     )
-    except ShardError:
-        raise
-    except _READ_ERRORS as err:
-        detail = str(err.args[0]).split(" @ ")[0] if err.args else ""  # webdataset appends stream reprs
-        raise ShardError(url, f"unreadable shard ({type(err).__name__}: {detail})") from err
+    except (ShardError, *_READ_ERRORS) as err:
+        error = _as_shard_error(url, err)
+        if not skip:
+            if error is err:
+                raise
+            raise error from err
+        _LEDGER.record(url, shard.samples, max(index, start), stop, str(error))
+
+
+def read_pieces(
+    manifest: Manifest,
+    dataset_url: str,
+    shards: Sequence[ShardInfo],
+    pieces: Sequence[Piece],
+    *,
+    verify: bool = False,
+    on_corrupt: OnCorrupt | None = None,
+    options: ReadOptions | None = None,
+    fill_to: int | None = None,
+) -> Iterator[Sample]:
+    """The samples of (shard_index, start, stop) ``pieces`` in order, then, when samples were
+    skipped, a refill that keeps lockstep.
+
+    With on_corrupt="skip" and ``fill_to`` set: if the first pass yields fewer than ``fill_to``
+    good samples, the same pieces are read again from the start (same order, same good
+    samples) until ``fill_to`` have been yielded, so a rank with damaged data still fills its
+    ``steps_per_epoch`` batches and no rank waits at a DDP collective. The repeats are the
+    price: at most as many as were skipped. A rank with no readable sample at all raises.
+    """
+    options = options or _OPTIONS
+    policy = on_corrupt or options.on_corrupt
+
+    def one_pass() -> Iterator[Sample]:
+        for index, start, stop in pieces:
+            yield from read_shard(manifest, dataset_url, shards[index], start=start, stop=stop, verify=verify,
+                                  on_corrupt=policy, options=options)
+
+    produced = 0
+    for sample in one_pass():
+        produced += 1
+        yield sample
+    if fill_to is None or policy != "skip" or produced >= fill_to:
+        return
+    if produced == 0:
+        raise DataError(f"no readable sample in this rank's {len(pieces)} shard pieces: every one was skipped "
+                        f"({len(data_health().skipped_shards)} damaged shards so far)")
+    while produced < fill_to:
+        for sample in one_pass():
+            yield sample
+            produced += 1
+            if produced >= fill_to:
+                return

@@ -18,7 +18,7 @@ import json
 import tarfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import BinaryIO, Callable, Iterator, Literal
+from typing import BinaryIO, Callable, Iterable, Iterator, Literal
 
 import fsspec
 import numpy as np
@@ -120,6 +120,57 @@ def _encode_image(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def write_shard(fs: fsspec.AbstractFileSystem, path: str, samples: Iterable[tuple[str, np.ndarray, int]],
+                advance: Callable[[int], None] = lambda n: None) -> tuple[int, int, str]:
+    """Stream (key, uint8 image, label) samples into one tar at ``path``: (samples, bytes, sha256).
+
+    Memory stays at one sample plus the filesystem's write buffer, however long the shard.
+    """
+    count = 0
+    with fs.open(path, "wb") as out:
+        writer = _HashingWriter(out)
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
+            for key, image, label in samples:
+                _add_member(tar, f"{key}.npy", _encode_image(image))
+                _add_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
+                count += 1
+                advance(1)
+    return count, writer.bytes, writer.sha256.hexdigest()
+
+
+def begin_dataset(out_url: str) -> tuple[fsspec.AbstractFileSystem, str, set[str]]:
+    """(fs, root, shard paths of the previous manifest) for writing a dataset at ``out_url``.
+
+    The old manifest is removed first: from here until `finish_dataset` the folder does not
+    look like a complete dataset.
+    """
+    fs, root = fsspec.core.url_to_fs(out_url)
+    root = root.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+    manifest_path = f"{root}/{MANIFEST_NAME}"
+    stale = _shard_paths_of_old_manifest(fs, manifest_path)
+    if fs.exists(manifest_path):
+        fs.rm(manifest_path)
+    return fs, root, stale
+
+
+def finish_dataset(fs: fsspec.AbstractFileSystem, root: str, stale: set[str], *, source: str,
+                   image_shape: Iterable[int], split_infos: dict[str, SplitInfo]) -> Manifest:
+    """Write the manifest (last), then delete shards of an older, larger write it no longer names."""
+    manifest = Manifest(
+        source=source,
+        image_shape=list(image_shape),
+        splits=split_infos,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    fs.pipe_file(f"{root}/{MANIFEST_NAME}", manifest.model_dump_json(indent=2).encode())
+    written = {info.path for split in split_infos.values() for info in split.shards}
+    for path in stale - written:
+        if fs.exists(f"{root}/{path}"):
+            fs.rm(f"{root}/{path}")
+    return manifest
+
+
 def write_shards(
     splits: dict[str, Split],
     out_url: str,
@@ -140,13 +191,7 @@ def write_shards(
     shapes = {tuple(split.images.shape[1:]) for split in splits.values()}
     if len(shapes) != 1:
         raise DataError(f"all splits must share one image shape, got {sorted(shapes)}")
-    fs, root = fsspec.core.url_to_fs(out_url)
-    root = root.rstrip("/")
-    fs.makedirs(root, exist_ok=True)
-    manifest_path = f"{root}/{MANIFEST_NAME}"
-    stale = _shard_paths_of_old_manifest(fs, manifest_path)
-    if fs.exists(manifest_path):
-        fs.rm(manifest_path)
+    fs, root, stale = begin_dataset(out_url)
 
     split_infos: dict[str, SplitInfo] = {}
     with _progress_bar(progress, total=sum(len(s) for s in splits.values())) as advance:
@@ -155,31 +200,12 @@ def write_shards(
             for shard_number, first in enumerate(range(0, len(split), samples_per_shard)):
                 last = min(first + samples_per_shard, len(split))
                 shard_path = f"{name}-{shard_number:05d}.tar"
-                with fs.open(f"{root}/{shard_path}", "wb") as out:
-                    writer = _HashingWriter(out)
-                    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
-                        for index in range(first, last):
-                            key = f"{name}-{index:07d}"
-                            _add_member(tar, f"{key}.npy", _encode_image(split.images[index]))
-                            _add_member(tar, f"{key}.cls", str(int(split.labels[index])).encode("ascii"))
-                            advance(1)
-                shards.append(
-                    ShardInfo(path=shard_path, samples=last - first, bytes=writer.bytes, sha256=writer.sha256.hexdigest())
-                )
+                samples = ((f"{name}-{i:07d}", split.images[i], split.labels[i]) for i in range(first, last))
+                count, size, sha256 = write_shard(fs, f"{root}/{shard_path}", samples, advance)
+                shards.append(ShardInfo(path=shard_path, samples=count, bytes=size, sha256=sha256))
             split_infos[name] = SplitInfo(samples=len(split), shards=shards)
 
-    manifest = Manifest(
-        source=source,
-        image_shape=list(shapes.pop()),
-        splits=split_infos,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    fs.pipe_file(manifest_path, manifest.model_dump_json(indent=2).encode())
-    written = {info.path for split in split_infos.values() for info in split.shards}
-    for path in stale - written:  # shards of a previous, larger write that the new manifest no longer names
-        if fs.exists(f"{root}/{path}"):
-            fs.rm(f"{root}/{path}")
-    return manifest
+    return finish_dataset(fs, root, stale, source=source, image_shape=shapes.pop(), split_infos=split_infos)
 
 
 def _shard_paths_of_old_manifest(fs: fsspec.AbstractFileSystem, manifest_path: str) -> set[str]:
@@ -214,20 +240,26 @@ def manifest_location(url: str) -> tuple[str, str]:
 def read_manifest(url: str) -> Manifest:
     """Load the manifest of the dataset at ``url`` (its folder, or the manifest.json itself)."""
     _, path = manifest_location(url)
+    from pipeline.data.remote import RetryPolicy, call_with_retries
+
     try:
         fs, fs_path = fsspec.core.url_to_fs(path)
-        raw = fs.cat_file(fs_path)
+        raw = call_with_retries(f"read {path}", lambda: fs.cat_file(fs_path), RetryPolicy(retries=3))
     except FileNotFoundError:
         raise DataError(
             f"no {MANIFEST_NAME} at {path} — create one with `pipeline data digits --out {manifest_location(url)[0]}`"
         ) from None
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - unreachable hosts raise library-specific errors
         raise DataError(f"cannot read {path}: {type(err).__name__}: {err}") from None
     try:
-        return Manifest.model_validate_json(raw)
+        manifest = Manifest.model_validate_json(raw)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()[:5])
         raise DataError(f"{path} is not a valid dataset manifest: {problems}") from None
+    empty = [name for name, split in manifest.splits.items() if not split.shards]
+    if empty:  # nothing to stream: fail here, on the driver, not as a hang or a starved rank later
+        raise DataError(f"{path}: split(s) {', '.join(empty)} list no shards (empty shard list)")
+    return manifest
 
 
 def shard_url(dataset_url: str, shard: ShardInfo) -> str:

@@ -1,0 +1,240 @@
+"""Opening shards on object storage (s3://, gs://, http(s)://, any fsspec URL) with retries.
+
+One retry layer, ours, and it is counted: transient errors (connection reset or refused,
+timeouts, truncated bodies, HTTP 5xx) are retried with exponential backoff and jitter, and
+a read that fails part-way reopens the object at the byte offset already consumed, so the
+tar stream above never notices. For s3:// the lower layers' own silent retries (botocore,
+s3fs) are turned down to one attempt so that every retry shows up in `retry_count()`.
+
+Credentials and endpoints come from the environment and fsspec configuration
+(AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.config/fsspec, ...): nothing here takes them
+from the run config, which is logged.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import random
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterator
+
+import fsspec
+
+# Errno values of OSErrors that mean "the service or network hiccuped", not "the object is bad".
+_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE,
+                     errno.EBUSY, errno.EAGAIN, getattr(errno, "EREMOTEIO", 121)}
+_TRANSIENT_TYPE_NAMES = {  # matched by name so optional libraries need not be importable
+    "ClientConnectionError", "ClientPayloadError", "ServerDisconnectedError", "ServerTimeoutError",  # aiohttp
+    "HTTPClientError", "ConnectionClosedError", "EndpointConnectionError", "ReadTimeoutError",  # botocore
+    "ConnectTimeoutError", "ResponseStreamingError", "IncompleteReadError",
+    "FSTimeoutError",  # fsspec
+}
+READ_BLOCK_BYTES = 8 << 20  # ranged GETs of 8 MiB: bounded memory per open shard, few requests
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try: ``retries`` consecutive retries per operation, backoff doubling from ``backoff_s``."""
+
+    retries: int = 5
+    backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        # Full jitter on the upper half: concurrent readers that failed together do not retry together.
+        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+class _RetryCounter:
+    """Process-wide count of retried operations (per Ray worker / DataLoader process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.retries = 0
+        self.last_error = ""
+
+    def add(self, err: BaseException) -> None:
+        with self._lock:
+            self.retries += 1
+            self.last_error = f"{type(err).__name__}: {err}"[:300]
+
+
+_COUNTER = _RetryCounter()
+
+
+def retry_count() -> int:
+    """Transient read errors this process has retried so far (cumulative)."""
+    return _COUNTER.retries
+
+
+def reset_retry_count() -> None:
+    _COUNTER.retries, _COUNTER.last_error = 0, ""
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for errors worth retrying: network drops, timeouts, truncated bodies, HTTP 5xx."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, FileNotFoundError | PermissionError | IsADirectoryError):
+            return False  # a missing or forbidden object does not come back by asking again
+        if isinstance(current, ConnectionError | TimeoutError | socket.timeout | http.client.IncompleteRead):
+            return True
+        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(cls.__name__ in _TRANSIENT_TYPE_NAMES for cls in type(current).__mro__):
+            return True
+        if _http_status(current) >= 500:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _http_status(err: BaseException) -> int:
+    response = getattr(err, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    status = getattr(err, "status", None)  # aiohttp ClientResponseError (http:// filesystems)
+    return status if isinstance(status, int) else 0
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith(("file://", "local://"))
+
+
+def call_with_retries(what: str, func: Any, policy: RetryPolicy) -> Any:
+    """``func()``, retried on transient errors; the last error is re-raised unchanged."""
+    for attempt in range(policy.retries + 1):
+        try:
+            return func()
+        except Exception as err:  # noqa: BLE001 - classified just below
+            if attempt >= policy.retries or not is_transient(err):
+                raise
+            _COUNTER.add(err)
+            time.sleep(policy.delay(attempt))
+    raise AssertionError(f"unreachable: {what}")
+
+
+@lru_cache(maxsize=None)
+def reader_filesystem(protocol: str) -> fsspec.AbstractFileSystem:
+    """A filesystem instance of our own for reading shards (the writer's cached instance is untouched).
+
+    For s3 the inner retry loops are set to a single attempt: with botocore's 5 and s3fs's 5
+    on top of ours, one bad minute would cost 125 silent attempts per read.
+    """
+    if protocol in ("s3", "s3a"):
+        options: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        options.update(fsspec.config.conf.get(protocol, {}))  # the user's fsspec config wins
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        fs.retries = 1  # s3fs's own loop (a class attribute, not a constructor argument)
+        return fs
+    return fsspec.filesystem(protocol, skip_instance_cache=True, **fsspec.config.conf.get(protocol, {}))
+
+
+def split_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    fs = reader_filesystem(protocol)
+    return fs, fs._strip_protocol(url)
+
+
+class RetryingReader:
+    """A forward-reading binary file over an fsspec URL that survives transient errors.
+
+    On a transient error it closes the handle, backs off, reopens and seeks to the offset
+    already handed out: callers see one uninterrupted byte stream.
+    """
+
+    def __init__(self, url: str, policy: RetryPolicy | None = None) -> None:
+        self.url = url
+        self.policy = policy or RetryPolicy()
+        self.fs, self.path = split_url(url)
+        self.offset = 0
+        self._file: Any = None
+        self._reopen()
+
+    def _reopen(self) -> None:
+        def open_at_offset() -> Any:
+            handle = self.fs.open(self.path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead")
+            if self.offset:
+                handle.seek(self.offset)
+            return handle
+
+        self._close_quietly()
+        self._file = call_with_retries(f"open {self.url}", open_at_offset, self.policy)
+
+    def read(self, size: int = -1) -> bytes:
+        for attempt in range(self.policy.retries + 1):
+            try:
+                data = self._file.read(size)
+                self.offset += len(data)
+                return data
+            except Exception as err:  # noqa: BLE001 - classified just below
+                if attempt >= self.policy.retries or not is_transient(err):
+                    raise
+                _COUNTER.add(err)
+                time.sleep(self.policy.delay(attempt))
+                self._reopen()
+        raise AssertionError("unreachable")
+
+    def readable(self) -> bool:
+        return True
+
+    def _close_quietly(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:  # noqa: BLE001 - a broken connection may also fail to close
+                pass
+            self._file = None
+
+    def close(self) -> None:
+        self._close_quietly()
+
+    def __enter__(self) -> "RetryingReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@contextmanager
+def open_for_reading(url: str, policy: RetryPolicy | None = None) -> Iterator[Any]:
+    """A binary stream of ``url``: plain ``open`` for local files, a RetryingReader otherwise."""
+    if is_local(url):
+        with fsspec.open(url, "rb") as local:
+            yield local
+        return
+    with RetryingReader(url, policy) as remote:
+        yield remote
+
+
+# --- Ray Train storage ---------------------------------------------------------------------------
+
+
+def ray_storage(url: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig.
+
+    Local paths pass through (filesystem None). Any other fsspec URL (s3://, gs://, ...) is
+    handed to Ray through pyarrow's FSSpecHandler, so Ray uses the same fsspec/s3fs stack and
+    configuration (AWS_ENDPOINT_URL, credentials from the environment) as the data layer.
+    """
+    if is_local(url):
+        return url.removeprefix("file://"), None
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def storage_url(storage: str, path: str | None) -> str | None:
+    """A checkpoint path Ray reports (scheme-less on a custom filesystem) as a full URL again."""
+    if path is None or is_local(storage) or "://" in path:
+        return path
+    return f"{storage.split('://', 1)[0]}://{path}"

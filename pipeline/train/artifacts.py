@@ -1,5 +1,7 @@
 """End-of-run artifacts, made on the driver from the last checkpoint: a reconstruction
-grid and a prior-sample grid (PNG), and the model itself (MLflow pytorch flavour)."""
+grid and a prior-sample grid (PNG), the model itself (MLflow pytorch flavour) and its raw
+weights ``checkpoint/model.pt`` (a state_dict: `pipeline evaluate` rebuilds the model from the
+run's config.yaml and loads it with ``weights_only=True``, no unpickling of code)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from pipeline.data import eval_batches
 from pipeline.models import VAE, build_vae
 from pipeline.train import tracking
 from pipeline.train.checkpoint import load_checkpoint
+
+
+WEIGHTS_FILE = "model.pt"  # logged under checkpoint/
 
 
 class Reconstructor(torch.nn.Module):
@@ -45,8 +50,8 @@ def image_grid(images: np.ndarray, shape: tuple[int, int], columns: int = 8, sca
     return Image.fromarray(pixels, mode="L").resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
 
 
-def load_vae(config: RunConfig, checkpoint_dir: str, input_dim: int) -> VAE:
-    model = build_vae(config.model, input_dim)
+def load_vae(config: RunConfig, checkpoint_dir: str, input_dim: int, image_shape: tuple[int, int] | None = None) -> VAE:
+    model = build_vae(config.model, input_dim, image_shape=image_shape)
     model.load_state_dict(load_checkpoint(checkpoint_dir)["model"])
     return model.eval()
 
@@ -56,7 +61,7 @@ def log_final_artifacts(config: RunConfig, tracking_uri: str, run_id: str, check
     if checkpoint_dir is None:
         raise RuntimeError("training reported no checkpoint")
     shape = tuple(manifest.image_shape)
-    model = load_vae(config, checkpoint_dir, int(np.prod(shape)))
+    model = load_vae(config, checkpoint_dir, int(np.prod(shape)), image_shape=shape)
     x, _ = next(iter(eval_batches(manifest, dataset_url, split="val", rank=0, world_size=1, batch_size=32,
                                   binarize=config.data.binarize, seed=config.train.seed)))
     with torch.no_grad():
@@ -69,4 +74,7 @@ def log_final_artifacts(config: RunConfig, tracking_uri: str, run_id: str, check
         image_grid(pairs, shape, columns=16).save(paths[0])
         image_grid(samples.numpy(), shape).save(paths[1])
         tracking.log_artifact_files(tracking_uri, run_id, paths, artifact_path="images")
+        weights = Path(tmp) / WEIGHTS_FILE
+        torch.save(model.state_dict(), weights)
+        tracking.log_artifact_files(tracking_uri, run_id, [weights], artifact_path="checkpoint")
     tracking.log_model(tracking_uri, run_id, Reconstructor(model), x[:4].numpy())

@@ -1,57 +1,115 @@
 """Evaluation of a model on a whole split inside the DDP worker group.
 
 Each rank sums over its share of the split; a single all_reduce of the packed sums makes
-every figure exact for the whole split, whatever the number of ranks.
+every figure exact for the whole split, whatever the number of ranks: the -ELBO and its
+terms, the code usage (perplexity), the sums behind Burda's active-units count, and for a
+mixture latent the component x label counts behind the cluster accuracy.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipeline.config import RunConfig
 from pipeline.data import eval_batches
-from pipeline.models import perplexity_from_usage, temperature_at
+from pipeline.models import active_units, perplexity_from_usage, temperature_at
+
+# Labels 0..MAX_LABELS-1 enter the cluster-accuracy counts; others (e.g. -1 = unlabelled) do not.
+MAX_LABELS = 256
+
+
+class _Sums:
+    """Named float64 accumulators, packed into one flat tensor for the all_reduce."""
+
+    def __init__(self, **shapes: tuple[int, ...]) -> None:
+        self.parts = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
+
+    def pack(self) -> torch.Tensor:
+        return torch.cat([part.flatten() for part in self.parts.values()])
+
+    def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, start = {}, 0
+        for name, part in self.parts.items():
+            out[name] = flat[start : start + part.numel()].view(part.shape)
+            start += part.numel()
+        return out
+
+
+def cluster_accuracy(counts: np.ndarray) -> float:
+    """Accuracy of the best one-to-one mapping of components to labels (Hungarian), from a
+    [components, labels] count matrix. Components without a partner (K > labels) count as errors."""
+    from scipy.optimize import linear_sum_assignment
+
+    total = counts.sum()
+    if total <= 0:
+        return float("nan")
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, cols].sum() / total)
 
 
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, split: str, *, rank: int,
                    world_size: int, batch_size: int, cfg: RunConfig, step: int) -> dict[str, float]:
-    """-ELBO on a whole split: each rank sums over its share, one all_reduce combines them."""
+    """-ELBO and latent statistics on a whole split: each rank sums over its share, one all_reduce combines them."""
     model.eval()
     device = next(model.parameters()).device
     latent = model.latent
     tau = temperature_at(step, cfg.model.latent.tau0, cfg.model.latent.tau_min,
                          cfg.model.latent.anneal_rate, cfg.model.latent.anneal_every)
-    # [recon sum, kl sum, sample count] + per-variable KL sums (+ code usage for categorical)
-    totals = torch.zeros(3, dtype=torch.float64)
-    kl_terms = torch.zeros(latent.num_kl_terms, dtype=torch.float64)
-    usage = latent.usage(torch.zeros(1, latent.param_size, device=device))
-    usage = None if usage is None else torch.zeros(usage.shape, dtype=torch.float64)
-    for x, _ in eval_batches(manifest, dataset_url, split=split, rank=rank, world_size=world_size,
-                             batch_size=batch_size, binarize=cfg.data.binarize, seed=cfg.train.seed):
+    probe = torch.zeros(1, latent.param_size, device=device)
+    usage_shape = None if latent.usage(probe) is None else tuple(latent.usage(probe).shape)
+    has_clusters = latent.cluster(probe) is not None
+    mean_width = latent.posterior_mean(probe).shape[-1]
+    shapes: dict[str, tuple[int, ...]] = {
+        "totals": (3,),  # recon sum, kl sum, sample count
+        "kl_terms": (latent.num_kl_terms,),
+        "mean_sum": (mean_width,),
+        "square_sum": (mean_width,),
+    }
+    if usage_shape is not None:
+        shapes["usage"] = usage_shape
+    if has_clusters:
+        shapes["clusters"] = (getattr(latent, "components", 1), MAX_LABELS)
+    sums = _Sums(**shapes)
+    parts = sums.parts
+    for x, labels in eval_batches(manifest, dataset_url, split=split, rank=rank, world_size=world_size,
+                                  batch_size=batch_size, binarize=cfg.data.binarize, seed=cfg.train.seed):
         out = model(x.to(device), temperature=tau)
         n = x.shape[0]
-        totals += torch.tensor([out.recon_per_sample.sum().item(), out.kl_per_sample.sum().item(), n],
-                               dtype=torch.float64)
-        kl_terms += out.kl_per_variable.double().cpu() * n
-        if usage is not None:
-            usage += latent.usage(out.params).double().cpu()
-    flat = torch.cat([totals, kl_terms] + ([usage.flatten()] if usage is not None else []))
+        parts["totals"] += torch.tensor([out.recon_per_sample.sum().item(), out.kl_per_sample.sum().item(), n],
+                                        dtype=torch.float64)
+        parts["kl_terms"] += out.kl_per_variable.double().cpu() * n
+        means = latent.posterior_mean(out.params).double().cpu()
+        parts["mean_sum"] += means.sum(0)
+        parts["square_sum"] += means.pow(2).sum(0)
+        if usage_shape is not None:
+            parts["usage"] += latent.usage(out.params).double().cpu()
+        if has_clusters:
+            components = latent.cluster(out.params).cpu()
+            labels = labels.long().cpu()
+            known = (labels >= 0) & (labels < MAX_LABELS)
+            flat_index = components[known] * MAX_LABELS + labels[known]
+            parts["clusters"].view(-1).index_add_(0, flat_index, torch.ones(len(flat_index), dtype=torch.float64))
+    flat = sums.pack()
     if dist.is_available() and dist.is_initialized():
         flat = flat.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(flat)  # every rank calls this exactly once, even with no samples
         flat = flat.cpu()
-    recon_sum, kl_sum, count = flat[:3].tolist()
+    total = sums.unpack(flat)
+    recon_sum, kl_sum, count = total["totals"].tolist()
     if count == 0:
         raise RuntimeError(f"split {split!r} has no samples to evaluate")
     metrics = {f"{split}/loss": (recon_sum + kl_sum) / count, f"{split}/recon": recon_sum / count,
                f"{split}/kl": kl_sum / count}
-    per_variable = flat[3 : 3 + kl_terms.numel()] / count
-    metrics |= {f"{split}/kl_latent_{i}": float(v) for i, v in enumerate(per_variable)}
-    if usage is not None:
-        metrics["latent/perplexity"] = perplexity_from_usage(flat[3 + kl_terms.numel():].view_as(usage).float())
+    metrics |= {f"{split}/kl_latent_{i}": float(v) for i, v in enumerate(total["kl_terms"] / count)}
+    metrics["latent/active_units"] = float(active_units(total["mean_sum"], total["square_sum"], count, latent.unit_size))
+    if usage_shape is not None:
+        metrics["latent/perplexity"] = perplexity_from_usage(total["usage"].float())
+    if has_clusters and total["clusters"].sum() > 0:  # only when the split has labels
+        metrics[f"{split}/cluster_acc"] = cluster_accuracy(total["clusters"].numpy())
     model.train()
     return metrics

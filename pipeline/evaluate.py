@@ -1,0 +1,166 @@
+"""`pipeline evaluate RUN_ID`: likelihood figures of a trained run on a whole split, in one process.
+
+Rebuilds the model from the run's resolved config.yaml and its raw weights
+(``checkpoint/model.pt``; runs that predate them fall back to the logged MLflow model), reads
+the run's dataset, and computes per input, summed over the split:
+
+- the -ELBO with one un-relaxed (one-hot for categorical) posterior sample and the analytic KL
+  (``<split>/loss``, ``<split>/recon``, ``<split>/kl``),
+- the importance-weighted -log p(x) with K proposal samples from the un-relaxed posterior
+  (``<split>/nll_is_k<K>``),
+- when the code space has at most ENUMERATION_LIMIT codes: the exact -log p(x) and the exact
+  -ELBO (``<split>/nll_exact``, ``<split>/loss_exact``).
+
+The figures go into the same MLflow run (at the run's last validation step) and are returned.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import yaml
+
+from pipeline.config import ConfigError, RunConfig, parse_config
+from pipeline.models import VAE, build_vae, discrete_elbo, exact_log_px_and_elbo, importance_log_px
+from pipeline.models.likelihood import ENUMERATION_LIMIT
+
+
+class EvaluationError(RuntimeError):
+    """A run or dataset that cannot be evaluated; the message says which and why."""
+
+
+@dataclass
+class EvaluationResult:
+    run_id: str
+    split: str
+    samples: int
+    importance_samples: int
+    seconds: float
+    metrics: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "split": self.split, "samples": self.samples,
+                "importance_samples": self.importance_samples, "seconds": round(self.seconds, 2),
+                "metrics": self.metrics, "notes": self.notes}
+
+    def lines(self) -> list[str]:
+        head = (f"run {self.run_id}: {self.split} split, {self.samples} samples, "
+                f"k={self.importance_samples}, {self.seconds:.0f} s")
+        return [head, *(f"{name}: {value:.4f}" for name, value in self.metrics.items()), *self.notes]
+
+
+@torch.no_grad()
+def evaluate_model(model: VAE, batches: Iterable[tuple[torch.Tensor, Any]], *, split: str, importance_samples: int,
+                   enumeration_limit: int = ENUMERATION_LIMIT,
+                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, float], int]:
+    """Split-level figures (means over inputs, in nats) and the number of inputs."""
+    model.eval()
+    codes = model.latent.enumerate_codes(enumeration_limit)
+    sums = {"recon": 0.0, "kl": 0.0, "nll_is": 0.0, "nll_exact": 0.0, "loss_exact": 0.0}
+    count = 0
+    for x, _labels in batches:
+        x = x.float()
+        log_px_z, kl = discrete_elbo(model, x)
+        sums["recon"] -= float(log_px_z.double().sum())
+        sums["kl"] += float(kl.double().sum())
+        sums["nll_is"] -= float(importance_log_px(model, x, importance_samples).double().sum())
+        if codes is not None:
+            log_px, elbo = exact_log_px_and_elbo(model, x, codes=codes)
+            sums["nll_exact"] -= float(log_px.double().sum())
+            sums["loss_exact"] -= float(elbo.double().sum())
+        count += x.shape[0]
+        if progress:
+            progress(count)
+    if count == 0:
+        raise EvaluationError(f"split {split!r} holds no samples")
+    metrics = {f"{split}/loss": (sums["recon"] + sums["kl"]) / count, f"{split}/recon": sums["recon"] / count,
+               f"{split}/kl": sums["kl"] / count, f"{split}/nll_is_k{importance_samples}": sums["nll_is"] / count}
+    if codes is not None:
+        metrics[f"{split}/nll_exact"] = sums["nll_exact"] / count
+        metrics[f"{split}/loss_exact"] = sums["loss_exact"] / count
+    return metrics, count
+
+
+def rebuild_model(config: RunConfig, image_shape: tuple[int, int], weights: Path | None, *, tracking_uri: str,
+                   run_id: str) -> VAE:
+    """The run's VAE: rebuilt from its config with its raw weights, else the logged MLflow model's `.vae`."""
+    from pipeline.train import tracking
+
+    if weights is not None:
+        model = build_vae(config.model, image_shape=image_shape)
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return model.eval()
+    try:
+        logged = tracking.load_run_model(tracking_uri, run_id)
+    except Exception as err:  # MLflow raises several types for a missing model
+        raise EvaluationError(f"run {run_id} has neither checkpoint/model.pt nor a logged model ({err})") from None
+    return getattr(logged, "vae", logged).eval()
+
+
+def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 5000, batch_size: int = 100,
+                 tracking_uri: str | None = None, data_url: str | None = None, seed: int = 0,
+                 enumeration_limit: int = ENUMERATION_LIMIT, log: bool = True) -> EvaluationResult:
+    from pipeline.data import DataError, eval_batches, read_manifest
+    from pipeline.train import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            run = tracking.run_for_evaluation(uri, run_id, Path(tmp))
+        except tracking.RunNotFoundError as err:
+            raise EvaluationError(str(err)) from None
+        config_file = run["files"]["config"]
+        if config_file is None:
+            raise EvaluationError(f"run {run_id} has no config.yaml artifact: not a `pipeline train` run")
+        try:
+            config = parse_config(yaml.safe_load(config_file.read_text()) or {})
+        except ConfigError as err:
+            raise EvaluationError(f"run {run_id}: its config.yaml no longer validates: {err}") from None
+        url = data_url or run["tags"].get("dataset.url") or config.data.url
+        try:
+            manifest = read_manifest(url)
+        except DataError as err:
+            raise EvaluationError(f"dataset of run {run_id} not readable: {err} (pass --data-url)") from None
+        if split not in manifest.splits:
+            raise EvaluationError(f"{url} has no split {split!r} (splits: {', '.join(sorted(manifest.splits))})")
+        model = rebuild_model(config, tuple(manifest.image_shape), run["files"]["weights"], tracking_uri=uri,
+                               run_id=run_id)
+    notes = []
+    if run["tags"].get("dataset.manifest_sha256") not in (None, manifest.digest()):
+        notes.append(f"warning: {url} is not the dataset the run trained on (manifest digest differs)")
+    torch.manual_seed(seed)
+    total = manifest.splits[split].samples
+    report = _progress_printer(total)
+    try:
+        batches = eval_batches(manifest, url, split=split, rank=0, world_size=1, batch_size=batch_size,
+                               binarize=config.data.binarize, seed=config.train.seed)
+        metrics, count = evaluate_model(model, batches, split=split, importance_samples=importance_samples,
+                                        enumeration_limit=enumeration_limit, progress=report)
+    except DataError as err:
+        raise EvaluationError(f"reading {url}: {err}") from None
+    result = EvaluationResult(run_id, split, count, importance_samples, time.perf_counter() - started, metrics, notes)
+    if log:
+        tracking.log_evaluation(uri, run_id, metrics, step=run["last_step"],
+                                tags={f"eval.{split}.seconds": f"{result.seconds:.1f}", f"eval.{split}.seed": seed})
+    return result
+
+
+def _progress_printer(total: int) -> Callable[[int], None]:
+    """Progress on stderr about every 10% (importance sampling a 10k split takes minutes)."""
+    state = {"next": 0.1, "start": time.perf_counter()}
+
+    def report(done: int) -> None:
+        if total and done / total >= state["next"]:
+            elapsed = time.perf_counter() - state["start"]
+            print(f"  {done}/{total} samples, {elapsed:.0f} s", file=sys.stderr, flush=True)
+            state["next"] += 0.1
+
+    return report

@@ -19,6 +19,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Turn a dataset into WebDataset shards + manifest.json (any fsspec URL).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+from pipeline.bench import bench_app  # noqa: E402 - `pipeline bench ...` (one module per bench)
+
+app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 
 Overrides = Annotated[
@@ -82,6 +85,31 @@ def data_binarized_mnist(
         _write(load_binarized_mnist_splits(source), out, f"binarized_mnist:{source}", samples_per_shard)
     except DataError as err:
         _fail(str(err))
+
+
+
+@data_app.command("deformed-mnist")
+def data_deformed_mnist(
+    source: Annotated[str, typer.Option("--source", help="Directory or URL with the four MNIST idx .gz files")],
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Train samples to generate (any number)")],
+    out: OutUrl = "data/deformed-mnist",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel generator processes")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Deformations are a function of (seed, index)")] = 0,
+    samples_per_shard: ShardSize = 5000,
+) -> None:
+    """MNIST digits under random elastic + affine deformations (InfiMNIST-style), N train samples; val/test
+    are MNIST's own, untouched. Streams (flat memory), runs in parallel, resumes: a re-run skips finished shards."""
+    from pipeline.data import DataError
+    from pipeline.data.deformed import generate_deformed_mnist
+
+    try:
+        splits, reused = generate_deformed_mnist(source, out, samples, seed=seed, samples_per_shard=samples_per_shard,
+                                                 workers=workers, progress=True)
+    except DataError as err:
+        _fail(str(err))
+    shards = sum(len(info.shards) for info in splits.values())
+    counts = ", ".join(f"{name} {info.samples}" for name, info in splits.items())
+    console.print(f"wrote {shards - reused} shards, reused {reused} finished ({counts}) + manifest.json to {out}")
 
 
 def _load(config_path: str, overrides: list[str] | None):

@@ -1,0 +1,13 @@
+"""`pipeline bench ...`: measurements that back the project's claims (memory, throughput).
+
+Each bench lives in its own module and registers its command on `bench_app`; add a module
+and one import line below to add a bench.
+"""
+
+from __future__ import annotations
+
+import typer
+
+bench_app = typer.Typer(help="Measure the pipeline: memory (peak RSS vs data size), ...", no_args_is_help=True)
+
+from pipeline.bench import memory as _memory  # noqa: E402,F401 - registers `bench memory`

@@ -1,0 +1,238 @@
+"""Deformed MNIST of any size (the InfiMNIST / MNIST-8M recipe), written as shards while streaming.
+
+Train sample ``i`` is MNIST training digit ``i mod 50,000`` under a random elastic deformation
+(Simard et al., 2003: a smoothed random displacement field) composed with a random affine map
+(rotation, scale, shear, shift), drawn from ``numpy.random.default_rng([seed, i])``: every output
+is a pure function of (source data, seed, index, deformation parameters), labelled with its
+source digit. The val and test splits are MNIST's own, untouched (the last 10,000 training
+images and t10k), so validation and test numbers stay comparable with plain MNIST runs.
+
+Writing:
+- memory is bounded by the source (55 MB) plus one sample per process, whatever N;
+- shards are independent jobs spread over ``workers`` processes;
+- each finished shard gets a small record in ``OUT/_progress/``; a re-run with the same
+  recipe (seed, parameters, shard size, source) reuses every recorded shard whose file is
+  intact, so an interrupted run resumes, and growing N only writes the new shards;
+- ``manifest.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import fsspec
+import numpy as np
+from scipy.ndimage import gaussian_filter, map_coordinates
+
+from pipeline.data.errors import DataError
+from pipeline.data.shards import ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, write_shard
+from pipeline.data.sources import Split, load_mnist_splits
+
+RECIPE_VERSION = "deformed-mnist/1"
+PROGRESS_DIR = "_progress"
+
+
+@dataclass(frozen=True)
+class Deformation:
+    """Strength of the random transforms (28 x 28 MNIST pixels)."""
+
+    elastic_alpha: float = 34.0  # Simard et al.'s scale of the smoothed displacement field
+    elastic_sigma: float = 4.0  # smoothing of the field, pixels (larger = smoother, gentler)
+    max_rotation_deg: float = 12.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    max_shear: float = 0.15  # horizontal shear factor
+    max_shift_px: float = 2.0
+
+
+def deform(image: np.ndarray, rng: np.random.Generator, params: Deformation = Deformation()) -> np.ndarray:
+    """One random elastic + affine deformation of a uint8 H x W image (bilinear, zero fill)."""
+    h, w = image.shape
+    # Elastic: uniform noise in [-1, 1] smoothed by a Gaussian, times alpha (Simard et al., 2003).
+    field = gaussian_filter(rng.uniform(-1, 1, size=(2, h, w)), sigma=(0, params.elastic_sigma, params.elastic_sigma)) * params.elastic_alpha
+    angle = np.deg2rad(rng.uniform(-params.max_rotation_deg, params.max_rotation_deg))
+    scale = rng.uniform(*params.scale_range)
+    shear = rng.uniform(-params.max_shear, params.max_shear)
+    shift = rng.uniform(-params.max_shift_px, params.max_shift_px, size=2)
+    # Inverse map: for each output pixel, where in the source to sample.
+    cos, sin = np.cos(angle), np.sin(angle)
+    inverse = np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, 0.0], [shear, 1.0]]) / scale
+    centre = np.array([(h - 1) / 2, (w - 1) / 2])
+    grid = np.mgrid[0:h, 0:w].reshape(2, -1) - centre[:, None]
+    coords = inverse @ grid + centre[:, None] - shift[:, None] + field.reshape(2, -1)
+    out = map_coordinates(image.astype(np.float32), coords, order=1, mode="constant", cval=0.0)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(h, w)
+
+
+def deformed_sample(source: Split, seed: int, index: int, params: Deformation = Deformation()) -> tuple[np.ndarray, int]:
+    """Train sample ``index``: (deformed image, label of its source digit)."""
+    rng = np.random.default_rng([int(seed) % 2**63, int(index)])
+    src = index % len(source)
+    return deform(source.images[src], rng, params), int(source.labels[src])
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    number: int
+    first: int  # sample index range [first, last) within the split
+    last: int
+    deformed: bool
+
+    @property
+    def path(self) -> str:
+        return f"{self.split}-{self.number:05d}.tar"
+
+
+def plan_jobs(samples: int, samples_per_shard: int, splits: dict[str, Split]) -> list[ShardJob]:
+    jobs = [ShardJob("train", n, first, min(first + samples_per_shard, samples), True)
+            for n, first in enumerate(range(0, samples, samples_per_shard))]
+    for name in ("val", "test"):
+        size = len(splits[name])
+        jobs += [ShardJob(name, n, first, min(first + samples_per_shard, size), False)
+                 for n, first in enumerate(range(0, size, samples_per_shard))]
+    return jobs
+
+
+def _job_samples(job: ShardJob, splits: dict[str, Split], seed: int, params: Deformation) -> Iterator[tuple[str, np.ndarray, int]]:
+    for index in range(job.first, job.last):
+        if job.deformed:
+            image, label = deformed_sample(splits["train"], seed, index, params)
+        else:
+            image, label = splits[job.split].images[index], int(splits[job.split].labels[index])
+        yield f"{job.split}-{index:09d}", image, label
+
+
+def _run_job(job: ShardJob, out_url: str, recipe: str, splits: dict[str, Split], seed: int, params: Deformation) -> ShardInfo:
+    fs, root = fsspec.core.url_to_fs(out_url)
+    root = root.rstrip("/")
+    count, size, sha256 = write_shard(fs, f"{root}/{job.path}", _job_samples(job, splits, seed, params))
+    info = ShardInfo(path=job.path, samples=count, bytes=size, sha256=sha256)
+    # The record is written after the shard is complete: it is what makes a shard "finished".
+    fs.pipe_file(f"{root}/{PROGRESS_DIR}/{job.path}.json", json.dumps({"recipe": recipe, "shard": info.model_dump()}).encode())
+    return info
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(source: str, seed: int, params: Deformation) -> None:
+    _WORKER.update(splits=load_mnist_splits(source), seed=seed, params=params)
+
+
+def _run_job_in_worker(job: ShardJob, out_url: str, recipe: str) -> ShardInfo:
+    return _run_job(job, out_url, recipe, _WORKER["splits"], _WORKER["seed"], _WORKER["params"])
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+
+def recipe_digest(splits: dict[str, Split], seed: int, samples_per_shard: int, params: Deformation) -> str:
+    """What a shard's bytes depend on (besides its index range): a finished shard is reusable iff this matches."""
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        digest.update(name.encode())
+        digest.update(splits[name].images.tobytes())
+        digest.update(splits[name].labels.tobytes())
+    recipe = {"version": RECIPE_VERSION, "seed": seed, "samples_per_shard": samples_per_shard,
+              "params": asdict(params), "source": digest.hexdigest()}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def _finished(fs: fsspec.AbstractFileSystem, root: str, job: ShardJob, recipe: str) -> ShardInfo | None:
+    try:
+        record = json.loads(fs.cat_file(f"{root}/{PROGRESS_DIR}/{job.path}.json"))
+        info = ShardInfo.model_validate(record["shard"])
+        intact = fs.size(f"{root}/{job.path}") == info.bytes
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if record.get("recipe") != recipe or info.samples != job.last - job.first or not intact:
+        return None
+    return info
+
+
+def generate_deformed_mnist(
+    source: str,
+    out_url: str,
+    samples: int,
+    *,
+    seed: int = 0,
+    samples_per_shard: int = 5000,
+    workers: int = 1,
+    params: Deformation = Deformation(),
+    progress: bool = True,
+    source_splits: dict[str, Split] | None = None,
+    on_shard_done: Callable[[ShardInfo], None] | None = None,
+) -> tuple[dict[str, SplitInfo], int]:
+    """Write deformed-MNIST (train: ``samples`` deformed digits; val/test: MNIST's) to ``out_url``.
+
+    Returns (split infos, number of shards reused from an earlier run). ``source_splits``
+    (in-process runs only) skips reading ``source``; ``on_shard_done`` is called in this
+    process after each shard is recorded (tests use it to interrupt a run).
+    """
+    if samples < 1 or samples_per_shard < 1 or workers < 1:
+        raise DataError(f"samples ({samples}), samples_per_shard ({samples_per_shard}) and workers ({workers}) must be >= 1")
+    splits = source_splits or load_mnist_splits(source)
+    recipe = recipe_digest(splits, seed, samples_per_shard, params)
+    fs, root, stale = begin_dataset(out_url)
+    fs.makedirs(f"{root}/{PROGRESS_DIR}", exist_ok=True)
+    jobs = plan_jobs(samples, samples_per_shard, splits)
+    done: dict[ShardJob, ShardInfo] = {}
+    for job in jobs:
+        info = _finished(fs, root, job, recipe)
+        if info is not None:
+            done[job] = info
+    reused = len(done)
+    todo = [job for job in jobs if job not in done]
+
+    with _progress_bar(progress, total=sum(j.last - j.first for j in jobs)) as advance:
+        advance(sum(j.last - j.first for j in done))
+
+        def finished(job: ShardJob, info: ShardInfo) -> None:
+            done[job] = info
+            advance(info.samples)
+            if on_shard_done:
+                on_shard_done(info)
+
+        if workers == 1 or len(todo) <= 1:
+            for job in todo:
+                finished(job, _run_job(job, out_url, recipe, splits, seed, params))
+        else:
+            _run_in_pool(todo, out_url, recipe, source, seed, params, workers, finished)
+
+    split_infos = {}
+    for name in ("train", "val", "test"):
+        shards = [done[job] for job in jobs if job.split == name]
+        split_infos[name] = SplitInfo(samples=sum(s.samples for s in shards), shards=shards)
+    finish_dataset(fs, root, stale, source=f"deformed-mnist:{source} seed={seed} n={samples}",
+                   image_shape=splits["train"].images.shape[1:], split_infos=split_infos)
+    return split_infos, reused
+
+
+def _run_in_pool(todo: list[ShardJob], out_url: str, recipe: str, source: str, seed: int, params: Deformation,
+                 workers: int, finished: Callable[[ShardJob, ShardInfo], None]) -> None:
+    # spawn, not fork: the parent may hold fsspec/s3fs event-loop threads that a fork would copy broken.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                             initargs=(source, seed, params)) as pool:
+        pending = {}
+        queue = iter(todo)
+        # At most 2 jobs per worker in flight: results arrive in order of completion, memory stays flat.
+        for job in queue:
+            pending[pool.submit(_run_job_in_worker, job, out_url, recipe)] = job
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            complete, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in complete:
+                finished(pending.pop(future), future.result())
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending[pool.submit(_run_job_in_worker, nxt, out_url, recipe)] = nxt

@@ -123,22 +123,48 @@ def _load(config_path: str, overrides: list[str] | None):
 
 @app.command()
 def train(
-    config: Annotated[str, typer.Argument(help="YAML config, e.g. configs/digits-categorical.yaml")],
+    config: Annotated[
+        Optional[str], typer.Argument(help="YAML config, e.g. configs/digits-categorical.yaml (optional with --resume)")
+    ] = None,
     override: Overrides = None,
     address: Annotated[
         Optional[str], typer.Option("--address", help="Ray cluster to use (default $RAY_ADDRESS, else a local cluster)")
     ] = None,
+    resume: Annotated[
+        Optional[str],
+        typer.Option("--resume", help="Continue this MLflow run (id or name) from its latest checkpoint, "
+                     "with the config it logged (plus -o overrides, e.g. train.workers)"),
+    ] = None,
+    trigger: Annotated[str, typer.Option("--trigger", help="Tag the run with what started it: manual, cron, new-data")] = "manual",
+    warm_start: Annotated[
+        bool, typer.Option("--warm-start", help="Start from the weights of the registered 'champion' (when compatible)")
+    ] = False,
 ) -> None:
     """Train a VAE with Ray Train (DDP) and track it in MLflow; prints the run id and final val -ELBO."""
-    from pipeline.train.trainer import TrainingError, train as run_training
+    from pipeline.config import ConfigError
+    from pipeline.train.trainer import TrainingError, resume_config, train as run_training
 
-    cfg = _load(config, override)
+    if config is None and resume is None:
+        _fail("give a CONFIG file, or --resume RUN_ID_OR_NAME", code=2)
     try:
-        result = run_training(cfg, address=address)
+        if resume:
+            cfg, run_id = resume_config(resume, config_path=config, overrides=override or [])
+        else:
+            cfg, run_id = _load(config, override), None
+        if run_id is None:  # a new run: readable name, optional warm start (pipeline/ops/retrain.py)
+            from pipeline.ops.retrain import prepare_run
+
+            cfg = prepare_run(cfg, warm_start=warm_start)
+        result = run_training(cfg, address=address, resume_run_id=run_id, trigger=trigger)
+    except ConfigError as err:
+        _fail(str(err), code=2)
     except TrainingError as err:
         _fail(str(err))
     print(f"run_id: {result.run_id}")
     print(f"val/loss (-ELBO): {result.val_loss:.4f} after {result.epochs} epochs, {result.steps} steps, {result.seconds:.0f} s")
+    from pipeline.ops.retrain import after_training
+
+    after_training(cfg, result)  # register the model; move 'champion' only to a better one
     store = result.tracking_uri
     hint = "pipeline ui" if store.startswith("sqlite:") else f"open {store}"
     print(f"view it: {hint}  (then open http://127.0.0.1:5000 -> experiment '{cfg.tracking.experiment}')")
@@ -160,6 +186,18 @@ def ui(
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", host,
            "--port", str(port), "--workers", "1"]
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+
+
+@app.command("replay-metrics")
+def replay_metrics(
+    path: Annotated[str, typer.Argument(help="mlflow-pending-<run_id>.jsonl written when MLflow was unreachable")],
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="Deliver to this store instead")] = None,
+) -> None:
+    """Deliver metrics a run could not deliver to MLflow while it trained."""
+    from pipeline.train.tracking import replay_metrics as replay
+
+    count = replay(path, tracking_uri)
+    console.print(f"delivered {count} metric values from {path}")
 
 
 @app.command()
@@ -201,6 +239,11 @@ def show_config(config: str, override: Overrides = None) -> None:
     from pipeline.train.tracking import config_yaml
 
     print(config_yaml(_load(config, override)), end="")
+
+
+from pipeline.ops.commands import register as _register_ops_commands  # noqa: E402
+
+_register_ops_commands(app)  # submit, jobs list|logs|stop, schedule, promote, compare (pipeline/ops/)
 
 
 def main() -> None:

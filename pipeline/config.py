@@ -41,11 +41,6 @@ class DataConfig(_Section):
         description="Fixed split of each epoch's sample order into P streams (default: train.workers). The samples of "
         "every global batch depend on P, not on the worker count: resuming on W workers needs W to divide P",
     )
-    partitions: int | None = Field(
-        None, ge=1,
-        description="Fixed split of each epoch's sample order into P streams (default: train.workers). The samples of "
-        "every global batch depend on P, not on the worker count: resuming on W workers needs W to divide P",
-    )
 
 
 class LatentConfig(_Section):
@@ -100,12 +95,14 @@ class TrainConfig(_Section):
     seed: int = 0
     log_every: int = Field(20, ge=1, description="Log train/* metrics every this many steps")
     storage: str | None = Field(None, description="Ray Train storage_path for checkpoints (default: ./ray_results)")
+    init_from: str | None = Field(None, description="Warm start: initial weights from a logged model (models:/NAME/VERSION, runs:/ID/model)")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited)")
     checkpoint_every_steps: int = Field(0, ge=0, description="Also checkpoint every this many steps (0: epoch ends only)")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage (the newest)")
     on_nonfinite: Literal["stop", "skip_batch"] = Field(
         "stop", description="NaN/inf loss or gradient: stop (run FAILED) or skip that batch's update (counted)"
     )
+    debug_nan_step: int | None = Field(None, ge=0, description="Testing aid: make the batch of this step NaN")
     sample_log: str | None = Field(
         None, description="Testing aid: a directory where each rank appends the keys of every batch it trained on"
     )
@@ -129,7 +126,9 @@ class TrackingConfig(_Section):
     uri: str | None = Field(
         None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd"
     )
-    run_name: str | None = None
+    run_name: str | None = Field(None, description="MLflow run name; default <dataset>-<latent>-<UTC time>")
+    register_model: bool = Field(True, description="Register the model and decide on the 'champion' alias after training")
+    registered_model: str | None = Field(None, description="Model Registry name; default: the experiment name")
 
 
 class RunConfig(_Section):

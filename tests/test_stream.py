@@ -96,14 +96,14 @@ def test_every_rank_runs_the_same_number_of_steps(tmp_path: Path, batch_per_rank
     for epoch in range(3):
         per_rank = [run_epoch(manifest, url, epoch=epoch, rank=r, world_size=2, batch_per_rank=batch_per_rank) for r in range(2)]
         assert [len(batches) for batches in per_rank] == [steps, steps]
-        assert all(x.shape == (batch_per_rank, 16) and y.shape == (batch_per_rank,) for b in per_rank for x, y in b)
-        labels = [int(v) for batches in per_rank for _, y in batches for v in y]
+        assert all(x.shape == (batch_per_rank, 16) and y.shape == (batch_per_rank,) for b in per_rank for x, y, _ in b)
+        labels = [int(v) for batches in per_rank for _, y, _ in batches for v in y]
         assert len(labels) == len(set(labels)) == 2 * steps * batch_per_rank  # no sample twice in one epoch
 
 
 def test_shuffle_order_is_seeded_and_changes_by_epoch(tmp_path: Path) -> None:
     manifest, url = write_indexed_dataset(tmp_path, [40, 40])
-    labels = lambda **kw: [int(v) for _, y in run_epoch(manifest, url, **kw) for v in y]  # noqa: E731
+    labels = lambda **kw: [int(v) for _, y, _ in run_epoch(manifest, url, **kw) for v in y]  # noqa: E731
     assert labels(epoch=1) == labels(epoch=1)
     assert labels(epoch=1) != labels(epoch=2)
     # Without a buffer the stream is the whole shards, each in order, in the epoch's shard order.
@@ -121,15 +121,15 @@ def test_resumed_epoch_continues_with_identical_batches(tmp_path: Path) -> None:
 
 def test_binarization_modes(tmp_path: Path) -> None:
     manifest, url = write_indexed_dataset(tmp_path, [64])
-    grey = torch.cat([x for x, _ in run_epoch(manifest, url, shuffle_buffer=0)])
+    grey = torch.cat([x for x, _, _ in run_epoch(manifest, url, shuffle_buffer=0)])
     assert grey.dtype == torch.float32 and 0 <= grey.min() and grey.max() <= 1 and len(grey.unique()) > 2
 
-    dynamic = [torch.cat([x for x, _ in run_epoch(manifest, url, epoch=e, shuffle_buffer=0, binarize="dynamic")]) for e in (0, 1)]
+    dynamic = [torch.cat([x for x, _, _ in run_epoch(manifest, url, epoch=e, shuffle_buffer=0, binarize="dynamic")]) for e in (0, 1)]
     assert all(set(d.unique().tolist()) == {0.0, 1.0} for d in dynamic)
     assert not torch.equal(dynamic[0], dynamic[1])  # a fresh Bernoulli draw every epoch
     assert abs(dynamic[0].mean().item() - grey.mean().item()) < 0.05  # and an unbiased one
 
-    threshold = [torch.cat([x for x, _ in run_epoch(manifest, url, epoch=e, shuffle_buffer=0, binarize="threshold")]) for e in (0, 1)]
+    threshold = [torch.cat([x for x, _, _ in run_epoch(manifest, url, epoch=e, shuffle_buffer=0, binarize="threshold")]) for e in (0, 1)]
     assert torch.equal(threshold[0], threshold[1]) and torch.equal(threshold[0], (grey > 0.5).float())
 
     evals = [torch.cat([x for x, _ in eval_batches(manifest, url, split="train", rank=0, world_size=1, batch_size=10,
@@ -286,3 +286,61 @@ def test_verify_covers_whole_shard_when_a_rank_reads_part_of_it(tmp_path: Path) 
     with pytest.raises(ShardError, match="sha256 mismatch: manifest expects 0{64}"):
         list(read_shard(manifest, url, bad, start=10, stop=15, verify=True))
     assert len(list(read_shard(manifest, url, bad, start=10, stop=15))) == 5  # without verify, no hashing
+
+
+def _global_batches(manifest: Manifest, url: str, world_size: int, partitions: int, **kw: Any) -> list[list[str]]:
+    """Keys of each global batch: the ranks' batches concatenated in rank order."""
+    args = dict(epoch=2, seed=11, shuffle_buffer=9, binarize="none", partitions=partitions) | kw
+    per_rank = [list(train_batches(manifest, url, rank=r, world_size=world_size,
+                                   batch_per_rank=12 // world_size, **args)) for r in range(world_size)]
+    return [sum((per_rank[r][t].keys for r in range(world_size)), []) for t in range(len(per_rank[0]))]
+
+
+def test_global_batches_do_not_depend_on_the_number_of_workers(tmp_path: Path) -> None:
+    manifest, url = write_indexed_dataset(tmp_path, [7, 50, 13, 31])
+    reference = _global_batches(manifest, url, world_size=1, partitions=6)
+    assert len(reference) == steps_per_epoch(101, 6, 2) == 8
+    for world_size in (2, 3, 6):
+        assert _global_batches(manifest, url, world_size=world_size, partitions=6) == reference
+    keys = sum(reference, [])
+    assert len(keys) == len(set(keys))  # nothing twice in an epoch
+    # the same data in another order next epoch
+    assert _global_batches(manifest, url, world_size=2, partitions=6, epoch=3) != reference
+
+
+def test_binarized_pixels_do_not_depend_on_the_number_of_workers(tmp_path: Path) -> None:
+    manifest, url = write_indexed_dataset(tmp_path, [40, 40])
+    def pixels(world_size: int) -> torch.Tensor:
+        per_rank = [list(train_batches(manifest, url, epoch=0, seed=3, rank=r, world_size=world_size,
+                                       batch_per_rank=8 // world_size, shuffle_buffer=5, binarize="dynamic",
+                                       partitions=4)) for r in range(world_size)]
+        return torch.cat([torch.cat([per_rank[r][t].x for r in range(world_size)]) for t in range(len(per_rank[0]))])
+    assert torch.equal(pixels(1), pixels(2)) and torch.equal(pixels(2), pixels(4))
+
+
+@pytest.mark.parametrize("start_step", [1, 3, 5, 7])
+def test_resume_mid_epoch_continues_with_the_next_sample(tmp_path: Path, start_step: int) -> None:
+    manifest, url = write_indexed_dataset(tmp_path, [7, 50, 13, 31])
+    full = _global_batches(manifest, url, world_size=2, partitions=2)
+    # checkpointed on 2 workers, resumed on 1 (and the reverse): the same remaining batches
+    assert _global_batches(manifest, url, world_size=1, partitions=2, start_step=start_step) == full[start_step:]
+    assert _global_batches(manifest, url, world_size=2, partitions=2, start_step=start_step) == full[start_step:]
+
+
+def test_resume_skips_whole_shards_without_reading_them(tmp_path: Path) -> None:
+    manifest, url = write_indexed_dataset(tmp_path, [20, 20, 20, 20])
+    full = _global_batches(manifest, url, world_size=1, partitions=1, shuffle_buffer=10)
+    # the shard read first this epoch: once resumed past it, deleting it must not matter
+    order = rank_assignment(manifest.splits["train"].shards, epoch=2, seed=11, world_size=1, rank=0)
+    first = manifest.splits["train"].shards[order[0][0]]
+    assert order[0][1:] == (0, 20)  # 24 samples skipped = the whole first shard + part of the next block
+    (Path(url) / first.path).unlink()
+    resumed = _global_batches(manifest, url, world_size=1, partitions=1, shuffle_buffer=10, start_step=2)
+    assert resumed == full[2:]
+
+
+def test_partitions_must_divide_among_workers(tmp_path: Path) -> None:
+    manifest, url = write_indexed_dataset(tmp_path, [20, 20])
+    with pytest.raises(DataError, match="data.partitions=3"):
+        list(train_batches(manifest, url, epoch=0, seed=0, rank=0, world_size=2, batch_per_rank=6,
+                           shuffle_buffer=0, binarize="none", partitions=3))

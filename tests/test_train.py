@@ -123,7 +123,8 @@ def test_corrupt_shard_fails_naming_the_shard(ray_cluster, tmp_path, tracking_ur
     manifest = read_manifest(dataset)
     victim = Path(dataset) / manifest.splits["train"].shards[1].path
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
-    config = _config(dataset, tracking_uri, tmp_path, "train.epochs=1", "train.batch_size=10")
+    # max_failures=0: a corrupt shard fails every retry the same way (retries are for transient errors)
+    config = _config(dataset, tracking_uri, tmp_path, "train.epochs=1", "train.batch_size=10", "train.max_failures=0")
     with pytest.raises(TrainingError) as err:
         train(config)
     assert victim.name in str(err.value)

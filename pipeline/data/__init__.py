@@ -25,6 +25,8 @@ _EXPORTS = {
     "steps_per_epoch": "stream",
     "read_shard": "reader",
     "train_batches": "stream",
+    "TrainBatch": "stream",
+    "partitions_of_rank": "stream",
     "eval_batches": "stream",
 }
 __all__ = sorted(_EXPORTS)
@@ -35,7 +37,9 @@ if TYPE_CHECKING:
     from pipeline.data.sources import Split, load_digits_splits, load_mnist_splits
     from pipeline.data.binarized import load_binarized_mnist_splits
     from pipeline.data.reader import read_shard
-    from pipeline.data.stream import eval_batches, rank_assignment, steps_per_epoch, train_batches
+    from pipeline.data.stream import (
+        TrainBatch, eval_batches, partitions_of_rank, rank_assignment, steps_per_epoch, train_batches,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -1,20 +1,29 @@
 """Streaming shards inside one DDP rank: which samples, in what order, decoded how.
 
-Assignment: each epoch the shards are permuted by (seed, epoch); the permuted shards,
-concatenated, form one sequence of N samples, and rank r reads the contiguous range
-[r*N//W, (r+1)*N//W) of it, so each rank reads ~1/W of the bytes (partial shards at the
-edges) and every sample is seen exactly once per epoch.
+Order (training). Each epoch the shards are permuted by (seed, epoch) and, concatenated,
+form one sequence of N samples, cut into P contiguous *partitions* (``data.partitions``,
+a constant of the run, not of the cluster). Partition v is read in blocks of
+``shuffle_buffer`` samples, each block permuted by (seed, epoch, v, block). Global batch t
+is the concatenation over v = 0..P-1 of samples [t*b, (t+1)*b) of partition v's stream
+(b = global batch / P). Rank r of W serves partitions r*P/W .. (r+1)*P/W - 1, so:
 
-Lockstep: every rank yields exactly ``steps_per_epoch`` batches, dropping at most
-``batch_per_rank`` leftover samples, so DDP's collective calls never wait on a rank
-that has run out of data.
+- the samples of every global batch are a pure function of (seed, epoch, P): the same on
+  1, 2 or any W dividing P (a run checkpointed on 2 workers resumes on 1 exactly);
+- each rank reads ~1/W of the bytes, contiguous shard ranges (partial shards at edges);
+- a run resumed at step t skips t*b samples per partition without decoding them
+  (whole shards by their manifest counts, whole blocks by their sizes).
+
+Lockstep: every rank yields exactly ``steps_per_epoch`` batches, dropping at most one
+batch's worth of leftover samples per partition, so DDP's collective calls never wait
+on a rank that has run out of data.
 
 Reading and safe decoding of one shard live in reader.py.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Literal, Sequence
+import itertools
+from typing import Iterable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -81,21 +90,41 @@ def _read_pieces(
         yield from read_shard(manifest, dataset_url, shards[index], start=start, stop=stop, verify=verify)
 
 
-def _shuffled(samples: Iterator[Any], buffer_size: int, rng: np.random.Generator) -> Iterator[Any]:
-    """Shuffle-buffer: hold ``buffer_size`` samples, emit a random one as each new one arrives."""
-    if buffer_size <= 1:
-        yield from samples
-        return
-    buffer: list[Any] = []
-    for sample in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(sample)
+def _skip_pieces(pieces: list[Piece], count: int) -> list[Piece]:
+    """The pieces left after the first ``count`` samples: whole shards drop out by their counts."""
+    left = []
+    for index, start, stop in pieces:
+        size = stop - start
+        if count >= size:
+            count -= size
             continue
-        slot = int(rng.integers(buffer_size))
-        yield buffer[slot]
-        buffer[slot] = sample
-    for slot in rng.permutation(len(buffer)):
-        yield buffer[slot]
+        left.append((index, start + count, stop))
+        count = 0
+    return left
+
+
+def _partition_stream(
+    manifest: Manifest, dataset_url: str, shards: list[ShardInfo], pieces: list[Piece], *,
+    block: int, rng_parts: tuple[int, ...], start: int, verify: bool,
+) -> Iterator[tuple[str, np.ndarray, int]]:
+    """One partition's samples in block-shuffled order, from position ``start`` on.
+
+    Blocks of ``block`` consecutive samples are each permuted by rng_parts + (block index,):
+    position p's sample is known without reading earlier blocks, so resuming skips them.
+    """
+    block = max(block, 1)
+    first_block = start // block
+    samples = _read_pieces(manifest, dataset_url, shards, _skip_pieces(pieces, first_block * block), verify)
+    skip_in_block = start - first_block * block
+    for number in itertools.count(first_block):
+        chunk = list(itertools.islice(samples, block))
+        if not chunk:
+            return
+        order = (np.random.default_rng(_entropy(*rng_parts, number, _SHUFFLE)).permutation(len(chunk))
+                 if block > 1 else range(len(chunk)))
+        for position in order[skip_in_block:]:
+            yield chunk[position]
+        skip_in_block = 0
 
 
 def _batches(samples: Iterator[tuple[str, np.ndarray, int]], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -130,6 +159,25 @@ def _split_shards(manifest: Manifest, split: str) -> list[ShardInfo]:
     return manifest.splits[split].shards
 
 
+class TrainBatch(NamedTuple):
+    x: torch.Tensor  # float32 [B, H*W] in [0, 1]
+    labels: torch.Tensor  # int64 [B]
+    keys: list[str]  # sample keys, in batch order (to record what was trained on)
+
+
+def partitions_of_rank(partitions: int, world_size: int, rank: int) -> range:
+    """The partitions rank ``rank`` serves; W must divide P so every rank serves as many."""
+    if partitions < 1 or partitions % world_size:
+        raise DataError(
+            f"data.partitions={partitions} must be a positive multiple of the number of workers ({world_size}); "
+            "choose partitions divisible by every worker count you may resume with"
+        )
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in a world of size {world_size}")
+    per_rank = partitions // world_size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
 def train_batches(
     manifest: Manifest,
     dataset_url: str,
@@ -144,33 +192,48 @@ def train_batches(
     binarize: Binarize,
     verify: bool = False,
     start_step: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Exactly ``steps_per_epoch`` batches (x float32 [B, H*W] in [0, 1], labels int64 [B]) on every rank.
+    partitions: int | None = None,
+) -> Iterator[TrainBatch]:
+    """Exactly ``steps_per_epoch`` batches on every rank, from ``start_step`` on.
 
-    The order is a function of (seed, epoch, world_size, rank). ``start_step`` skips that many
-    batches (read, not converted) so a run resumed mid-epoch continues where it stopped.
-    Iterate to exhaustion: the final ``next`` reads the (< 1 batch) remainder, so the
-    truncation and sha256 checks cover every shard this rank touched.
+    ``partitions`` defaults to ``world_size``. The batch of rank r at step t is its
+    partitions' chunks of global batch t, in partition order; dynamic binarization is
+    seeded per (seed, epoch, partition, step), so it too is independent of W. Iterate to
+    exhaustion: the final ``next`` reads the leftover samples, so the truncation and
+    sha256 checks cover every shard this rank touched.
     """
+    partitions = partitions or world_size
+    mine = partitions_of_rank(partitions, world_size, rank)
+    if batch_per_rank % len(mine):
+        raise DataError(f"batch per rank {batch_per_rank} must split evenly over this rank's {len(mine)} partitions")
+    per_partition = batch_per_rank // len(mine)
     shards = _split_shards(manifest, split)
-    steps = steps_per_epoch(sum(s.samples for s in shards), world_size, batch_per_rank)
+    steps = steps_per_epoch(sum(s.samples for s in shards), partitions, per_partition)
     if not 0 <= start_step <= steps:
         raise DataError(f"start_step {start_step} is outside this epoch's {steps} steps")
-    pieces = rank_assignment(shards, epoch=epoch, seed=seed, world_size=world_size, rank=rank)
-    samples = _shuffled(
-        _read_pieces(manifest, dataset_url, shards, pieces, verify),
-        shuffle_buffer,
-        np.random.default_rng(_entropy(seed, epoch, rank, _SHUFFLE)),
-    )
-    batches = _batches(samples, batch_per_rank)
-    for step in range(steps):
-        images, labels = next(batches, (None, None))
-        if images is None or len(images) < batch_per_rank:
-            raise DataError(f"rank {rank} ran out of {split} samples at step {step} of {steps}: manifest counts are wrong")
-        if step >= start_step:
-            yield _to_tensors(images, labels, binarize, _torch_seed(seed, epoch, rank, step, _BINARIZE))
-    for _ in samples:  # read the (< 1 batch) remainder too: its shard's truncation and sha256 checks run
-        pass
+    streams = [
+        _partition_stream(
+            manifest, dataset_url, shards, rank_assignment(shards, epoch=epoch, seed=seed, world_size=partitions, rank=v),
+            block=shuffle_buffer, rng_parts=(seed, epoch, v), start=start_step * per_partition, verify=verify,
+        )
+        for v in mine
+    ]
+    for step in range(start_step, steps):
+        xs, labels, keys = [], [], []
+        for v, stream in zip(mine, streams):
+            chunk = list(itertools.islice(stream, per_partition))
+            if len(chunk) < per_partition:
+                raise DataError(f"partition {v} ran out of {split} samples at step {step} of {steps}: "
+                                "manifest counts are wrong")
+            x, y = _to_tensors(np.stack([c[1] for c in chunk]), np.asarray([c[2] for c in chunk], dtype=np.int64),
+                               binarize, _torch_seed(seed, epoch, v, step, _BINARIZE))
+            xs.append(x)
+            labels.append(y)
+            keys.extend(c[0] for c in chunk)
+        yield TrainBatch(torch.cat(xs), torch.cat(labels), keys)
+    for stream in streams:  # read the leftovers too: their shards' truncation and sha256 checks run
+        for _ in stream:
+            pass
 
 
 def eval_batches(

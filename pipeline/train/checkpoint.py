@@ -18,15 +18,22 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     step: int,
     epoch: int,
+    step_in_epoch: int,
+    partitions: int,
     config: dict[str, Any],
 ) -> Path:
-    """Write the checkpoint; `epoch` is the number of epochs completed."""
+    """Write the checkpoint: training resumes at step `step_in_epoch` of epoch `epoch` (0-based).
+
+    `partitions` fixes the sample order (see data/stream.py), so it travels with the weights.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "partitions": partitions,
         "config": config,
         "rng": {
             "torch": torch.get_rng_state(),

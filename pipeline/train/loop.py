@@ -1,13 +1,17 @@
 """The per-worker training loop: DDP minibatch SGD on the -ELBO, run by every Ray Train rank.
 
-Read top to bottom: setup, resume, then per epoch a fixed number of steps (the same on
-every rank, from the manifest), validation from all-reduced sums, a checkpoint report.
-Only rank 0 (`is_master`) talks to MLflow and writes checkpoints.
+Read top to bottom: setup, resume from the latest checkpoint (model, optimizer, RNG and
+the exact position in the epoch), then per epoch a fixed number of steps (the same on
+every rank, from the manifest), checkpoints every `checkpoint_every_steps` and at the
+epoch's end, validation from all-reduced sums. Only rank 0 (`is_master`) talks to MLflow
+and writes checkpoints.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +28,7 @@ from pipeline.config import RunConfig
 from pipeline.data import read_manifest, steps_per_epoch, train_batches
 from pipeline.models import build_vae, temperature_at
 from pipeline.train.checkpoint import load_checkpoint, restore_rng, save_checkpoint
-from pipeline.train.tracking import RunLogger
+from pipeline.train.tracking import RunLogger, count_restart
 from pipeline.train.validate import evaluate_split
 
 
@@ -47,6 +51,17 @@ class WorkerArgs:
     dataset_url: str  # absolute, so workers need not share the driver's cwd
     tracking_uri: str
     run_id: str
+    resumed_run: bool = False  # the driver resumed an existing run (`pipeline train --resume`)
+    fallback_dir: str | None = None  # where undeliverable metrics are written
+
+
+@dataclass
+class Position:
+    """Where training stands: `step` is global; `epoch`, `step_in_epoch` say what comes next."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
 
 
 def _quiet_ray_reports() -> None:
@@ -68,56 +83,79 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
 
     manifest = read_manifest(args.dataset_url)
-    input_dim = int(np.prod(manifest.image_shape))
-    model = build_vae(cfg.model, input_dim)
+    model = build_vae(cfg.model, int(np.prod(manifest.image_shape)))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    latent = cfg.model.latent
-    batch = cfg.train.batch_per_worker
-    steps = steps_per_epoch(manifest.splits["train"].samples, world_size, batch)
-
-    step, start_epoch = 0, 0
+    position, partitions = Position(), cfg.partitions
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restarted worker group continues from the last reported checkpoint
+    if checkpoint:  # a restarted worker group (or a resumed driver) continues from the last checkpoint
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state)
-        step, start_epoch = state["step"], state["epoch"]
+        position = Position(state["step"], state["epoch"], state["step_in_epoch"])
+        partitions = state["partitions"]  # the sample order is defined by it: never changes mid-run
 
+    global_batch = cfg.train.batch_size
+    steps = steps_per_epoch(manifest.splits["train"].samples, partitions, global_batch // partitions)
     ddp_model = ray.train.torch.prepare_model(model)  # moves to this rank's device, wraps in DDP
     device = ray.train.torch.get_device()
-    logger = RunLogger(args.tracking_uri, args.run_id) if is_master else None
+    logger = None
     if is_master:
-        print(f"[rank 0] {world_size} workers x batch {batch}, {steps} steps/epoch, epochs {start_epoch + 1}..{cfg.train.epochs}")
+        logger = RunLogger(args.tracking_uri, args.run_id, resumed=bool(checkpoint) or args.resumed_run,
+                           fallback_dir=args.fallback_dir)
+        if checkpoint and not args.resumed_run:
+            count_restart(args.tracking_uri, args.run_id, f"worker group restarted at step {position.step}")
+        print(f"[rank 0] {world_size} workers x batch {global_batch // world_size}, {steps} steps/epoch, "
+              f"from epoch {position.epoch + 1} step {position.step_in_epoch}")
+    recorder = _SampleRecorder(cfg.train.sample_log, rank) if cfg.train.sample_log else None
+    latent, skipped_nonfinite = cfg.model.latent, 0
 
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(position.epoch, cfg.train.epochs):
         ddp_model.train()
         window = _Window()
         batches = train_batches(
             manifest, args.dataset_url, epoch=epoch, seed=cfg.train.seed, rank=rank, world_size=world_size,
-            batch_per_rank=batch, shuffle_buffer=cfg.data.shuffle_buffer, binarize=cfg.data.binarize,
-            verify=cfg.data.verify,
+            batch_per_rank=global_batch // world_size, shuffle_buffer=cfg.data.shuffle_buffer,
+            binarize=cfg.data.binarize, verify=cfg.data.verify, start_step=position.step_in_epoch,
+            partitions=partitions,
         )
         tic = time.perf_counter()
-        for x, _labels in batches:
+        for batch in batches:
             window.data_wait += time.perf_counter() - tic
-            x = x.to(device, non_blocking=True)
-            tau = temperature_at(step, latent.tau0, latent.tau_min, latent.anneal_rate, latent.anneal_every)
+            x = batch.x.to(device, non_blocking=True)
+            if cfg.train.debug_nan_step == position.step:
+                x = x * float("nan")  # testing aid: a corrupt batch at a chosen step
+            tau = temperature_at(position.step, latent.tau0, latent.tau_min, latent.anneal_rate, latent.anneal_every)
             out = ddp_model(x, temperature=tau)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            # DDP has averaged the gradients, so grad_norm is identical on every rank: all
-            # ranks stop at the same step on NaN/inf without an extra collective.
+            # DDP has averaged the gradients, so grad_norm is the same on every rank: all ranks
+            # stop (or skip) at the same step without an extra collective.
             grad_norm = float(torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), float("inf")))
-            if not np.isfinite(grad_norm) or not np.isfinite(out.loss.item()):
+            if not np.isfinite(grad_norm):
+                if cfg.train.on_nonfinite == "stop":
+                    # Every rank sees the same grad_norm, so all end here together. Ending with a
+                    # report instead of an exception: Ray would retry a raising worker group, and
+                    # the same batch would fail the same way max_failures times.
+                    error = NonFiniteLossError(position.step, out.loss.item(), grad_norm)
+                    if logger:
+                        logger.set_tags({"failure": str(error), "failure.step": position.step})
+                        logger.close()
+                    ray.train.report({"failure": str(error), "failure.step": position.step})
+                    return
+                skipped_nonfinite += 1
                 if logger:
-                    logger.set_tags({"failure": "non-finite loss", "failure.step": step})
-                raise NonFiniteLossError(step, out.loss.item(), grad_norm)
-            optimizer.step()
-            step += 1
-            window.add(out, batch * world_size)
-            if step % cfg.train.log_every == 0 or step == 1:
+                    logger.log_metrics({"train/nonfinite_skipped": skipped_nonfinite}, position.step + 1)
+                    logger.set_tags({"nonfinite.last_step": position.step})
+            else:
+                optimizer.step()
+            position.step += 1
+            position.step_in_epoch += 1
+            window.add(out, global_batch)
+            if recorder:
+                recorder.write(epoch, position.step, batch.keys)
+            if position.step % cfg.train.log_every == 0 or position.step == 1:
                 elapsed = time.perf_counter() - window.start
                 metrics = window.means() | {
                     "train/temperature": tau,
@@ -127,18 +165,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "perf/data_wait_frac": window.data_wait / max(elapsed, 1e-9),
                 }
                 if logger:
-                    logger.log_metrics(metrics, step)
+                    logger.log_metrics(metrics, position.step)
                 window = _Window()
+            every = cfg.train.checkpoint_every_steps
+            if every and position.step % every == 0 and position.step_in_epoch < steps:
+                _report(is_master, {"epoch": epoch, "step": position.step}, model, optimizer, position, partitions,
+                        args.config)
             tic = time.perf_counter()
 
-        val = evaluate_split(ddp_model.module if hasattr(ddp_model, "module") else model, manifest, args.dataset_url,
-                             "val", rank=rank, world_size=world_size, batch_size=batch, cfg=cfg, step=step)
-        report = {"epoch": epoch + 1, "step": step, **val}
+        position.epoch, position.step_in_epoch = epoch + 1, 0
+        val = evaluate_split(model, manifest, args.dataset_url, "val", rank=rank, world_size=world_size,
+                             batch_size=global_batch // world_size, cfg=cfg, step=position.step)
         if logger:
-            logger.log_metrics(val, step)
-            print(f"[rank 0] epoch {epoch + 1}/{cfg.train.epochs} step {step}: val -ELBO {val['val/loss']:.3f} "
-                  f"(recon {val['val/recon']:.3f}, kl {val['val/kl']:.3f})")
-        _report_with_checkpoint(report, is_master, model, optimizer, step, epoch + 1, args.config)
+            logger.log_metrics(val, position.step)
+            print(f"[rank 0] epoch {epoch + 1}/{cfg.train.epochs} step {position.step}: val -ELBO "
+                  f"{val['val/loss']:.3f} (recon {val['val/recon']:.3f}, kl {val['val/kl']:.3f})")
+        report = {"epoch": epoch + 1, "step": position.step, **val}
+        if epoch + 1 == cfg.train.epochs and logger:
+            report |= {f"tracking/{k}": v for k, v in logger.close().items()}
+        _report(is_master, report, model, optimizer, position, partitions, args.config)
 
 
 class _Window:
@@ -162,12 +207,26 @@ class _Window:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
 
-def _report_with_checkpoint(metrics: dict[str, Any], is_master: bool, model: torch.nn.Module,
-                            optimizer: torch.optim.Optimizer, step: int, epoch: int, config: dict[str, Any]) -> None:
-    # ray.train.report is a barrier: every rank calls it once per epoch; only rank 0 uploads.
+class _SampleRecorder:
+    """Testing aid: one JSON line per step with the keys this rank trained on (and its pid)."""
+
+    def __init__(self, directory: str, rank: int) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.file = open(Path(directory) / f"rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115 - lives with the loop
+        self.rank = rank
+
+    def write(self, epoch: int, step: int, keys: list[str]) -> None:
+        self.file.write(json.dumps({"epoch": epoch, "step": step, "rank": self.rank, "pid": os.getpid(),
+                                    "keys": keys}) + "\n")
+
+
+def _report(is_master: bool, metrics: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            position: Position, partitions: int, config: dict[str, Any]) -> None:
+    # ray.train.report is a barrier: every rank calls it at the same steps; only rank 0 uploads.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if is_master:
-            save_checkpoint(Path(tmp), model=model, optimizer=optimizer, step=step, epoch=epoch, config=config)
+            save_checkpoint(Path(tmp), model=model, optimizer=optimizer, step=position.step, epoch=position.epoch,
+                            step_in_epoch=position.step_in_epoch, partitions=partitions, config=config)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import os
 import subprocess
 import tempfile
@@ -69,7 +71,8 @@ def _param_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def start_run(config: RunConfig, *, tracking_uri: str, manifest_digest: str, trigger: str = "manual") -> str:
+def start_run(config: RunConfig, *, tracking_uri: str, manifest_digest: str, trigger: str = "manual",
+              extra_tags: dict[str, str] | None = None) -> str:
     """Create the run (and the experiment if new), log params, tags and the resolved config."""
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
@@ -90,6 +93,7 @@ def start_run(config: RunConfig, *, tracking_uri: str, manifest_digest: str, tri
             "mlflow.source.git.commit": version.split("+g")[-1] if "+g" in version else "",
             "trigger": trigger,
             "latent": f"{config.model.latent.kind}",
+            **(extra_tags or {}),
         },
     )
     run_id = run.info.run_id
@@ -110,21 +114,115 @@ def config_yaml(config: RunConfig) -> str:
 
 
 class RunLogger:
-    """Rank 0's handle on the run: metrics in batches, tags."""
+    """Rank 0's handle on the run: metrics delivered in order by a background thread.
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    Training never waits on MLflow: `log_metrics` queues a batch; the thread delivers it,
+    retrying with backoff while the server is unreachable (nothing is dropped). After a
+    restart, steps the run already holds are not logged again (MLflow would keep both
+    values), so every metric's history stays strictly increasing without duplicates.
+    `close` waits for delivery; what still cannot be delivered goes to a JSONL file
+    that `pipeline replay-metrics FILE` delivers later.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, resumed: bool = False, fallback_dir: str | None = None,
+                 max_backoff_s: float = 10.0) -> None:
+        # MLflow's own HTTP retries would block our thread for minutes; we retry ourselves.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.fallback_dir = fallback_dir
+        self.max_backoff_s = max_backoff_s
+        self.logged_through: dict[str, int] = self._last_steps() if resumed else {}
+        self.late_batches = 0  # delivered only after at least one failed attempt
+        self.failed_attempts = 0
+        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
+        self._closing, self._deadline = False, 0.0
+        self._undelivered: list[list[Metric]] = []
+        self._thread = threading.Thread(target=self._deliver, name="mlflow-metrics", daemon=True)
+        self._thread.start()
+
+    def _last_steps(self) -> dict[str, int]:
+        run = self.client.get_run(self.run_id)
+        return {key: max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+                for key in run.data.metrics}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()
+                 if step > self.logged_through.get(key, -1)]
+        for metric in batch:
+            self.logged_through[metric.key] = step
         for start in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+            self._queue.put(batch[start : start + 1000])
+
+    def _deliver(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            delay, failed = 0.5, False
+            while True:
+                try:
+                    self.client.log_batch(self.run_id, metrics=batch)
+                    break
+                except Exception:  # noqa: BLE001 - server down, network, 5xx: keep the batch, retry
+                    failed = True
+                    self.failed_attempts += 1
+                    if self._closing and time.monotonic() > self._deadline:
+                        self._undelivered.append(batch)
+                        break
+                    time.sleep(delay)
+                    delay = min(delay * 2, self.max_backoff_s)
+            self.late_batches += failed
+            self._queue.task_done()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
+
+    def close(self, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Deliver what is queued (waiting up to ``timeout_s``); returns a delivery report."""
+        self._deadline = time.monotonic() + timeout_s
+        self._closing = True
+        self._queue.put(None)
+        self._thread.join()
+        report: dict[str, Any] = {"late_batches": self.late_batches, "failed_attempts": self.failed_attempts}
+        if self._undelivered:
+            report["fallback_file"] = self._write_fallback(self._undelivered)
+        return report
+
+    def _write_fallback(self, batches: list[list[Metric]]) -> str:
+        folder = Path(self.fallback_dir or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"mlflow-pending-{self.run_id}.jsonl"
+        with path.open("a") as out:
+            for batch in batches:
+                for m in batch:
+                    out.write(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri, "key": m.key,
+                                          "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
+        return str(path.resolve())
+
+
+def replay_metrics(path: str | Path, tracking_uri: str | None = None) -> int:
+    """Deliver metrics a run could not deliver (its JSONL fallback file); returns how many."""
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    by_target: dict[tuple[str, str], list[Metric]] = {}
+    for row in lines:
+        target = (tracking_uri or row["tracking_uri"], row["run_id"])
+        by_target.setdefault(target, []).append(Metric(row["key"], row["value"], row["timestamp"], row["step"]))
+    for (uri, run_id), metrics in by_target.items():
+        client = MlflowClient(uri)
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    return len(lines)
+
+
+def count_restart(tracking_uri: str, run_id: str, reason: str) -> int:
+    """Increment the run's `restarts` tag; returns the new count."""
+    client = MlflowClient(tracking_uri)
+    count = int(client.get_run(run_id).data.tags.get("restarts", "0")) + 1
+    client.set_tag(run_id, "restarts", str(count))
+    client.set_tag(run_id, "last_restart", reason)
+    return count
 
 
 def log_artifact_files(tracking_uri: str, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
@@ -149,6 +247,39 @@ def log_model(tracking_uri: str, run_id: str, model: Any, input_example: Any) ->
     mlflow.end_run()
 
 
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again for a resumed driver (its params stay as they are)."""
+    client = MlflowClient(tracking_uri)
+    for stale in ("failure", "failure.step"):  # the reason an earlier attempt ended no longer holds
+        if stale in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, stale)
+    client.update_run(run_id, status="RUNNING")
+
+
+def find_run(tracking_uri: str, run_id_or_name: str, experiment: str | None = None):
+    """A run by id, else by run name (newest first) in ``experiment`` or in any experiment."""
+    client = MlflowClient(tracking_uri)
+    try:
+        return client.get_run(run_id_or_name)
+    except mlflow.exceptions.MlflowException:
+        pass
+    experiments = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
+    ids = [e.experiment_id for e in experiments if e is not None]
+    escaped = run_id_or_name.replace("'", "\\'")
+    runs = client.search_runs(ids, f"attributes.run_name = '{escaped}'", order_by=["attributes.start_time DESC"],
+                              max_results=1) if ids else []
+    if not runs:
+        raise LookupError(f"no MLflow run with id or name {run_id_or_name!r} in {tracking_uri}")
+    return runs[0]
+
+
+def download_config(tracking_uri: str, run_id: str) -> str:
+    """The resolved config.yaml a run logged at its start."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = MlflowClient(tracking_uri).download_artifacts(run_id, "config.yaml", tmp)
+        return Path(path).read_text()
+
+
 def end_run(tracking_uri: str, run_id: str, *, failed: bool = False, reason: str | None = None) -> None:
     client = MlflowClient(tracking_uri)
     if reason:
@@ -162,6 +293,107 @@ def get_run(tracking_uri: str, run_id: str):
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in MlflowClient(tracking_uri).get_metric_history(run_id, key)]
+
+
+# --- Operations: model registry, champion alias, run search (used by pipeline.ops) ---------------
+
+
+def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    """Tags on an existing (possibly finished) run, in one request."""
+    from mlflow.entities import RunTag
+
+    MlflowClient(tracking_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def experiment_id(tracking_uri: str, experiment: str) -> str | None:
+    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    return None if found is None else found.experiment_id
+
+
+def search_experiment_runs(tracking_uri: str, experiment: str) -> list:
+    """Every run of the experiment (all pages), newest first; [] if the experiment does not exist."""
+    client = MlflowClient(tracking_uri)
+    exp_id = experiment_id(tracking_uri, experiment)
+    if exp_id is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def logged_model_of_run(tracking_uri: str, run_id: str):
+    """The MLflow 3 LoggedModel named "model" that the run logged, or None."""
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    named = [m for m in models if m.name == "model"]
+    return named[0] if named else None
+
+
+def register_model_version(tracking_uri: str, name: str, run_id: str, tags: dict[str, Any] | None = None):
+    """Register the run's logged model as a new version of `name` (created if new); returns the ModelVersion."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    model = logged_model_of_run(tracking_uri, run_id)
+    if model is None:
+        raise LookupError(f"run {run_id} has no logged model named 'model' to register")
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(name, source=model.model_uri, run_id=run_id, model_id=model.model_id,
+                                       tags={k: str(v) for k, v in (tags or {}).items()})
+
+
+def model_version_by_alias(tracking_uri: str, name: str, alias: str):
+    """The ModelVersion holding `alias`, or None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient(tracking_uri).get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def model_versions_of_run(tracking_uri: str, name: str, run_id: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(MlflowClient(tracking_uri).search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+    except MlflowException:
+        return []
+
+
+def set_model_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
+    MlflowClient(tracking_uri).set_registered_model_alias(name, alias, str(version))
+
+
+def load_pytorch_model(tracking_uri: str, model_uri: str, map_location: str = "cpu"):
+    """Load a logged torch model (runs:/..., models:/...) from the given store."""
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return mlflow.pytorch.load_model(model_uri, map_location=map_location)
+
+
+def latest_experiment_name(tracking_uri: str) -> str | None:
+    """The experiment of the most recently started run in the store (for commands without --experiment)."""
+    client = MlflowClient(tracking_uri)
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"],
+                              max_results=1) if experiments else []
+    if not runs:
+        return None
+    return client.get_experiment(runs[0].info.experiment_id).name
 
 
 # ---------------------------------------------------------------- `pipeline evaluate` (pipeline/evaluate.py)

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from pipeline.config import RunConfig
 from pipeline.data import DataError, read_manifest
+from pipeline.data.remote import local_checkpoint_dir, ray_storage_kwargs, storage_url
 from pipeline.train import tracking
 from pipeline.train.loop import WorkerArgs, train_loop_per_worker
 
@@ -64,7 +65,9 @@ def connect_ray(address: str | None, config: RunConfig) -> None:
              _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
 
 
-def train(config: RunConfig, *, address: str | None = None, trigger: str = "manual") -> TrainResult:
+def train(config: RunConfig, *, address: str | None = None, trigger: str = "manual",
+          resume_run_id: str | None = None) -> TrainResult:
+    """Train one run. With ``resume_run_id``, continue that MLflow run from its latest checkpoint."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -79,23 +82,34 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
 
     _tune_ray_train_env()
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
-    # Created here, before the workers, so sqlite schema creation never stalls rank 0 mid-DDP.
-    run_id = tracking.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest(), trigger=trigger)
+    storage = absolute_url(config.train.storage or "ray_results")
+    if resume_run_id:
+        run_id = resume_run_id
+        tracking.reopen_run(tracking_uri, run_id)
+        tracking.count_restart(tracking_uri, run_id, "driver resumed (pipeline train --resume)")
+    else:
+        # Created here, before the workers, so sqlite schema creation never stalls rank 0 mid-DDP.
+        run_id = tracking.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest(),
+                                    trigger=trigger, extra_tags={"ray.storage_path": storage})
+    ray_run_name = f"{config.tracking.experiment}-{run_id[:8]}"  # same name + storage = Ray resumes the run
     console.print(f"MLflow run [bold]{run_id}[/] in experiment '{config.tracking.experiment}' ({tracking_uri})")
     try:
         with console.status("starting Ray"):
             connect_ray(address, config)
-        storage = absolute_url(config.train.storage or "ray_results")
+        worker_args = WorkerArgs(config.model_dump(mode="json"), dataset_url, tracking_uri, run_id,
+                                 resumed_run=bool(resume_run_id), fallback_dir=str(Path(storage) / ray_run_name)
+                                 if "://" not in storage else None)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=asdict(WorkerArgs(config.model_dump(mode="json"), dataset_url, tracking_uri, run_id)),
+            train_loop_config=asdict(worker_args),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.train.workers, use_gpu=config.train.use_gpu,
                 resources_per_worker={"CPU": config.train.cpus_per_worker},
             ),
             run_config=ray.train.RunConfig(
-                name=f"{config.tracking.experiment}-{run_id[:8]}", storage_path=storage,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                name=ray_run_name, **ray_storage_kwargs(storage),  # s3:// etc. through fsspec
+                failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         )
@@ -105,21 +119,68 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
         tracking.end_run(tracking_uri, run_id, failed=True, reason=reason)
         raise TrainingError(f"training failed (MLflow run {run_id} marked FAILED): {reason}") from err
 
-    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    metrics = result.metrics or {}
+    _warn_about_late_metrics(metrics, tracking_uri, run_id)
+    stopped = tracking.get_run(tracking_uri, run_id).data.tags.get("failure")
+    if stopped:  # the workers stopped on purpose (e.g. a non-finite loss) and said why in the run
+        tracking.end_run(tracking_uri, run_id, failed=True)
+        raise TrainingError(f"training stopped (MLflow run {run_id} marked FAILED): {stopped}")
+    checkpoint_path = storage_url(storage, result.checkpoint.path) if result.checkpoint else None
     from pipeline.train.artifacts import log_final_artifacts
 
     try:
-        log_final_artifacts(config, tracking_uri, run_id, checkpoint_path, dataset_url, manifest)
+        log_final_artifacts(config, tracking_uri, run_id, local_checkpoint_dir(result.checkpoint), dataset_url, manifest)
     except Exception as err:  # noqa: BLE001
         tracking.end_run(tracking_uri, run_id, failed=True, reason=f"final artifacts: {err}")
         raise
     tracking.end_run(tracking_uri, run_id)
-    metrics = result.metrics or {}
     return TrainResult(
         run_id=run_id, tracking_uri=tracking_uri, val_loss=float(metrics.get("val/loss", float("nan"))),
         epochs=int(metrics.get("epoch", 0)), steps=int(metrics.get("step", 0)), checkpoint_path=checkpoint_path,
         seconds=time.perf_counter() - started,
     )
+
+
+def resume_config(run: str, *, config_path: str | None, overrides: list[str]) -> tuple[RunConfig, str]:
+    """The config and run id to resume ``run`` (an MLflow run id or name).
+
+    The run's own logged config is the default, so a resumed run trains what it started;
+    its checkpoint storage comes from the run's `ray.storage_path` tag.
+    """
+    import yaml
+
+    from pipeline.config import ConfigError, load_config, parse_config
+
+    base = load_config(config_path, overrides) if config_path else None
+    tracking_uri = tracking.resolve_tracking_uri(base.tracking.uri if base else None)
+    try:
+        found = tracking.find_run(tracking_uri, run, base.tracking.experiment if base else None)
+    except LookupError as err:
+        raise ConfigError(str(err)) from None
+    if base is None:
+        base = parse_config(yaml.safe_load(tracking.download_config(tracking_uri, found.info.run_id)), overrides)
+    storage = found.data.tags.get("ray.storage_path")
+    if storage:
+        base.train.storage = storage
+    base.tracking.uri = tracking_uri
+    return base, found.info.run_id
+
+
+def _warn_about_late_metrics(metrics: dict, tracking_uri: str, run_id: str) -> None:
+    """Say which metrics were late or still undelivered; replay a fallback file if MLflow is back."""
+    late = int(metrics.get("tracking/late_batches", 0))
+    if late:
+        console.print(f"[yellow]warning:[/] MLflow was unreachable during training: {late} metric batches were "
+                      f"delivered late ({int(metrics.get('tracking/failed_attempts', 0))} failed attempts)")
+    fallback = metrics.get("tracking/fallback_file")
+    if fallback:
+        try:
+            count = tracking.replay_metrics(fallback, tracking_uri)
+            Path(fallback).unlink()
+            console.print(f"[yellow]warning:[/] {count} metric values reached MLflow only after training ended")
+        except Exception as err:  # noqa: BLE001 - still unreachable: keep the file, say how to deliver it
+            console.print(f"[yellow]warning:[/] metrics not yet in MLflow run {run_id} are kept in {fallback}: "
+                          f"deliver them with `pipeline replay-metrics {fallback}` ({err})")
 
 
 def _tune_ray_train_env() -> None:

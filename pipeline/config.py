@@ -70,6 +70,7 @@ class LatentConfig(_Section):
 
 class ModelConfig(_Section):
     arch: Literal["mlp", "conv"] = Field("mlp", description="mlp: fully connected; conv: conv stack, then the hidden widths")
+    activation: Literal["relu", "tanh"] = Field("relu", description="Nonlinearity of encoder and decoder (Burda et al.: tanh)")
     hidden: list[int] = Field(default_factory=lambda: [512, 256], description="Encoder widths; the decoder mirrors them")
     channels: list[int] = Field(
         default_factory=lambda: [32, 64], description="conv: channels of the stride-2 conv layers (decoder mirrors them)"

@@ -513,3 +513,10 @@ def test_each_shipped_config_trains_a_few_steps(config_path: Path) -> None:
         losses.append(out.loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
+
+
+def test_activation_option_reaches_every_hidden_layer() -> None:
+    cfg = ModelConfig(hidden=[16, 8], activation="tanh", latent=LatentConfig(kind="gaussian", variables=4))
+    model = build_vae(cfg, input_dim=20)
+    kinds = {type(m) for m in [*model.encoder, *model.decoder] if not isinstance(m, torch.nn.Linear)}
+    assert kinds == {torch.nn.Tanh}

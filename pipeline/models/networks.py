@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
 
-def mlp(widths: list[int]) -> nn.Sequential:
-    """Linear layers through ``widths`` with ReLU between them (none after the last)."""
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def mlp(widths: list[int], activation: str = "relu") -> nn.Sequential:
+    """Linear layers through ``widths`` with the activation between them (none after the last)."""
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(fan_in, fan_out))
         if i < len(widths) - 2:
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
 
 
@@ -33,17 +35,18 @@ def _halvings(size: int, times: int) -> list[int]:
 class ConvEncoder(nn.Module):
     """[B, H*W] -> stride-2 3x3 convs (ReLU) -> flatten -> MLP through ``hidden`` -> [B, out_size]."""
 
-    def __init__(self, image_shape: tuple[int, int], channels: list[int], hidden: list[int], out_size: int) -> None:
+    def __init__(self, image_shape: tuple[int, int], channels: list[int], hidden: list[int], out_size: int,
+                 activation: str = "relu") -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
         layers: list[nn.Module] = []
         previous = 1
         for c in channels:
-            layers += [nn.Conv2d(previous, c, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(previous, c, kernel_size=3, stride=2, padding=1), ACTIVATIONS[activation]()]
             previous = c
         self.convs = nn.Sequential(*layers)
         h, w = (_halvings(s, len(channels))[-1] for s in self.image_shape)
-        self.head = mlp([previous * h * w, *hidden, out_size])
+        self.head = mlp([previous * h * w, *hidden, out_size], activation)
 
     def forward(self, x: Tensor) -> Tensor:
         images = x.reshape(x.shape[0], 1, *self.image_shape)
@@ -53,18 +56,20 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """Mirror of ConvEncoder: MLP -> [C, h, w] -> stride-2 4x4 transposed convs -> crop to H x W -> logits."""
 
-    def __init__(self, in_size: int, hidden: list[int], channels: list[int], image_shape: tuple[int, int]) -> None:
+    def __init__(self, in_size: int, hidden: list[int], channels: list[int], image_shape: tuple[int, int],
+                 activation: str = "relu") -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.start = (channels[-1], *(_halvings(s, len(channels))[-1] for s in self.image_shape))
-        self.head = nn.Sequential(mlp([in_size, *reversed(hidden), int(torch.tensor(self.start).prod())]), nn.ReLU())
+        self.head = nn.Sequential(mlp([in_size, *reversed(hidden), math.prod(self.start)], activation),
+                                  ACTIVATIONS[activation]())
         layers: list[nn.Module] = []
         outs = [*reversed(channels[:-1]), 1]
         previous = channels[-1]
         for i, c in enumerate(outs):
             layers.append(nn.ConvTranspose2d(previous, c, kernel_size=4, stride=2, padding=1))
             if i < len(outs) - 1:
-                layers.append(nn.ReLU())
+                layers.append(ACTIVATIONS[activation]())
             previous = c
         self.deconvs = nn.Sequential(*layers)
 

@@ -34,7 +34,8 @@ _mlp = mlp  # kept for callers of the old private name
 
 class VAE(nn.Module):
     def __init__(self, input_dim: int, hidden: list[int], latent: Latent, *, arch: str = "mlp",
-                 image_shape: tuple[int, int] | None = None, channels: list[int] | None = None) -> None:
+                 image_shape: tuple[int, int] | None = None, channels: list[int] | None = None,
+                 activation: str = "relu") -> None:
         super().__init__()
         if input_dim < 1 or not hidden:
             raise ValueError("input_dim must be positive and hidden non-empty")
@@ -42,14 +43,14 @@ class VAE(nn.Module):
         self.latent = latent
         self.arch = arch
         if arch == "mlp":
-            self.encoder = mlp([input_dim, *hidden, latent.param_size])
-            self.decoder = mlp([latent.decoder_size, *reversed(hidden), input_dim])
+            self.encoder = mlp([input_dim, *hidden, latent.param_size], activation)
+            self.decoder = mlp([latent.decoder_size, *reversed(hidden), input_dim], activation)
         elif arch == "conv":
             if image_shape is None or math.prod(image_shape) != input_dim:
                 raise ValueError(f"arch 'conv' needs image_shape with H*W = input_dim={input_dim}, got {image_shape}")
             channels = list(channels or [32, 64])
-            self.encoder = ConvEncoder(tuple(image_shape), channels, hidden, latent.param_size)
-            self.decoder = ConvDecoder(latent.decoder_size, hidden, channels, tuple(image_shape))
+            self.encoder = ConvEncoder(tuple(image_shape), channels, hidden, latent.param_size, activation)
+            self.decoder = ConvDecoder(latent.decoder_size, hidden, channels, tuple(image_shape), activation)
         else:
             raise ValueError(f"unsupported model.arch {arch!r} (mlp or conv)")
 
@@ -107,4 +108,5 @@ def build_vae(cfg: ModelConfig, input_dim: int | None = None, *, image_shape: tu
             raise ValueError(f"arch 'conv' needs image_shape: {input_dim} pixels is not a square image")
         image_shape = (side, side)
     return VAE(input_dim, list(cfg.hidden), build_latent(cfg.latent), arch=cfg.arch,
-               image_shape=tuple(image_shape) if image_shape is not None else None, channels=list(cfg.channels))
+               image_shape=tuple(image_shape) if image_shape is not None else None, channels=list(cfg.channels),
+               activation=cfg.activation)

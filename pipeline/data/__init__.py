@@ -24,6 +24,11 @@ _EXPORTS = {
     "rank_assignment": "stream",
     "steps_per_epoch": "stream",
     "read_shard": "reader",
+    "read_pieces": "reader",
+    "ReadOptions": "reader",
+    "set_read_options": "reader",
+    "data_health": "reader",
+    "generate_deformed_mnist": "deformed",
     "train_batches": "stream",
     "TrainBatch": "stream",
     "partitions_of_rank": "stream",
@@ -36,7 +41,8 @@ if TYPE_CHECKING:
     from pipeline.data.shards import Manifest, ShardInfo, SplitInfo, read_manifest, shard_url, write_shards
     from pipeline.data.sources import Split, load_digits_splits, load_mnist_splits
     from pipeline.data.binarized import load_binarized_mnist_splits
-    from pipeline.data.reader import read_shard
+    from pipeline.data.deformed import generate_deformed_mnist
+    from pipeline.data.reader import ReadOptions, data_health, read_pieces, read_shard, set_read_options
     from pipeline.data.stream import (
         TrainBatch, eval_batches, partitions_of_rank, rank_assignment, steps_per_epoch, train_batches,
     )

@@ -78,13 +78,14 @@ def reset_retry_count() -> None:
 
 
 def is_transient(err: BaseException) -> bool:
-    """True for errors worth retrying: network drops, timeouts, truncated bodies, HTTP 5xx."""
+    """True for errors worth retrying: network drops, timeouts, truncated bodies, HTTP 5xx (anywhere in the
+    chain of causes). A 404/403 without such a cause is final."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, FileNotFoundError | PermissionError | IsADirectoryError):
-            return False  # a missing or forbidden object does not come back by asking again
+        # A missing or forbidden object does not come back by asking again, but fsspec's http
+        # filesystem reports an unreachable host as FileNotFoundError: so look at the whole chain.
         if isinstance(current, ConnectionError | TimeoutError | socket.timeout | http.client.IncompleteRead):
             return True
         if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
@@ -130,7 +131,7 @@ def reader_filesystem(protocol: str) -> fsspec.AbstractFileSystem:
     on top of ours, one bad minute would cost 125 silent attempts per read.
     """
     if protocol in ("s3", "s3a"):
-        options: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        options: dict[str, Any] = {"config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}}
         options.update(fsspec.config.conf.get(protocol, {}))  # the user's fsspec config wins
         fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
         fs.retries = 1  # s3fs's own loop (a class attribute, not a constructor argument)
@@ -151,9 +152,10 @@ class RetryingReader:
     already handed out: callers see one uninterrupted byte stream.
     """
 
-    def __init__(self, url: str, policy: RetryPolicy | None = None) -> None:
+    def __init__(self, url: str, policy: RetryPolicy | None = None, block_size: int = READ_BLOCK_BYTES) -> None:
         self.url = url
         self.policy = policy or RetryPolicy()
+        self.block_size = block_size
         self.fs, self.path = split_url(url)
         self.offset = 0
         self._file: Any = None
@@ -161,7 +163,7 @@ class RetryingReader:
 
     def _reopen(self) -> None:
         def open_at_offset() -> Any:
-            handle = self.fs.open(self.path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead")
+            handle = self.fs.open(self.path, "rb", block_size=self.block_size, cache_type="readahead")
             if self.offset:
                 handle.seek(self.offset)
             return handle
@@ -218,19 +220,21 @@ def open_for_reading(url: str, policy: RetryPolicy | None = None) -> Iterator[An
 # --- Ray Train storage ---------------------------------------------------------------------------
 
 
-def ray_storage(url: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray Train's RunConfig.
+def ray_storage_kwargs(url: str) -> dict[str, Any]:
+    """``storage_path`` (and ``storage_filesystem``) for Ray Train's RunConfig.
 
-    Local paths pass through (filesystem None). Any other fsspec URL (s3://, gs://, ...) is
-    handed to Ray through pyarrow's FSSpecHandler, so Ray uses the same fsspec/s3fs stack and
-    configuration (AWS_ENDPOINT_URL, credentials from the environment) as the data layer.
+    Local paths pass through. Any other fsspec URL (s3://, gs://, ...) is handed to Ray through
+    pyarrow's FSSpecHandler, so Ray uses the same fsspec/s3fs stack and configuration
+    (AWS_ENDPOINT_URL, credentials from the environment) as the data layer; the filesystem
+    object is pickled to Ray's controller and workers, which resolve credentials from their
+    own environment.
     """
     if is_local(url):
-        return url.removeprefix("file://"), None
+        return {"storage_path": url.removeprefix("file://")}
     import pyarrow.fs
 
     fs, path = fsspec.core.url_to_fs(url)
-    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
 
 
 def storage_url(storage: str, path: str | None) -> str | None:
@@ -238,3 +242,21 @@ def storage_url(storage: str, path: str | None) -> str | None:
     if path is None or is_local(storage) or "://" in path:
         return path
     return f"{storage.split('://', 1)[0]}://{path}"
+
+
+def local_checkpoint_dir(checkpoint: Any) -> str | None:
+    """A local directory with the contents of a Ray checkpoint: its own path when it is on local
+    disk, else a download into a temp dir (removed when the process exits)."""
+    if checkpoint is None:
+        return None
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    import atexit
+    import shutil
+    import tempfile
+
+    target = tempfile.mkdtemp(prefix="checkpoint-")
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
+    return checkpoint.to_directory(target)

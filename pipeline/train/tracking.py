@@ -438,3 +438,14 @@ def log_evaluation(tracking_uri: str, run_id: str, metrics: dict[str, float], st
     client = MlflowClient(tracking_uri)
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()],
                      tags=[mlflow.entities.RunTag(k, str(v)) for k, v in (tags or {}).items()])
+
+
+def log_data_health(logger: RunLogger, step: int, metrics: dict[str, float], skipped_shards: Any = ()) -> None:
+    """Data-layer health on rank 0: ``data/skipped_samples``, ``data/read_retries``, cache hits/misses
+    (from `pipeline.data.reader.DataHealth.metrics()`, summed over ranks by the caller), and the tag
+    ``data.skipped_shards`` listing every shard with skipped samples (URLs; MLflow caps tags at 5000 chars)."""
+    logger.log_metrics(metrics, step)
+    names = sorted(set(skipped_shards))
+    if names:
+        listed = ", ".join(names)
+        logger.set_tags({"data.skipped_shards": listed if len(listed) <= 5000 else listed[:4980] + f" ... ({len(names)} shards)"})

@@ -14,7 +14,6 @@ from rich.console import Console
 from pipeline.config import RunConfig
 from pipeline.data import DataError, read_manifest
 from pipeline.data.remote import local_checkpoint_dir, ray_storage_kwargs, storage_url
-from pipeline.data.remote import local_checkpoint_dir, ray_storage_kwargs, storage_url
 from pipeline.train import tracking
 from pipeline.train.loop import WorkerArgs, train_loop_per_worker
 

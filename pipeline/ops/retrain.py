@@ -1,0 +1,68 @@
+"""The steps `pipeline train` adds around training: a readable run name and the warm start
+before, the champion/challenger decision after."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rich.console import Console
+
+from pipeline.config import RunConfig
+from pipeline.ops import registry
+from pipeline.ops.naming import default_run_name
+from pipeline.train import tracking
+
+console = Console(stderr=True)
+SUBMISSION_ENV = "PIPELINE_SUBMISSION_ID"  # set by `pipeline submit` so the run names its Ray job
+
+
+def model_name(config: RunConfig) -> str:
+    return config.tracking.registered_model or config.tracking.experiment
+
+
+def _same_architecture(tracking_uri: str, run_id: str, config: RunConfig) -> bool:
+    logged = tracking.get_run(tracking_uri, run_id).data.params
+    ours = {k: tracking._param_value(v) for k, v in config.flat().items() if k.startswith("model.")}
+    return all(logged.get(k) == v for k, v in ours.items())
+
+
+def prepare_run(config: RunConfig, *, warm_start: bool = False) -> RunConfig:
+    """A copy of the config with a run name and, with `warm_start`, train.init_from = the champion."""
+    config = config.model_copy(deep=True)
+    if config.tracking.run_name is None:
+        config.tracking.run_name = default_run_name(config)
+    if warm_start and config.train.init_from is None:
+        uri = tracking.resolve_tracking_uri(config.tracking.uri)
+        champion = tracking.model_version_by_alias(uri, model_name(config), registry.CHAMPION)
+        if champion is None:
+            console.print(f"warm start: no '{registry.CHAMPION}' of model '{model_name(config)}' yet; training from scratch")
+        elif not _same_architecture(uri, champion.run_id, config):
+            console.print(f"warm start: champion v{champion.version} has another architecture; training from scratch")
+        else:
+            config.train.init_from = f"models:/{model_name(config)}/{champion.version}"
+            console.print(f"warm start from {config.train.init_from} (run {champion.run_id})")
+    return config
+
+
+def after_training(config: RunConfig, result: Any) -> registry.Decision | None:
+    """Tag the run (validation data, job), register its model, decide on `champion`; never fails the run."""
+    from pipeline.data import read_manifest
+    from pipeline.train.trainer import absolute_url
+
+    tags = {}
+    if os.environ.get(SUBMISSION_ENV):
+        tags["ray.submission_id"] = os.environ[SUBMISSION_ENV]
+    if config.train.init_from:
+        tags["warm_start.from"] = config.train.init_from
+    try:
+        tags["dataset.val_sha256"] = registry.val_data_id(read_manifest(absolute_url(config.data.url)))
+        tracking.set_run_tags(result.tracking_uri, result.run_id, tags)
+        if not config.tracking.register_model:
+            return None
+        decision = registry.register_and_decide(result.tracking_uri, result.run_id, model_name(config))
+    except Exception as err:  # noqa: BLE001 - the run itself succeeded; say what went wrong
+        console.print(f"[yellow]warning:[/] model registry step failed: {err}")
+        return None
+    print(f"champion: {decision.decision} — {decision.model} v{decision.version}: {decision.reason}")
+    return decision

@@ -1,0 +1,116 @@
+"""Real services for the operations tests: a Ray head with the Jobs API and an `mlflow server`.
+
+Both run in their own process group on free loopback ports with their own directories, so
+they never clash with other clusters on the machine; teardown kills the whole group (never
+`ray stop`, which would stop every Ray cluster of the user).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http_ok(url: str) -> bool:
+    """The server answers (a 401 from a token-protected Ray dashboard counts: it is up)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except urllib.error.HTTPError as err:
+        return err.code == 401
+    except OSError:
+        return False
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _http_ok(url):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not up after {timeout_s} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 8.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left (gcs_server may ignore SIGTERM)."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:  # children of the group may outlive the leader
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+@contextmanager
+def ray_head(root: Path, num_cpus: int = 2) -> Iterator[str]:
+    """`ray start --head --block` on loopback with every port free; yields the Jobs API URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    dashboard = free_port()
+    worker_base = random.randrange(20000, 30000, 200)
+    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--dashboard-agent-listen-port": free_port(),
+             "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
+             "--metrics-export-port": free_port(), "--ray-client-server-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port(),
+             "--min-worker-port": worker_base, "--max-worker-port": worker_base + 199}
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}",
+           f"--temp-dir={root / 'ray'}", "--disable-usage-stats", *[f"{k}={v}" for k, v in ports.items()]]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # jobs run `python`: this venv's, as in an image
+    log = root / "ray-head.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dashboard}"
+        wait_http(f"{url}/api/version", proc, 90, log)
+        yield url
+    finally:
+        kill_group(proc)
+
+
+@contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    """A real `mlflow server` (sqlite backend, proxied artifacts, 1 worker); yields its URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", (root / "artifacts").as_uri(), "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    log = root / "mlflow-server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", proc, 90, log)
+        yield url
+    finally:
+        kill_group(proc)

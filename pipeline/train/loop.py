@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import ray.train
 import ray.train.torch
 
 from pipeline.config import RunConfig
-from pipeline.data import read_manifest, steps_per_epoch, train_batches
+from pipeline.data import partitions_of_rank, read_manifest, steps_per_epoch, train_batches
 from pipeline.models import build_vae, temperature_at
 from pipeline.train.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from pipeline.train.tracking import RunLogger, count_restart
@@ -108,6 +109,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             count_restart(args.tracking_uri, args.run_id, f"worker group restarted at step {position.step}")
         print(f"[rank 0] {world_size} workers x batch {global_batch // world_size}, {steps} steps/epoch, "
               f"from epoch {position.epoch + 1} step {position.step_in_epoch}")
+    my_partitions = partitions_of_rank(partitions, world_size, rank)
     recorder = _SampleRecorder(cfg.train.sample_log, rank) if cfg.train.sample_log else None
     latent, skipped_nonfinite = cfg.model.latent, 0
 
@@ -127,7 +129,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if cfg.train.debug_nan_step == position.step:
                 x = x * float("nan")  # testing aid: a corrupt batch at a chosen step
             tau = temperature_at(position.step, latent.tau0, latent.tau_min, latent.anneal_rate, latent.anneal_every)
-            out = ddp_model(x, temperature=tau)
+            out = _forward_by_partition(ddp_model, x, my_partitions, tau, cfg.train.seed, position.step)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             # DDP has averaged the gradients, so grad_norm is the same on every rank: all ranks
@@ -157,7 +159,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 recorder.write(epoch, position.step, batch.keys)
             if position.step % cfg.train.log_every == 0 or position.step == 1:
                 elapsed = time.perf_counter() - window.start
-                metrics = window.means() | {
+                metrics = window.means() | {  # means() is a collective: all ranks are here
                     "train/temperature": tau,
                     "train/lr": optimizer.param_groups[0]["lr"],
                     "train/grad_norm": grad_norm,
@@ -186,6 +188,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _report(is_master, report, model, optimizer, position, partitions, args.config)
 
 
+@dataclass
+class _StepOutput:
+    loss: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+
+
+def _forward_by_partition(model: torch.nn.Module, x: torch.Tensor, partitions: range, temperature: float,
+                          seed: int, step: int) -> _StepOutput:
+    """Forward each partition's chunk with sampling noise seeded by (seed, step, partition).
+
+    The noise a sample gets then depends on where it sits in the global batch, not on which
+    rank holds it: 1 and 2 workers compute the same global loss (up to reduction order),
+    and a resumed run draws the noise the interrupted one would have. One chunk per rank
+    (the default: partitions = workers) costs nothing extra.
+    """
+    outputs = []
+    for partition, chunk in zip(partitions, x.chunk(len(partitions))):
+        torch.manual_seed(hash((seed, step, partition)) & 0x7FFF_FFFF_FFFF_FFFF)
+        outputs.append(model(chunk, temperature=temperature))
+    if len(outputs) == 1:
+        return _StepOutput(outputs[0].loss, outputs[0].recon, outputs[0].kl)
+    mean = lambda name: torch.stack([getattr(o, name) for o in outputs]).mean()  # noqa: E731 - equal chunk sizes
+    return _StepOutput(mean("loss"), mean("recon"), mean("kl"))
+
+
 class _Window:
     """Running sums of the train metrics between two log steps."""
 
@@ -204,7 +232,13 @@ class _Window:
         self.sums["train/kl"] += out.kl.item()
 
     def means(self) -> dict[str, float]:
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        """Window means over the whole global batch: every rank calls this at the same step."""
+        sums = torch.tensor(list(self.sums.values()), dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            sums = sums.to(ray.train.torch.get_device())
+            dist.all_reduce(sums)
+            sums = sums.cpu() / dist.get_world_size()
+        return {k: float(v) / max(self.count, 1) for k, v in zip(self.sums, sums)}
 
 
 class _SampleRecorder:

@@ -44,7 +44,8 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
     return 0
 
 
-def prepare_datasets(root: Path, source: str, samples: int, scale: int, samples_per_shard: int, workers: int) -> dict[int, str]:
+def prepare_datasets(root: Path, source: str, samples: int, scale: int, samples_per_shard: int, workers: int,
+                     eval_splits: bool = True) -> dict[int, str]:
     """{1: url of the 1x manifest, scale: url of the full one}; generation resumes if ``root`` is reused."""
     from pipeline.data.deformed import generate_deformed_mnist
     from pipeline.data.shards import MANIFEST_NAME, read_manifest
@@ -52,7 +53,7 @@ def prepare_datasets(root: Path, source: str, samples: int, scale: int, samples_
     if samples % samples_per_shard:
         raise typer.BadParameter(f"--samples {samples} must be a multiple of --samples-per-shard {samples_per_shard}")
     generate_deformed_mnist(source, str(root), samples * scale, samples_per_shard=samples_per_shard,
-                            workers=workers, progress=False)
+                            workers=workers, progress=False, eval_splits=eval_splits)
     full = read_manifest(str(root))
     train = full.splits["train"]
     small = train.model_copy(update={"samples": samples, "shards": train.shards[: samples // samples_per_shard]})
@@ -138,7 +139,8 @@ def bench_memory(
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         work = Path(work_dir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        urls = prepare_datasets(work / "data", source, samples, scale, samples_per_shard, workers)
+        urls = prepare_datasets(work / "data", source, samples, scale, samples_per_shard, workers,
+                                eval_splits=mode == "train")  # stream mode reads the train split only
         runs = {}
         for factor, url in urls.items():
             if mode == "train":

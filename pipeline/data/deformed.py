@@ -91,10 +91,10 @@ class ShardJob:
         return f"{self.split}-{self.number:05d}.tar"
 
 
-def plan_jobs(samples: int, samples_per_shard: int, splits: dict[str, Split]) -> list[ShardJob]:
+def plan_jobs(samples: int, samples_per_shard: int, splits: dict[str, Split], eval_splits: bool = True) -> list[ShardJob]:
     jobs = [ShardJob("train", n, first, min(first + samples_per_shard, samples), True)
             for n, first in enumerate(range(0, samples, samples_per_shard))]
-    for name in ("val", "test"):
+    for name in ("val", "test") if eval_splits else ():
         size = len(splits[name])
         jobs += [ShardJob(name, n, first, min(first + samples_per_shard, size), False)
                  for n, first in enumerate(range(0, size, samples_per_shard))]
@@ -170,20 +170,24 @@ def generate_deformed_mnist(
     progress: bool = True,
     source_splits: dict[str, Split] | None = None,
     on_shard_done: Callable[[ShardInfo], None] | None = None,
+    eval_splits: bool = True,
 ) -> tuple[dict[str, SplitInfo], int]:
     """Write deformed-MNIST (train: ``samples`` deformed digits; val/test: MNIST's) to ``out_url``.
 
     Returns (split infos, number of shards reused from an earlier run). ``source_splits``
     (in-process runs only) skips reading ``source``; ``on_shard_done`` is called in this
-    process after each shard is recorded (tests use it to interrupt a run).
+    process after each shard is recorded (tests use it to interrupt a run); ``eval_splits=False``
+    writes the train split alone (benchmarks of the data path).
     """
     if samples < 1 or samples_per_shard < 1 or workers < 1:
         raise DataError(f"samples ({samples}), samples_per_shard ({samples_per_shard}) and workers ({workers}) must be >= 1")
+    if source_splits is not None and workers > 1:
+        raise DataError("source_splits are for in-process runs: worker processes read --source themselves")
     splits = source_splits or load_mnist_splits(source)
     recipe = recipe_digest(splits, seed, samples_per_shard, params)
     fs, root, stale = begin_dataset(out_url)
     fs.makedirs(f"{root}/{PROGRESS_DIR}", exist_ok=True)
-    jobs = plan_jobs(samples, samples_per_shard, splits)
+    jobs = plan_jobs(samples, samples_per_shard, splits, eval_splits)
     done: dict[ShardJob, ShardInfo] = {}
     for job in jobs:
         info = _finished(fs, root, job, recipe)
@@ -208,7 +212,7 @@ def generate_deformed_mnist(
             _run_in_pool(todo, out_url, recipe, source, seed, params, workers, finished)
 
     split_infos = {}
-    for name in ("train", "val", "test"):
+    for name in ("train", "val", "test") if eval_splits else ("train",):
         shards = [done[job] for job in jobs if job.split == name]
         split_infos[name] = SplitInfo(samples=sum(s.samples for s in shards), shards=shards)
     finish_dataset(fs, root, stale, source=f"deformed-mnist:{source} seed={seed} n={samples}",

@@ -120,12 +120,13 @@ def jobs_list(address: Address = None, as_json: Annotated[bool, typer.Option("--
         print(json.dumps([asdict(r) | {"seconds": r.seconds} for r in rows], indent=2))
         return
     table = Table(title="Ray jobs")
-    for column in ("submission id", "status", "trigger", "seconds", "entrypoint"):
-        table.add_column(column)
+    for column in ("submission id", "status", "trigger", "seconds"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("entrypoint", overflow="fold")
     for r in rows:
         table.add_row(r.submission_id, r.status, r.metadata.get("pipeline.trigger", ""),
                       f"{r.seconds:.0f}" if r.seconds is not None else "-", r.entrypoint)
-    Console().print(table)
+    Console(width=max(160, Console().width)).print(table)
 
 
 @jobs_app.command("logs")

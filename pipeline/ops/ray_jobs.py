@@ -55,9 +55,10 @@ def connect(address: str | None):
     try:
         return JobSubmissionClient(url)
     except AuthenticationError:
+        problem = "refused this machine's token" if _token_available() else "requires a token"
         raise JobsError(
-            f"the Ray cluster at {url} requires a token: set RAY_AUTH_TOKEN (print it on the head with "
-            "`ray get-auth-token`) or put it in ~/.ray/auth_token, and RAY_AUTH_MODE=token"
+            f"the Ray cluster at {url} {problem}: set RAY_AUTH_TOKEN to the head's token (print it there "
+            "with `ray get-auth-token`) or put it in ~/.ray/auth_token"
         ) from None
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise JobsError(f"cannot reach the Ray Jobs API at {url}: {err}") from None

@@ -1,0 +1,42 @@
+"""Cheap real MLflow runs for the registry/compare/UI tests: tiny VAE, real logged model, no Ray."""
+
+from __future__ import annotations
+
+from pipeline.config import RunConfig, parse_config
+from pipeline.models import build_vae
+from pipeline.train import tracking
+from pipeline.train.artifacts import Reconstructor
+
+
+def tiny_config(experiment: str, name: str, **extra: str) -> RunConfig:
+    overrides = [f"tracking.experiment={experiment}", f"tracking.run_name={name}", "model.hidden=[8]",
+                 "model.latent.variables=2", "model.latent.categories=3", *[f"{k}={v}" for k, v in extra.items()]]
+    return parse_config({"data": {"url": "/data/digits"}}, overrides)
+
+
+def make_run(uri: str, experiment: str, name: str, *, val_loss: float, digest: str = "a" * 64,
+             trigger: str = "manual", test_metrics: dict[str, float] | None = None, seed: int = 0) -> str:
+    """A FINISHED run with params, val/loss (and test metrics), and a logged model, as training leaves it."""
+    import torch
+
+    config = tiny_config(experiment, name)
+    run_id = tracking.start_run(config, tracking_uri=uri, manifest_digest=digest, trigger=trigger)
+    logger = tracking.RunLogger(uri, run_id)
+    logger.log_metrics({"val/loss": val_loss + 5.0, "perf/samples_per_s": 1000.0 + seed}, step=1)
+    logger.log_metrics({"val/loss": val_loss, **(test_metrics or {})}, step=2)
+    torch.manual_seed(seed)
+    model = Reconstructor(build_vae(config.model, 64)).eval()
+    _log_model_fast(uri, run_id, model, torch.rand(2, 64).numpy())
+    tracking.end_run(uri, run_id)
+    return run_id
+
+
+def _log_model_fast(uri: str, run_id: str, model, example) -> None:
+    """tracking.log_model's call with the requirements given: inferring them (a subprocess that
+    imports the model) takes 10-30 s per model on a loaded 2-core machine."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch"])
+    mlflow.end_run()

@@ -1,0 +1,121 @@
+"""Champion/challenger on a real sqlite MLflow store with real logged models; `pipeline compare`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ops_runs import make_run, tiny_config
+from pipeline.cli import app
+from pipeline.models import build_vae
+from pipeline.ops import registry
+from pipeline.ops.retrain import prepare_run
+from pipeline.ops.warmstart import WarmStartError, load_initial_weights
+from pipeline.train import tracking
+
+EXPERIMENT = "ops-registry"
+
+
+def cli(*args: str, env: dict | None = None):
+    """The real `pipeline` command, in-process (a subprocess costs ~10 s of imports on a loaded machine)."""
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    """Three runs on the same data (first 100, then better 90, then worse 95) and one on other data."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    runs = {
+        "first": make_run(uri, EXPERIMENT, "digits-cat2x3-first", val_loss=100.0, seed=1,
+                          test_metrics={"test/loss": 101.0, "test/nll_is_k100": 97.5}),
+        "better": make_run(uri, EXPERIMENT, "digits-cat2x3-better", val_loss=90.0, seed=2, trigger="cron"),
+        "worse": make_run(uri, EXPERIMENT, "digits-cat2x3-worse", val_loss=95.0, seed=3, trigger="new-data"),
+        "other_data": make_run(uri, EXPERIMENT, "digits-cat2x3-otherdata", val_loss=10.0, digest="b" * 64, seed=4),
+    }
+    decisions = {key: registry.register_and_decide(uri, run_id, EXPERIMENT) for key, run_id in runs.items()}
+    return {"uri": uri, "runs": runs, "decisions": decisions}
+
+
+def test_first_run_becomes_champion(store):
+    first = store["decisions"]["first"]
+    assert (first.decision, first.promoted, first.version) == ("first", True, "1")
+
+
+def test_better_challenger_takes_champion_and_worse_does_not(store):
+    uri, runs, decisions = store["uri"], store["runs"], store["decisions"]
+    better, worse = decisions["better"], decisions["worse"]
+    assert better.promoted and better.decision == "promoted"
+    assert (better.challenger_val_loss, better.champion_val_loss) == (90.0, 100.0)
+    assert not worse.promoted and worse.decision == "kept"
+    assert (worse.challenger_val_loss, worse.champion_val_loss, worse.champion_version) == (95.0, 90.0, "2")
+    # the alias still points at the better run (other_data was not comparable), and the figures are on the runs
+    assert registry.champion_run_id(uri, EXPERIMENT) == runs["better"]
+    tags = tracking.get_run(uri, runs["worse"]).data.tags
+    assert tags["champion.decision"] == "kept"
+    assert float(tags["champion.challenger_val_loss"]) == 95.0 and float(tags["champion.incumbent_val_loss"]) == 90.0
+    assert tags["registry.version"] == "3"
+
+
+def test_other_validation_data_is_never_compared(store):
+    other = store["decisions"]["other_data"]
+    assert not other.promoted and other.decision == "not-comparable"
+    assert "dataset.manifest_sha256" in other.reason
+
+
+def test_promote_by_hand(store):
+    uri, runs = store["uri"], store["runs"]
+    env = {"MLFLOW_TRACKING_URI": uri}
+    kept = cli("promote", runs["worse"], env=env)
+    assert kept.exit_code == 3, kept.output  # the rule applies: not better, not promoted
+    assert json.loads(kept.stdout)["version"] == "3"  # the run's existing version, not a new one
+    forced = cli("promote", runs["first"], "--force", env=env)
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["decision"] == "forced"
+    assert registry.champion_run_id(uri, EXPERIMENT) == runs["first"]
+    back = cli("promote", runs["better"], "--force", env=env)
+    assert back.exit_code == 0 and registry.champion_run_id(uri, EXPERIMENT) == runs["better"]
+
+
+def test_compare_json_lists_every_run_sorted_by_val_loss(store):
+    uri, runs = store["uri"], store["runs"]
+    proc = cli("compare", "--json", "--experiment", EXPERIMENT, "--tracking-uri", uri)
+    assert proc.exit_code == 0, proc.output
+    rows = json.loads(proc.stdout)
+    assert [r["val_loss"] for r in rows] == [10.0, 90.0, 95.0, 100.0]
+    by_id = {r["run_id"]: r for r in rows}
+    assert set(by_id) == set(runs.values())
+    for row in rows:
+        assert {"name", "latent_kind", "latent_size", "epochs", "val_loss", "test_loss", "test_nll_is",
+                "samples_per_s", "duration_s", "trigger", "status", "champion"} <= set(row)
+        assert (row["latent_kind"], row["latent_size"], row["status"]) == ("categorical", "2x3", "FINISHED")
+        assert row["epochs"] == 10 and row["duration_s"] is not None and row["samples_per_s"] >= 1000
+    first = by_id[runs["first"]]
+    assert (first["test_loss"], first["test_nll_is"]) == (101.0, {"k100": 97.5})
+    assert [r["name"] for r in rows if r["champion"]] == ["digits-cat2x3-better"]
+    assert by_id[runs["better"]]["trigger"] == "cron" and by_id[runs["worse"]]["trigger"] == "new-data"
+    table = cli("compare", "--tracking-uri", uri)  # no --experiment: the latest run's
+    assert table.exit_code == 0 and "digits-cat2x3-better" in table.stdout and "★" in table.stdout
+
+
+def test_warm_start_resolves_the_champion_and_loads_its_weights(store):
+    uri = store["uri"]
+    config = tiny_config(EXPERIMENT, "warm", **{"tracking.uri": uri})
+    config.tracking.run_name = None
+    prepared = prepare_run(config, warm_start=True)
+    champion = tracking.model_version_by_alias(uri, EXPERIMENT, "champion")
+    assert prepared.train.init_from == f"models:/{EXPERIMENT}/{champion.version}"
+    assert prepared.tracking.run_name.startswith("digits-cat2x3-")  # <dataset>-<latent>-<time>
+    model = build_vae(prepared.model, 64)
+    load_initial_weights(model, prepared.train.init_from, uri)
+    logged = tracking.load_pytorch_model(uri, prepared.train.init_from).vae
+    for key, value in logged.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+    other = build_vae(tiny_config(EXPERIMENT, "x", **{"model.hidden": "[16]"}).model, 64)
+    with pytest.raises(WarmStartError, match="architecture differs"):
+        load_initial_weights(other, prepared.train.init_from, uri)
+    # a config with another architecture does not warm-start from an incompatible champion
+    changed = prepare_run(tiny_config(EXPERIMENT, "y", **{"tracking.uri": uri, "model.hidden": "[16]"}), warm_start=True)
+    assert changed.train.init_from is None

@@ -62,24 +62,38 @@ def prepare_datasets(root: Path, source: str, samples: int, scale: int, samples_
     return {1: str(root / "manifest-1x.json"), scale: str(root / MANIFEST_NAME)}
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc: Ray's raylet and its workers are children of the driver)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _poll_tree(proc: subprocess.Popen, every_s: float = 0.2) -> dict[str, Any]:
     """Wait for ``proc``; meanwhile record peak RSS of it and of its Ray Train worker descendants."""
-    import psutil
-
     driver, workers = 0, {}
-    parent = psutil.Process(proc.pid)
     while proc.poll() is None:
         driver = max(driver, peak_rss_bytes(proc.pid))
-        try:
-            children = parent.children(recursive=True)
-        except psutil.Error:
-            children = []
-        for child in children:
-            try:
-                if "RayTrainWorker" in " ".join(child.cmdline()):
-                    workers[child.pid] = max(workers.get(child.pid, 0), peak_rss_bytes(child.pid))
-            except psutil.Error:
-                continue
+        for child in _descendants(proc.pid):
+            if "RayTrainWorker" in _cmdline(child):
+                workers[child] = max(workers.get(child, 0), peak_rss_bytes(child))
         time.sleep(every_s)
     return {"driver_peak_rss": driver, "worker_peak_rss": sorted(workers.values(), reverse=True)}
 

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from pipeline.config import RunConfig
 from pipeline.data import DataError, read_manifest
+from pipeline.data.reader import ReadOptions, set_read_options
 from pipeline.data.remote import local_checkpoint_dir, ray_storage_kwargs, storage_url
 from pipeline.train import tracking
 from pipeline.train.loop import WorkerArgs, train_loop_per_worker
@@ -73,6 +74,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
 
     started = time.perf_counter()
     dataset_url = absolute_url(config.data.url)
+    set_read_options(ReadOptions.from_config(config.data))  # the driver reads val for the final grids
     try:
         manifest = read_manifest(dataset_url)  # fail on a bad path before any worker starts
     except DataError as err:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -50,7 +53,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> 
         time.sleep(0.5)
 
 
-def kill_group(proc: subprocess.Popen, grace_s: float = 8.0) -> None:
+def kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
     """SIGTERM the process group, then SIGKILL what is left (gcs_server may ignore SIGTERM)."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
@@ -70,10 +73,20 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 8.0) -> None:
             time.sleep(0.2)
 
 
-@contextmanager
-def ray_head(root: Path, num_cpus: int = 2) -> Iterator[str]:
-    """`ray start --head --block` on loopback with every port free; yields the Jobs API URL."""
+@dataclass
+class Service:
+    proc: subprocess.Popen
+    url: str
+    health: str
+    log: Path
+    scratch: list[str] = field(default_factory=list)  # directories removed after the process group
+
+
+def spawn_ray_head(root: Path, num_cpus: int = 2) -> Service:
+    """`ray start --head --block` on loopback with every port free; url is the Jobs API."""
     root.mkdir(parents=True, exist_ok=True)
+    # Ray's socket paths must stay under 107 bytes: a short directory of our own, not pytest's tmp_path.
+    temp_dir = tempfile.mkdtemp(prefix="ops-ray-", dir="/tmp")
     dashboard = free_port()
     worker_base = random.randrange(20000, 30000, 200)
     ports = {"--port": free_port(), "--dashboard-port": dashboard, "--dashboard-agent-listen-port": free_port(),
@@ -83,23 +96,18 @@ def ray_head(root: Path, num_cpus: int = 2) -> Iterator[str]:
              "--min-worker-port": worker_base, "--max-worker-port": worker_base + 199}
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}",
-           f"--temp-dir={root / 'ray'}", "--disable-usage-stats", *[f"{k}={v}" for k, v in ports.items()]]
+           f"--temp-dir={temp_dir}", "--disable-usage-stats", *[f"{k}={v}" for k, v in ports.items()]]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # jobs run `python`: this venv's, as in an image
     log = root / "ray-head.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{dashboard}"
-        wait_http(f"{url}/api/version", proc, 90, log)
-        yield url
-    finally:
-        kill_group(proc)
+    url = f"http://127.0.0.1:{dashboard}"
+    return Service(proc, url, f"{url}/api/version", log, [temp_dir])
 
 
-@contextmanager
-def mlflow_server(root: Path) -> Iterator[str]:
-    """A real `mlflow server` (sqlite backend, proxied artifacts, 1 worker); yields its URL."""
+def spawn_mlflow_server(root: Path) -> Service:
+    """A real `mlflow server` (sqlite backend, proxied artifacts, 1 worker)."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
@@ -108,9 +116,19 @@ def mlflow_server(root: Path) -> Iterator[str]:
     log = root / "mlflow-server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    return Service(proc, url, f"{url}/health", log)
+
+
+@contextmanager
+def running(*services: Service, timeout_s: float = 120) -> Iterator[tuple[str, ...]]:
+    """Wait until every service answers (they start in parallel); yields their URLs; kills them all."""
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health", proc, 90, log)
-        yield url
+        for service in services:
+            wait_http(service.health, service.proc, timeout_s, service.log)
+        yield tuple(service.url for service in services)
     finally:
-        kill_group(proc)
+        for service in services:
+            kill_group(service.proc)
+            for scratch in service.scratch:
+                shutil.rmtree(scratch, ignore_errors=True)

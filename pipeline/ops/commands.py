@@ -30,6 +30,13 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _ray_auth() -> None:
+    """Before anything imports Ray: its config (token mode included) is read once per process."""
+    from pipeline.ops.ray_jobs import enable_token_auth
+
+    enable_token_auth()
+
+
 def _client(address: str | None):
     from pipeline.ops.ray_jobs import JobsError, connect
 
@@ -76,6 +83,7 @@ def submit(
     run_timeout: Annotated[float, typer.Option("--run-timeout", help="Seconds to wait for the MLflow run id")] = 120.0,
 ) -> None:
     """Submit a training run as a Ray job; prints the job id and the MLflow run it creates."""
+    _ray_auth()
     from pipeline.ops.ray_jobs import find_run_id, follow as follow_job, wait_for_run_id
     from pipeline.ops.submit import submit as submit_job
 
@@ -109,6 +117,7 @@ def submit(
 @jobs_app.command("list")
 def jobs_list(address: Address = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Jobs on the cluster, newest first."""
+    _ray_auth()
     from dataclasses import asdict
 
     from rich.table import Table
@@ -133,6 +142,7 @@ def jobs_list(address: Address = None, as_json: Annotated[bool, typer.Option("--
 def jobs_logs(job_id: str, address: Address = None,
               follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends; exit with its status")] = False) -> None:
     """The job's log (driver output)."""
+    _ray_auth()
     from pipeline.ops.ray_jobs import follow as follow_job
 
     client = _client(address)
@@ -147,6 +157,7 @@ def jobs_logs(job_id: str, address: Address = None,
 @jobs_app.command("stop")
 def jobs_stop(job_id: str, address: Address = None) -> None:
     """Ask the cluster to stop the job."""
+    _ray_auth()
     stopped = _client(address).stop_job(job_id)
     console.print(f"job {job_id}: {'stop requested' if stopped else 'already finished'}")
 
@@ -167,6 +178,7 @@ def schedule(
     env: PassEnv = None,
 ) -> None:
     """Retrain on a cron and/or when new shards land; each job warm-starts from the champion."""
+    _ray_auth()
     from pipeline.ops.schedule import Scheduler, job_trigger
     from pipeline.ops.submit import slug
 
@@ -194,9 +206,9 @@ def schedule(
 
 def _data_url(config: str, override: list[str] | None) -> str:
     from pipeline.config import load_config
-    from pipeline.train.trainer import absolute_url
 
-    return absolute_url(load_config(config, override or []).data.url)
+    url = load_config(config, override or []).data.url
+    return url if "://" in url else str(Path(url).expanduser().resolve())
 
 
 def promote(

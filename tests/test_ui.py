@@ -1,0 +1,64 @@
+"""The MLflow UI served by `pipeline ui`, opened in headless Chromium: the runs page lists our runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ops_runs import make_run
+from ops_services import Service, free_port, running
+from pipeline.train import tracking
+
+EXPERIMENT = "ops-ui"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,900"]
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail("headless Chromium is needed: apt-get install -y chromium (.ci/run installs it)")
+    return found
+
+
+def browse(url: str, profile: Path, *extra: str, budget_ms: int = 20000) -> subprocess.CompletedProcess:
+    """One headless Chromium visit, fresh profile; virtual time lets the single-page app render."""
+    return subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                           f"--virtual-time-budget={budget_ms}", *extra, url],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.timeout(300)
+def test_mlflow_ui_lists_the_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    names = ["digits-cat2x3-ui-first", "digits-cat2x3-ui-second"]
+    for seed, name in enumerate(names):
+        make_run(uri, EXPERIMENT, name, val_loss=100.0 - seed, seed=seed)
+    experiment_id = tracking.experiment_id(uri, EXPERIMENT)
+
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port), "--tracking-uri", uri],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                                env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    server = Service(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/health", log)
+    with running(server) as (base,):
+        page = f"{base}/#/experiments/{experiment_id}/runs"
+        dom = ""
+        for attempt in range(4):  # the first visit can outrun the server's first page build
+            dom = browse(page, tmp_path / f"profile-{attempt}", "--dump-dom").stdout
+            if all(name in dom for name in names):
+                break
+            time.sleep(2)
+        assert all(name in dom for name in names), dom[-3000:]
+        screenshot = tmp_path / "mlflow-ui-runs.png"
+        browse(page, tmp_path / "profile-shot", f"--screenshot={screenshot}")
+        assert screenshot.is_file() and screenshot.stat().st_size > 10_000
+        print(f"screenshot: {screenshot}")

@@ -145,7 +145,8 @@ class FaultyProxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(error)))
                     self.end_headers()
-                    self.wfile.write(error)
+                    if self.command != "HEAD":  # a HEAD response has no body, whatever its Content-Length
+                        self.wfile.write(error)
                     return
                 upstream = http.client.HTTPConnection(proxy.upstream, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}

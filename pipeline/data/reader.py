@@ -37,7 +37,7 @@ from webdataset.tariterators import base_plus_ext
 
 from pipeline.data.cache import ShardCache, cache_stats
 from pipeline.data.errors import DataError, ShardError
-from pipeline.data.remote import RetryPolicy, is_local, open_for_reading, retry_count
+from pipeline.data.remote import RetryPolicy, is_local, is_transient, open_for_reading, retry_count
 from pipeline.data.shards import Manifest, ShardInfo, shard_url
 
 OnCorrupt = Literal["error", "skip"]
@@ -333,7 +333,10 @@ def read_shard(
                     raise ShardError(
                         url, f"sha256 mismatch: manifest expects {shard.sha256}, file has {actual} ({stream.bytes} bytes)"
                     )
-    except (ShardError, *_READ_ERRORS) as err:
+    except Exception as err:  # noqa: BLE001 - filtered on the next line
+        if not isinstance(err, (ShardError, *_READ_ERRORS)) and not is_transient(err):
+            raise  # a bug, not a bad shard
+        # e.g. botocore's HTTPClientError once retries are exhausted: not an OSError, still the shard's problem
         error = _as_shard_error(url, err)
         if not skip:
             if error is err:

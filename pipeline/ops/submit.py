@@ -86,7 +86,7 @@ def build_submission(req: JobRequest) -> JobSubmission:
     local_data = Path(config.data.url).expanduser()
     if "://" not in config.data.url and local_data.exists() and str(local_data.resolve()) != config.data.url:
         # A path that exists here is only meaningful on a cluster sharing this filesystem: make it absolute.
-        overrides.append(f"data.url={local_data.resolve()}")
+        overrides = [o for o in overrides if not o.startswith("data.url=")] + [f"data.url={local_data.resolve()}"]
 
     env = {name: os.environ[name] for name in (*PASSED_ENV, *req.extra_env) if os.environ.get(name)}
     if req.tracking_uri:

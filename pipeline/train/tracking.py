@@ -342,6 +342,7 @@ def register_model_version(tracking_uri: str, name: str, run_id: str, tags: dict
     model = logged_model_of_run(tracking_uri, run_id)
     if model is None:
         raise LookupError(f"run {run_id} has no logged model named 'model' to register")
+    logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to 300 s"
     try:
         client.create_registered_model(name)
     except MlflowException as err:

@@ -243,14 +243,20 @@ def test_mlflow_server_outage_loses_no_metrics(ray_cluster, digits_dataset, tmp_
     result: dict = {}
     runner = threading.Thread(target=lambda: result.setdefault("r", train(config)), daemon=True)
     runner.start()
+    servers = [server]
     try:
         outage_step = _wait_for_step(Path(config.train.sample_log), rank=0, step=100)["step"]
         _kill_session(server.pid)  # the server is gone: rank 0 must keep training and keep the metrics
         time.sleep(5)
-        server = _start_mlflow_server(tmp_path, port)  # back ~20 s later, maybe after training ended
+        servers.append(_start_mlflow_server(tmp_path, port))  # back ~20 s later, maybe after training ended
         runner.join(timeout=400)
+        _check_outage_run(result, uri, outage_step)
     finally:
-        _kill_session(server.pid) if "r" not in result else None
+        for each in servers:
+            _kill_session(each.pid)
+
+
+def _check_outage_run(result: dict, uri: str, outage_step: int) -> None:
     assert "r" in result, "training did not finish"
     client = MlflowClient(uri)
     run_id = result["r"].run_id
@@ -261,4 +267,3 @@ def test_mlflow_server_outage_loses_no_metrics(ray_cluster, digits_dataset, tmp_
     assert [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)] == expected
     assert len(client.get_metric_history(run_id, "val/loss")) == 60
     assert client.get_run(run_id).info.status == "FINISHED"
-    _kill_session(server.pid)

@@ -142,3 +142,19 @@ def test_nan_loss_stops_and_marks_run_failed(ray_cluster, digits_dataset, tmp_pa
     run = client.search_runs([client.get_experiment_by_name("digits-categorical").experiment_id])[0]
     assert run.info.status == "FAILED"
     assert int(run.data.tags["failure.step"]) >= 0
+
+
+def test_corrupt_shard_is_skipped_and_counted_when_configured(ray_cluster, tmp_path, tracking_uri):
+    dataset = _unequal_dataset(tmp_path / "skip")
+    manifest = read_manifest(dataset)
+    victim = Path(dataset) / manifest.splits["train"].shards[0].path
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # half of its 50 samples survive
+    config = _config(dataset, tracking_uri, tmp_path, "train.epochs=1", "train.batch_size=10",
+                     "data.on_corrupt=skip")
+    result = train(config)
+    # lockstep held: both ranks ran the full epoch although one lost samples
+    assert result.steps == steps_per_epoch(113, 2, 5)
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert 0 < run.data.metrics["data/skipped_samples"] <= 50
+    assert victim.name in run.data.tags["data.skipped_shards"]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.data.errors import DataError
-from pipeline.data.reader import read_shard
+from pipeline.data.reader import read_pieces
 from pipeline.data.shards import Manifest, ShardInfo
 
 Piece = tuple[int, int, int]  # (shard index in the manifest's list, first sample, stop sample)
@@ -83,13 +83,6 @@ def steps_per_epoch(total_samples: int, world_size: int, batch_per_rank: int) ->
     return steps
 
 
-def _read_pieces(
-    manifest: Manifest, dataset_url: str, shards: list[ShardInfo], pieces: list[Piece], verify: bool
-) -> Iterator[tuple[str, np.ndarray, int]]:
-    for index, start, stop in pieces:
-        yield from read_shard(manifest, dataset_url, shards[index], start=start, stop=stop, verify=verify)
-
-
 def _skip_pieces(pieces: list[Piece], count: int) -> list[Piece]:
     """The pieces left after the first ``count`` samples: whole shards drop out by their counts."""
     left = []
@@ -105,7 +98,7 @@ def _skip_pieces(pieces: list[Piece], count: int) -> list[Piece]:
 
 def _partition_stream(
     manifest: Manifest, dataset_url: str, shards: list[ShardInfo], pieces: list[Piece], *,
-    block: int, rng_parts: tuple[int, ...], start: int, verify: bool,
+    block: int, rng_parts: tuple[int, ...], start: int, verify: bool, needed: int,
 ) -> Iterator[tuple[str, np.ndarray, int]]:
     """One partition's samples in block-shuffled order, from position ``start`` on.
 
@@ -114,7 +107,10 @@ def _partition_stream(
     """
     block = max(block, 1)
     first_block = start // block
-    samples = _read_pieces(manifest, dataset_url, shards, _skip_pieces(pieces, first_block * block), verify)
+    # fill_to: with data.on_corrupt=skip, damaged samples are made up by re-reading good ones, so the
+    # partition still fills its steps (lockstep); with "error" it has no effect.
+    samples = read_pieces(manifest, dataset_url, shards, _skip_pieces(pieces, first_block * block), verify=verify,
+                          fill_to=needed - first_block * block)
     skip_in_block = start - first_block * block
     for number in itertools.count(first_block):
         chunk = list(itertools.islice(samples, block))
@@ -215,6 +211,7 @@ def train_batches(
         _partition_stream(
             manifest, dataset_url, shards, rank_assignment(shards, epoch=epoch, seed=seed, world_size=partitions, rank=v),
             block=shuffle_buffer, rng_parts=(seed, epoch, v), start=start_step * per_partition, verify=verify,
+            needed=steps * per_partition,
         )
         for v in mine
     ]
@@ -259,6 +256,6 @@ def eval_batches(
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     shards = _split_shards(manifest, split)
     pieces = _range_pieces([s.samples for s in shards], range(len(shards)), world_size, rank)
-    samples = _read_pieces(manifest, dataset_url, shards, pieces, verify)
+    samples = read_pieces(manifest, dataset_url, shards, pieces, verify=verify)
     for index, (images, labels) in enumerate(_batches(samples, batch_size)):
         yield _to_tensors(images, labels, binarize, _torch_seed(seed, rank, index, _EVAL_BINARIZE))

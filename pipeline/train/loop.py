@@ -27,9 +27,10 @@ import ray.train.torch
 
 from pipeline.config import RunConfig
 from pipeline.data import partitions_of_rank, read_manifest, steps_per_epoch, train_batches
+from pipeline.data.reader import ReadOptions, data_health, set_read_options
 from pipeline.models import build_vae, temperature_at
 from pipeline.train.checkpoint import load_checkpoint, restore_rng, save_checkpoint
-from pipeline.train.tracking import RunLogger, count_restart
+from pipeline.train.tracking import RunLogger, count_restart, log_data_health
 from pipeline.train.validate import evaluate_split
 
 
@@ -83,6 +84,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
 
+    set_read_options(ReadOptions.from_config(cfg.data))  # retries, cache, on_corrupt for this process
     manifest = read_manifest(args.dataset_url)
     model = build_vae(cfg.model, int(np.prod(manifest.image_shape)))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
@@ -96,6 +98,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         restore_rng(state)
         position = Position(state["step"], state["epoch"], state["step_in_epoch"])
         partitions = state["partitions"]  # the sample order is defined by it: never changes mid-run
+    elif cfg.train.init_from:  # warm start (e.g. from the champion); a checkpoint, when there is one, wins
+        from pipeline.ops.warmstart import load_initial_weights
+
+        load_initial_weights(model, cfg.train.init_from, args.tracking_uri)
 
     global_batch = cfg.train.batch_size
     steps = steps_per_epoch(manifest.splits["train"].samples, partitions, global_batch // partitions)
@@ -178,7 +184,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         position.epoch, position.step_in_epoch = epoch + 1, 0
         val = evaluate_split(model, manifest, args.dataset_url, "val", rank=rank, world_size=world_size,
                              batch_size=global_batch // world_size, cfg=cfg, step=position.step)
+        data_health = _data_health_across_ranks(world_size)  # a collective: every rank, same point
         if logger:
+            log_data_health(logger, position.step, *data_health)
             logger.log_metrics(val, position.step)
             print(f"[rank 0] epoch {epoch + 1}/{cfg.train.epochs} step {position.step}: val -ELBO "
                   f"{val['val/loss']:.3f} (recon {val['val/recon']:.3f}, kl {val['val/kl']:.3f})")
@@ -186,6 +194,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if epoch + 1 == cfg.train.epochs and logger:
             report |= {f"tracking/{k}": v for k, v in logger.close().items()}
         _report(is_master, report, model, optimizer, position, partitions, args.config)
+
+
+def _data_health_across_ranks(world_size: int) -> tuple[dict[str, float], set[str]]:
+    """Skipped samples, read retries and cache use summed over ranks; the union of skipped shards."""
+    health = data_health()
+    keys = ["data/skipped_samples", "data/read_retries", "data/cache_hits", "data/cache_misses"]
+    totals = torch.tensor([health.skipped_samples, health.read_retries, health.cache_hits, health.cache_misses],
+                          dtype=torch.float64)
+    shards = [sorted(health.skipped_shards)]
+    if dist.is_available() and dist.is_initialized():
+        totals = totals.to(ray.train.torch.get_device())
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+        shards = [None] * world_size
+        dist.all_gather_object(shards, sorted(health.skipped_shards))
+    return dict(zip(keys, totals.tolist())), set().union(*map(set, shards))
 
 
 @dataclass

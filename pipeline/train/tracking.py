@@ -242,8 +242,13 @@ def log_model(tracking_uri: str, run_id: str, model: Any, input_example: Any) ->
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
     signature = infer_signature(input_example, output)
+    # Explicit requirements: MLflow's inference of them re-imports the model in a subprocess
+    # (10-30 s here). The package travels with the model so loading it needs no install of ours.
+    package = Path(pipeline.__file__).resolve().parent
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic>=2", "pyyaml"]
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example)
+        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example,
+                                 pip_requirements=requirements, code_paths=[str(package)])
     mlflow.end_run()
 
 

@@ -83,3 +83,10 @@ def test_malformed_override_and_file(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+def test_readme_documents_every_config_key():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    config = load_config(CONFIGS[0])
+    missing = [key for key in config.flat() if f"`{key}`" not in readme]
+    assert missing == [], f"README config reference lacks {missing}"

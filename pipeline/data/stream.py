@@ -48,25 +48,60 @@ def _torch_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(_entropy(*parts)).generate_state(1, np.uint64)[0])
 
 
-def _range_pieces(sizes: Sequence[int], order: Iterable[int], world_size: int, rank: int) -> list[Piece]:
+def partition_pieces(sizes: Sequence[int], order: Sequence[int], partitions: int,
+                     which: Iterable[int] | None = None) -> dict[int, list[Piece]]:
+    """Partition v's contiguous share [v*N//P, (v+1)*N//P) of the shards concatenated in ``order``.
+
+    Vectorised (cumulative sums + binary search), so a million shards and a thousand
+    partitions cost milliseconds per partition, not a Python loop over every shard.
+    """
+    if partitions < 1:
+        raise DataError(f"partitions must be >= 1, got {partitions}")
+    ordered = np.asarray(sizes, dtype=np.int64)[np.asarray(order, dtype=np.int64)]
+    ends = np.cumsum(ordered)
+    starts = ends - ordered
+    total = int(ends[-1]) if len(ends) else 0
+    result: dict[int, list[Piece]] = {}
+    for v in range(partitions) if which is None else which:
+        if not 0 <= v < partitions:
+            raise DataError(f"partition {v} is not in 0..{partitions - 1}")
+        low, high = v * total // partitions, (v + 1) * total // partitions
+        first_shard = int(np.searchsorted(ends, low, side="right"))
+        stop_shard = int(np.searchsorted(starts, high, side="left"))
+        pieces = []
+        for j in range(first_shard, stop_shard):
+            first, stop = max(low, int(starts[j])), min(high, int(ends[j]))
+            if first < stop:
+                pieces.append((int(order[j]), first - int(starts[j]), stop - int(starts[j])))
+        result[v] = pieces
+    return result
+
+
+def _range_pieces(sizes: Sequence[int], order: Sequence[int], world_size: int, rank: int) -> list[Piece]:
     """Rank ``rank``'s contiguous share of the shards concatenated in ``order``."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in a world of size {world_size}")
-    total = sum(sizes)
-    low, high = rank * total // world_size, (rank + 1) * total // world_size
-    pieces, offset = [], 0
-    for index in order:
-        first, stop = max(low, offset), min(high, offset + sizes[index])
-        if first < stop:
-            pieces.append((int(index), first - offset, stop - offset))
-        offset += sizes[index]
-    return pieces
+    return partition_pieces(sizes, order, world_size, [rank])[rank]
+
+
+def shard_layout_warning(num_shards: int, partitions: int) -> str | None:
+    """A warning when shards are too few to give every partition whole shards of its own."""
+    if num_shards >= partitions:
+        return None
+    return (f"only {num_shards} shards for {partitions} partitions: several workers read parts of the same "
+            "shards (more requests per byte, less shuffling across shards); write more, smaller shards "
+            "(`--samples-per-shard`)")
+
+
+def epoch_order(num_shards: int, *, epoch: int, seed: int) -> np.ndarray:
+    """The epoch's shard permutation: a pure function of (seed, epoch)."""
+    return np.random.default_rng(_entropy(seed, epoch)).permutation(num_shards)
 
 
 def rank_assignment(shards: list[ShardInfo], *, epoch: int, seed: int, world_size: int, rank: int) -> list[Piece]:
     """This rank's (shard_index, start_sample, stop_sample) pieces for one epoch; a pure function."""
-    order = np.random.default_rng(_entropy(seed, epoch)).permutation(len(shards))
-    return _range_pieces([shard.samples for shard in shards], order, world_size, rank)
+    return _range_pieces([shard.samples for shard in shards], epoch_order(len(shards), epoch=epoch, seed=seed),
+                         world_size, rank)
 
 
 def steps_per_epoch(total_samples: int, world_size: int, batch_per_rank: int) -> int:

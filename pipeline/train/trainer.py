@@ -82,6 +82,11 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     if "train" not in manifest.splits or "val" not in manifest.splits:
         raise TrainingError(f"{dataset_url}: manifest needs 'train' and 'val' splits, has {sorted(manifest.splits)}")
 
+    from pipeline.data.stream import shard_layout_warning
+
+    layout_warning = shard_layout_warning(len(manifest.splits["train"].shards), config.partitions)
+    if layout_warning:
+        console.print(f"[yellow]warning:[/] {layout_warning}")
     _tune_ray_train_env()
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
     storage = absolute_url(config.train.storage or "ray_results")

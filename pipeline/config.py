@@ -97,6 +97,12 @@ class TrainConfig(_Section):
     log_every: int = Field(20, ge=1, description="Log train/* metrics every this many steps")
     storage: str | None = Field(None, description="Ray Train storage_path for checkpoints (default: ./ray_results)")
     init_from: str | None = Field(None, description="Warm start: initial weights from a logged model (models:/NAME/VERSION, runs:/ID/model)")
+    placement: Literal["auto", "spread", "pack"] = Field(
+        "auto", description="Worker placement across nodes: spread (CPU default), pack (GPU default)"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision of forward/backward (fp16 adds a gradient scaler)"
+    )
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited)")
     checkpoint_every_steps: int = Field(0, ge=0, description="Also checkpoint every this many steps (0: epoch ends only)")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage (the newest)")

@@ -21,6 +21,7 @@ def save_checkpoint(
     step_in_epoch: int,
     partitions: int,
     config: dict[str, Any],
+    grad_scaler: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint: training resumes at step `step_in_epoch` of epoch `epoch` (0-based).
 
@@ -34,6 +35,7 @@ def save_checkpoint(
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,
         "partitions": partitions,
+        "grad_scaler": grad_scaler or {},
         "config": config,
         "rng": {
             "torch": torch.get_rng_state(),

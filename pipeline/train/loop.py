@@ -31,6 +31,7 @@ from pipeline.data.reader import ReadOptions, data_health, set_read_options
 from pipeline.models import build_vae, temperature_at
 from pipeline.train.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from pipeline.train.tracking import RunLogger, count_restart, log_data_health
+from pipeline.train.step import PrecisionStep
 from pipeline.train.validate import evaluate_split
 
 
@@ -107,10 +108,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps = steps_per_epoch(manifest.splits["train"].samples, partitions, global_batch // partitions)
     ddp_model = ray.train.torch.prepare_model(model)  # moves to this rank's device, wraps in DDP
     device = ray.train.torch.get_device()
+    precision = PrecisionStep(cfg.train.precision, device)
+    if checkpoint:
+        precision.load_state_dict(state.get("grad_scaler", {}))
+    node_ids = _node_ids(world_size)
     logger = None
     if is_master:
         logger = RunLogger(args.tracking_uri, args.run_id, resumed=bool(checkpoint) or args.resumed_run,
                            fallback_dir=args.fallback_dir)
+        logger.set_tags({"cluster.nodes": len(set(node_ids)), "cluster.node_ids": ",".join(node_ids),
+                         "cluster.resources_per_worker": json.dumps({"CPU": cfg.train.cpus_per_worker,
+                                                                     "GPU": int(cfg.train.use_gpu)})})
         if checkpoint and not args.resumed_run:
             count_restart(args.tracking_uri, args.run_id, f"worker group restarted at step {position.step}")
         print(f"[rank 0] {world_size} workers x batch {global_batch // world_size}, {steps} steps/epoch, "
@@ -135,17 +143,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if cfg.train.debug_nan_step == position.step:
                 x = x * float("nan")  # testing aid: a corrupt batch at a chosen step
             tau = temperature_at(position.step, latent.tau0, latent.tau_min, latent.anneal_rate, latent.anneal_every)
-            out = _forward_by_partition(ddp_model, x, my_partitions, tau, cfg.train.seed, position.step)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            # DDP has averaged the gradients, so grad_norm is the same on every rank: all ranks
-            # stop (or skip) at the same step without an extra collective.
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), float("inf")))
-            if not np.isfinite(grad_norm):
+            with precision.autocast():
+                out = _forward_by_partition(ddp_model, x, my_partitions, tau, cfg.train.seed, position.step)
+            result = precision.backward_and_step(out.loss, ddp_model, optimizer)
+            grad_norm = result.grad_norm
+            if result.nonfinite:  # the same verdict on every rank (see train/step.py)
                 if cfg.train.on_nonfinite == "stop":
-                    # Every rank sees the same grad_norm, so all end here together. Ending with a
-                    # report instead of an exception: Ray would retry a raising worker group, and
-                    # the same batch would fail the same way max_failures times.
+                    # All ranks end here together. Ending with a report instead of an exception:
+                    # Ray would retry a raising worker group, and the same batch would fail the
+                    # same way max_failures times.
                     error = NonFiniteLossError(position.step, out.loss.item(), grad_norm)
                     if logger:
                         logger.set_tags({"failure": str(error), "failure.step": position.step})
@@ -156,8 +162,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if logger:
                     logger.log_metrics({"train/nonfinite_skipped": skipped_nonfinite}, position.step + 1)
                     logger.set_tags({"nonfinite.last_step": position.step})
-            else:
-                optimizer.step()
             position.step += 1
             position.step_in_epoch += 1
             window.add(out, global_batch)
@@ -178,7 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             every = cfg.train.checkpoint_every_steps
             if every and position.step % every == 0 and position.step_in_epoch < steps:
                 _report(is_master, {"epoch": epoch, "step": position.step}, model, optimizer, position, partitions,
-                        args.config)
+                        args.config, precision)
             tic = time.perf_counter()
 
         position.epoch, position.step_in_epoch = epoch + 1, 0
@@ -193,7 +197,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report = {"epoch": epoch + 1, "step": position.step, **val}
         if epoch + 1 == cfg.train.epochs and logger:
             report |= {f"tracking/{k}": v for k, v in logger.close().items()}
-        _report(is_master, report, model, optimizer, position, partitions, args.config)
+        _report(is_master, report, model, optimizer, position, partitions, args.config, precision)
+
+
+def _node_ids(world_size: int) -> list[str]:
+    """The Ray node of every rank, in rank order (a collective: all ranks call it at start)."""
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    everyone: list = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
 
 
 def _data_health_across_ranks(world_size: int) -> tuple[dict[str, float], set[str]]:
@@ -279,12 +293,13 @@ class _SampleRecorder:
 
 
 def _report(is_master: bool, metrics: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            position: Position, partitions: int, config: dict[str, Any]) -> None:
+            position: Position, partitions: int, config: dict[str, Any], precision: PrecisionStep) -> None:
     # ray.train.report is a barrier: every rank calls it at the same steps; only rank 0 uploads.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if is_master:
             save_checkpoint(Path(tmp), model=model, optimizer=optimizer, step=position.step, epoch=position.epoch,
-                            step_in_epoch=position.step_in_epoch, partitions=partitions, config=config)
+                            step_in_epoch=position.step_in_epoch, partitions=partitions, config=config,
+                            grad_scaler=precision.state_dict())
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -103,6 +103,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     try:
         with console.status("starting Ray"):
             connect_ray(address, config)
+        check_storage_reachable(storage)
         worker_args = WorkerArgs(config.model_dump(mode="json"), dataset_url, tracking_uri, run_id,
                                  resumed_run=bool(resume_run_id), fallback_dir=str(Path(storage) / ray_run_name)
                                  if "://" not in storage else None)
@@ -112,6 +113,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.train.workers, use_gpu=config.train.use_gpu,
                 resources_per_worker={"CPU": config.train.cpus_per_worker},
+                placement_strategy=_placement_strategy(config),
             ),
             run_config=ray.train.RunConfig(
                 name=ray_run_name, **ray_storage_kwargs(storage),  # s3:// etc. through fsspec
@@ -188,6 +190,31 @@ def _warn_about_late_metrics(metrics: dict, tracking_uri: str, run_id: str) -> N
         except Exception as err:  # noqa: BLE001 - still unreachable: keep the file, say how to deliver it
             console.print(f"[yellow]warning:[/] metrics not yet in MLflow run {run_id} are kept in {fallback}: "
                           f"deliver them with `pipeline replay-metrics {fallback}` ({err})")
+
+
+def _placement_strategy(config: RunConfig) -> str:
+    """SPREAD for CPU workers (one per node uses every node's cores and memory bandwidth),
+    PACK for GPU workers (NVLink/PCIe neighbours all-reduce fastest)."""
+    if config.train.placement == "auto":
+        return "PACK" if config.train.use_gpu else "SPREAD"
+    return config.train.placement.upper()
+
+
+def check_storage_reachable(storage: str) -> None:
+    """Refuse node-local checkpoint storage on a cluster of several nodes, before training starts.
+
+    Each node would write its own copy of the run directory, and a restarted worker on
+    another node would not find the latest checkpoint.
+    """
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and "://" not in storage:
+        raise TrainingError(
+            f"train.storage={storage} is a local path, but the cluster has {len(nodes)} nodes: checkpoints must "
+            "go to storage every node reaches (s3://, gs://, or a shared filesystem mounted on every node "
+            "as file:///...)"
+        )
 
 
 def _tune_ray_train_env() -> None:

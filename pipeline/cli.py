@@ -188,6 +188,49 @@ def ui(
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
 
 
+@app.command("plan")
+def plan_command(
+    samples: Annotated[int, typer.Option("--samples", help="Samples per epoch")],
+    bytes_per_sample: Annotated[float, typer.Option("--bytes-per-sample", help="Stored bytes per sample")],
+    workers: Annotated[int, typer.Option("--workers", help="Training workers")],
+    samples_per_s_per_worker: Annotated[
+        float, typer.Option("--samples-per-s-per-worker", help="One worker's throughput (pipeline bench train)")],
+    batch_per_worker: Annotated[int, typer.Option(help="Batch per worker")] = 100,
+    params: Annotated[int, typer.Option(help="Model parameters (fp32 gradients all-reduced each step)")] = 1_000_000,
+    bandwidth_gbit_s: Annotated[float, typer.Option(help="Per-worker network for the all-reduce, Gbit/s")] = 10.0,
+    shard_mb: Annotated[float, typer.Option(help="Target shard size, MB")] = 256.0,
+    store_gbit_s_per_worker: Annotated[float, typer.Option(help="Per-worker object-store bandwidth, Gbit/s")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Capacity plan: epoch time, shards per worker, store request rate, all-reduce cost, bottleneck by scale."""
+    import json
+
+    from rich.table import Table
+
+    from pipeline.plan import PlanInputs, as_dict, scaling_table, warnings_for
+
+    inputs = PlanInputs(samples, bytes_per_sample, workers, samples_per_s_per_worker, batch_per_worker, params,
+                        bandwidth_gbit_s, shard_mb, store_gbit_s_per_worker)
+    rows = scaling_table(inputs)
+    notes = warnings_for(inputs, rows[-1])
+    if as_json:
+        print(json.dumps({"inputs": inputs.__dict__, "plans": [as_dict(r) for r in rows], "warnings": notes}, indent=2))
+        return
+    table = Table(title=f"{samples:,} samples x {bytes_per_sample:g} B, {samples_per_s_per_worker:g} samples/s/worker")
+    for column in ["workers", "epoch h", "steps", "compute ms", "all-reduce ms", "shards/worker", "store req/s",
+                   "store Gbit/s", "bottleneck"]:
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(str(r.workers), f"{r.epoch_hours:.2f}", f"{r.steps_per_epoch:,}", f"{r.compute_ms_per_step:.1f}",
+                      f"{r.allreduce_ms_per_step:.2f}", f"{r.shards_per_worker:,.1f}", f"{r.store_requests_per_s:.2f}",
+                      f"{r.store_gbit_s_total:.2f}", r.bottleneck)
+    Console(width=150).print(table)
+    last = rows[-1]
+    print(f"{last.shards:,} shards of {last.samples_per_shard:,} samples (~{shard_mb:g} MB)")
+    for note in notes:
+        print(f"warning: {note}")
+
+
 @app.command("replay-metrics")
 def replay_metrics(
     path: Annotated[str, typer.Argument(help="mlflow-pending-<run_id>.jsonl written when MLflow was unreachable")],

@@ -286,10 +286,11 @@ class _SampleRecorder:
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.file = open(Path(directory) / f"rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115 - lives with the loop
         self.rank = rank
+        self.node = ray.get_runtime_context().get_node_id()
 
     def write(self, epoch: int, step: int, keys: list[str]) -> None:
         self.file.write(json.dumps({"epoch": epoch, "step": step, "rank": self.rank, "pid": os.getpid(),
-                                    "keys": keys}) + "\n")
+                                    "node": self.node, "keys": keys}) + "\n")
 
 
 def _report(is_master: bool, metrics: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: run test setup data-digits clean
+.PHONY: run test setup browser data-digits clean
 
 setup: $(VENV)/.installed
 
@@ -37,7 +37,13 @@ data-digits: data/digits/manifest.json
 run: setup data/digits/manifest.json
 	$(BIN)/pipeline train configs/digits-categorical.yaml
 
-test: setup
+# tests/test_ui.py drives the MLflow UI in headless Chromium (Debian package `chromium`).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  else echo "tests need Chromium: sudo apt-get install -y chromium" >&2; exit 1; fi
+
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -36,6 +36,10 @@ class DataConfig(_Section):
     cache_max_bytes: int = Field(10 * 2**30, ge=0, description="Size limit of cache_dir; least recently used evicted")
     read_retries: int = Field(5, ge=0, description="Retries of a transient read error (reset, timeout, 5xx) per request")
     retry_backoff_s: float = Field(0.2, ge=0, description="First retry's backoff; doubles per retry (max 5 s), jittered")
+    prefetch_batches: int = Field(
+        4, ge=0, description="Train batches each worker prepares ahead in a background thread (0: inline); "
+        "same batches, same order"
+    )
     partitions: int | None = Field(
         None, ge=1,
         description="Fixed split of each epoch's sample order into P streams (default: train.workers). The samples of "

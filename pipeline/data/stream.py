@@ -23,7 +23,9 @@ Reading and safe decoding of one shard live in reader.py.
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Iterator, Literal, NamedTuple, Sequence
+import queue
+import threading
+from typing import Iterable, Iterator, Literal, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -266,6 +268,64 @@ def train_batches(
     for stream in streams:  # read the leftovers too: their shards' truncation and sha256 checks run
         for _ in stream:
             pass
+
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetch(items: Iterator[T], depth: int, *, pin_memory: bool = False) -> Iterator[T]:
+    """``items``, produced up to ``depth`` ahead by one background thread: the same items in the
+    same order (one producer, one FIFO queue), so every order guarantee of ``items`` holds.
+
+    An error in ``items`` is raised here at the position it happened. Closing this generator
+    (or dropping it) stops the producer at its next item. ``depth`` 0 returns ``items`` as is.
+    With ``pin_memory`` (CUDA), a TrainBatch's images are copied to page-locked memory in the
+    producer thread, so the loop's ``.to(device, non_blocking=True)`` is an asynchronous copy.
+    """
+    if depth < 1:
+        yield from items
+        return
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if pin_memory and isinstance(item, TrainBatch):
+                    item = item._replace(x=item.x.pin_memory())  # type: ignore[assignment]
+                if not put((item, None)):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            put((_DONE, err))
+            return
+        put((_DONE, None))
+
+    thread = threading.Thread(target=produce, name="pipeline-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = box.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 def eval_batches(

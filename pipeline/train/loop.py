@@ -27,6 +27,7 @@ import ray.train.torch
 
 from pipeline.config import RunConfig
 from pipeline.data import partitions_of_rank, read_manifest, steps_per_epoch, train_batches
+from pipeline.data.stream import prefetch
 from pipeline.data.reader import ReadOptions, data_health, set_read_options
 from pipeline.models import build_vae, temperature_at
 from pipeline.train.checkpoint import load_checkpoint, restore_rng, save_checkpoint
@@ -130,12 +131,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(position.epoch, cfg.train.epochs):
         ddp_model.train()
         window = _Window()
-        batches = train_batches(
+        batches = prefetch(train_batches(  # same batches, same order, prepared ahead in a background thread
             manifest, args.dataset_url, epoch=epoch, seed=cfg.train.seed, rank=rank, world_size=world_size,
             batch_per_rank=global_batch // world_size, shuffle_buffer=cfg.data.shuffle_buffer,
             binarize=cfg.data.binarize, verify=cfg.data.verify, start_step=position.step_in_epoch,
             partitions=partitions,
-        )
+        ), cfg.data.prefetch_batches, pin_memory=device.type == "cuda")
         tic = time.perf_counter()
         for batch in batches:
             window.data_wait += time.perf_counter() - tic

@@ -11,3 +11,5 @@ import typer
 bench_app = typer.Typer(help="Measure the pipeline: memory (peak RSS vs data size), ...", no_args_is_help=True)
 
 from pipeline.bench import memory as _memory  # noqa: E402,F401 - registers `bench memory`
+from pipeline.bench import data as _data  # noqa: E402,F401 - registers `bench data`
+from pipeline.bench import train as _train  # noqa: E402,F401 - registers `bench train`

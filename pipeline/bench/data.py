@@ -1,0 +1,222 @@
+"""`pipeline bench data`: the same shards read four ways, side by side in one process.
+
+- raw:      a sequential read of every train shard's bytes (open_for_reading, 1 MiB reads): the
+            physical limit of this storage here;
+- loader:   our streaming loader as training uses it: `train_batches` (rank 0 of 1, block
+            shuffle, dynamic binarization) behind the `prefetch` thread, consumed to exhaustion;
+            also ``loader_inline`` (no prefetch thread) and ``loader_reference`` (the tarfile
+            reference decode path, `reader.FAST_PATH = False`) for the record;
+- memory:   a torch DataLoader over an in-memory TensorDataset of the same samples (shuffled),
+            with the same per-batch work (uint8 -> float / 255 -> Bernoulli);
+- raydata:  Ray Data `read_webdataset` -> `select_columns` -> `iter_torch_batches`, same batch
+            and the same per-batch work (Ray started beforehand; its start is not counted).
+
+Each is run ``--repeats`` times, interleaved, and the medians are reported (the machines are
+shared: absolute numbers move with the load; the ratios are what to read). MB/s is the shard
+bytes the samples occupy, divided by the time.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from pipeline.bench import bench_app
+from pipeline.bench.common import command_line, default_source, emit, machine, median, prepare_dataset, ratio
+
+
+def _binarize(images: Any, seed: int) -> Any:
+    import torch
+
+    x = images.reshape(len(images), -1).float().div_(255)
+    return torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+
+
+def read_raw(url: str) -> int:
+    from pipeline.data import read_manifest, shard_url
+    from pipeline.data.remote import open_for_reading
+
+    total = 0
+    for shard in read_manifest(url).splits["train"].shards:
+        with open_for_reading(shard_url(url, shard)) as stream:
+            while chunk := stream.read(1 << 20):
+                total += len(chunk)
+    return total
+
+
+def read_loader(url: str, batch: int, shuffle_buffer: int, prefetch_depth: int = 4, reference: bool = False,
+                limit: int | None = None) -> int:
+    from pipeline.data import read_manifest
+    from pipeline.data import reader
+    from pipeline.data.stream import prefetch, train_batches
+
+    manifest = read_manifest(url)
+    before, reader.FAST_PATH = reader.FAST_PATH, not reference
+    samples = 0
+    try:
+        batches = prefetch(train_batches(manifest, url, epoch=0, seed=0, rank=0, world_size=1, batch_per_rank=batch,
+                                         shuffle_buffer=shuffle_buffer, binarize="dynamic"), prefetch_depth)
+        for item in batches:
+            samples += len(item.x)
+            if limit and samples >= limit:
+                batches.close()
+                break
+    finally:
+        reader.FAST_PATH = before
+    return samples
+
+
+def load_in_memory(url: str) -> tuple[Any, Any]:
+    """The train split as uint8 / int64 tensors (read once, not timed)."""
+    import numpy as np
+    import torch
+
+    from pipeline.data import read_manifest, read_pieces
+
+    manifest = read_manifest(url)
+    shards = manifest.splits["train"].shards
+    samples = list(read_pieces(manifest, url, shards, [(i, 0, s.samples) for i, s in enumerate(shards)]))
+    images = torch.from_numpy(np.stack([s[1] for s in samples]))
+    labels = torch.from_numpy(np.asarray([s[2] for s in samples], dtype=np.int64))
+    return images, labels
+
+
+def read_memory(images: Any, labels: Any, batch: int) -> int:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    samples = 0
+    for step, (x, _) in enumerate(loader):
+        samples += len(_binarize(x, step))
+    return samples
+
+
+def read_raydata(url: str, batch: int) -> int:
+    import ray
+
+    from pipeline.data import read_manifest, shard_url
+
+    paths = [shard_url(url, s) for s in read_manifest(url).splits["train"].shards]
+    dataset = ray.data.read_webdataset(paths).select_columns(["npy", "cls"])  # __key__/__url__ break torch batches
+    samples = 0
+    for step, item in enumerate(dataset.iter_torch_batches(batch_size=batch, drop_last=True)):
+        samples += len(_binarize(item["npy"], step))
+    return samples
+
+
+def start_ray() -> float:
+    import ray
+
+    started = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return time.perf_counter() - started
+
+
+def run_data_bench(url: str, *, batch: int = 100, shuffle_buffer: int = 1000, repeats: int = 3,
+                   raydata: bool = True, reference_limit: int = 10_000) -> dict[str, Any]:
+    import torch
+
+    from pipeline.data import read_manifest
+
+    torch.set_num_threads(1)  # as in a Ray worker (OMP_NUM_THREADS=1)
+    manifest = read_manifest(url)
+    train = manifest.splits["train"]
+    total_bytes = sum(s.bytes for s in train.shards)
+    bytes_per_sample = total_bytes / max(train.samples, 1)
+    images, labels = load_in_memory(url)
+    ray_init_s = start_ray() if raydata else None
+
+    ways: dict[str, Callable[[], int]] = {
+        "raw": lambda: (read_raw(url), train.samples)[1],
+        "loader": lambda: read_loader(url, batch, shuffle_buffer),
+        "loader_inline": lambda: read_loader(url, batch, shuffle_buffer, prefetch_depth=0),
+        "memory": lambda: read_memory(images, labels, batch),
+    }
+    if raydata:
+        ways["raydata"] = lambda: read_raydata(url, batch)
+    if reference_limit:
+        ways["loader_reference"] = lambda: read_loader(url, batch, shuffle_buffer, reference=True,
+                                                       limit=reference_limit)
+    rates: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeats):  # interleaved, so slow spells of a shared machine hit every way alike
+        for name, way in ways.items():
+            started = time.perf_counter()
+            samples = way()
+            rates[name].append(samples / max(time.perf_counter() - started, 1e-9))
+    sps = {name: round(median(values)) for name, values in rates.items()}
+    loader = sps["loader"]
+    return {
+        "bench": "data",
+        "dataset": {"url": url, "train_samples": train.samples, "shards": len(train.shards), "bytes": total_bytes,
+                    "image_shape": manifest.image_shape},
+        "batch": batch, "shuffle_buffer": shuffle_buffer, "repeats": repeats,
+        "samples_per_s": sps,
+        "samples_per_s_all": {name: [round(v) for v in values] for name, values in rates.items()},
+        "mb_per_s": {name: round(rate * bytes_per_sample / 1e6, 1) for name, rate in sps.items()},
+        "loader_vs_raw": ratio(loader, sps["raw"]),
+        "loader_vs_memory": ratio(loader, sps["memory"]),
+        "loader_vs_raydata": ratio(loader, sps["raydata"]) if raydata else None,
+        "loader_vs_reference": ratio(loader, sps.get("loader_reference", 0)),
+        "targets": {"loader_vs_memory>=0.9": (ratio(loader, sps["memory"]) or 0) >= 0.9,
+                    "loader_vs_raydata>=2": (ratio(loader, sps["raydata"]) or 0) >= 2 if raydata else None},
+        "ray_init_s": round(ray_init_s, 2) if ray_init_s is not None else None,
+        "machine": machine(),
+    }
+
+
+def data_markdown(report: dict[str, Any], command: str) -> str:
+    m, s, mb = report["machine"], report["samples_per_s"], report["mb_per_s"]
+    d = report["dataset"]
+    names = {"raw": "(a) raw sequential read of the tar files", "loader": "(b) streaming loader (train_batches + prefetch)",
+             "loader_inline": "(b') streaming loader, no prefetch thread",
+             "loader_reference": "(b'') streaming loader, tarfile reference decode",
+             "memory": "(c) in-memory TensorDataset + DataLoader", "raydata": "(d) Ray Data read_webdataset"}
+    lines = [
+        f"`{command}` — {m['cpus']} cores ({m['cpu']}), load average {m['loadavg_1m']} at the end; "
+        f"{d['train_samples']} samples {d['image_shape']} in {d['shards']} shards, batch {report['batch']}, "
+        f"median of {report['repeats']} interleaved runs, 1 torch thread.",
+        "",
+        "| reader | samples/s | MB/s |",
+        "|---|---:|---:|",
+    ]
+    for key in ("raw", "loader", "loader_inline", "loader_reference", "memory", "raydata"):
+        if key in s:
+            lines.append(f"| {names[key]} | {s[key]:,} | {mb[key]:,} |")
+    lines += ["", f"loader/raw **{report['loader_vs_raw']}**, loader/in-memory **{report['loader_vs_memory']}** "
+              f"(target >= 0.9), loader/Ray Data **{report['loader_vs_raydata']}** (target >= 2), "
+              f"fast/reference decode {report['loader_vs_reference']}."]
+    return "\n".join(lines)
+
+
+@bench_app.command("data")
+def bench_data(
+    source: Annotated[str, typer.Option("--source", help="Dataset URL/folder with manifest.json, an MNIST idx folder, "
+                                        "or 'digits' (small)")] = "",
+    samples: Annotated[int, typer.Option("--samples", min=0, help="Train samples taken from MNIST/digits (0: all)")] = 50_000,
+    batch: Annotated[int, typer.Option("--batch", min=1)] = 100,
+    shuffle_buffer: Annotated[int, typer.Option("--shuffle-buffer", min=0)] = 1000,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved runs per reader; medians reported")] = 3,
+    raydata: Annotated[bool, typer.Option("--raydata/--no-raydata", help="Include Ray Data read_webdataset")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (default: a Markdown table)")] = False,
+    readme: Annotated[Optional[str], typer.Option("--readme", help="Also write the table into this README's "
+                                                  "<!-- bench:data:start/end --> markers")] = None,
+) -> None:
+    """Samples/s and MB/s of raw tar reads, our streaming loader, an in-memory DataLoader and Ray Data."""
+    command = command_line()
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        url, _ = prepare_dataset(source or default_source(), Path(tmp), samples)
+        report = run_data_bench(url, batch=batch, shuffle_buffer=shuffle_buffer, repeats=repeats, raydata=raydata)
+    report["command"] = command
+    emit(report, as_json, data_markdown(report, command), readme, "data")

@@ -1,0 +1,215 @@
+"""`pipeline bench data|train` run on small data and emit every field; the fast loader path equals the reference.
+
+The benches are not timed here: the machines are shared. What is checked is that each command
+runs end to end (bench train with a real local Ray cluster) and that its JSON carries the fields
+checks rely on; and that the numpy fast decode path and the prefetch thread give exactly the
+samples, order, labels and binarized pixels of the reference (tarfile) path, and the same
+errors and skips on damaged shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import Manifest, ShardError, ShardInfo, SplitInfo, load_digits_splits, read_manifest, write_shards
+from pipeline.data import reader
+from pipeline.data.reader import ReadOptions, data_health, read_shard, reset_data_health, set_read_options
+from pipeline.data.sources import Split
+from pipeline.data.stream import eval_batches, prefetch, train_batches
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def clean_reader():
+    reset_data_health()
+    set_read_options(ReadOptions())
+    yield
+    reader.FAST_PATH = True
+    set_read_options(ReadOptions())
+    reset_data_health()
+
+
+@pytest.fixture(scope="module")
+def mnist_like(tmp_path_factory) -> str:
+    """28x28 random images, labels incl. two-digit and negative ones, uneven shard sizes."""
+    rng = np.random.default_rng(0)
+    n = 1234
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.choice([-1, 0, 3, 9, 12], size=n).astype(np.int64)
+    out = tmp_path_factory.mktemp("mnist-like") / "data"
+    write_shards({"train": Split(images, labels), "val": Split(images[:300], labels[:300])}, str(out),
+                 source="test", samples_per_shard=97, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("digits") / "data"
+    write_shards(load_digits_splits(), str(out), source="digits", samples_per_shard=200, progress=False)
+    return str(out)
+
+
+def _all_train(url: str, fast: bool, **kwargs) -> list:
+    reader.FAST_PATH = fast
+    manifest = read_manifest(url)
+    return list(train_batches(manifest, url, **kwargs))
+
+
+@pytest.mark.parametrize("dataset", ["mnist_like", "digits"])
+@pytest.mark.parametrize("world_size,rank,start_step", [(1, 0, 0), (2, 0, 0), (2, 1, 0), (1, 0, 3), (2, 1, 2)])
+def test_fast_path_equals_reference(request, dataset, world_size, rank, start_step):
+    url = request.getfixturevalue(dataset)
+    kwargs = dict(epoch=1, seed=7, rank=rank, world_size=world_size, batch_per_rank=40 // world_size,
+                  shuffle_buffer=50, binarize="dynamic", start_step=start_step, partitions=2, verify=True)
+    fast, slow = _all_train(url, True, **kwargs), _all_train(url, False, **kwargs)
+    assert len(fast) == len(slow) > 0
+    for a, b in zip(fast, slow):
+        assert a.keys == b.keys
+        assert torch.equal(a.x, b.x) and torch.equal(a.labels, b.labels)
+
+
+def test_fast_path_is_taken_and_eval_matches(mnist_like):
+    manifest = read_manifest(mnist_like)
+    shard = manifest.splits["train"].shards[0]
+    data = Path(mnist_like, shard.path).read_bytes()
+    found = reader._fast_samples(data, 0, shard.samples, (28, 28), np.dtype("uint8"), {"npy", "cls"}, 1 << 20)
+    assert found is not None and len(found[0]) == shard.samples
+    outs = []
+    for fast in (True, False):
+        reader.FAST_PATH = fast
+        outs.append(list(eval_batches(manifest, mnist_like, split="val", rank=0, world_size=1, batch_size=64,
+                                      binarize="none")))
+    for (x1, y1), (x2, y2) in zip(*outs):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _members(n: int) -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(n):
+        out += [(f"train-{i:07d}.npy", _npy(np.full((2, 2), i, np.uint8))), (f"train-{i:07d}.cls", b"%d" % (i % 10))]
+    return out
+
+
+def _damaged() -> dict[str, bytes]:
+    good = _tar(_members(6))
+    flipped = bytearray(good)
+    flipped[512 * 7 + 3] ^= 0xFF  # inside the 3rd sample's first header
+    pickled = _members(6)
+    pickled[4] = ("train-0000002.pyd", b"\x80\x04K\x01.")
+    bad_label = _members(6)
+    bad_label[5] = ("train-0000002.cls", b"x1")
+    bad_shape = _members(6)
+    bad_shape[6] = ("train-0000003.npy", _npy(np.zeros((3, 2), np.uint8)))
+    return {"good": good, "header_flip": bytes(flipped), "truncated": good[: 512 * 9], "pickle": _tar(pickled),
+            "label": _tar(bad_label), "shape": _tar(bad_shape), "garbage": b"not a tar at all" * 100}
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+@pytest.mark.parametrize("kind", list(_damaged()))
+def test_damaged_shards_same_outcome_on_both_paths(tmp_path, mode, kind):
+    data = _damaged()[kind]
+    (tmp_path / "train-00000.tar").write_bytes(data)
+    manifest = Manifest(source="t", image_shape=[2, 2], created="2026-01-01T00:00:00+00:00",
+                        splits={"train": SplitInfo(samples=6, shards=[ShardInfo(
+                            path="train-00000.tar", samples=6, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())])})
+    outcomes = []
+    for fast in (True, False):
+        reader.FAST_PATH = fast
+        reset_data_health()
+        got, error = [], None
+        try:
+            for key, image, label in read_shard(manifest, str(tmp_path), manifest.splits["train"].shards[0],
+                                                start=1, verify=True, on_corrupt=mode):
+                got.append((key, image.tobytes(), label))
+        except ShardError as err:
+            error = str(err)
+        health = data_health()
+        outcomes.append((got, error, health.skipped_samples, health.skipped_shards))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_prefetch_same_order_errors_in_place_and_close():
+    assert list(prefetch(iter(range(100)), 3)) == list(range(100))
+    assert list(prefetch(iter(range(5)), 0)) == list(range(5))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("boom")
+
+    got = []
+    with pytest.raises(ValueError, match="boom"):
+        for item in prefetch(failing(), 2):
+            got.append(item)
+    assert got == [1, 2]
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    stream = prefetch(endless(), 2)
+    assert next(stream) == 0
+    stream.close()
+    count = len(produced)
+    assert count <= 5 and len(produced) == count  # the producer stopped
+
+
+def _bench(*args: str, timeout: int) -> dict:
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "bench", *args, "--json"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_bench_data_emits_every_field():
+    report = _bench("data", "--source", "digits", "--samples", "0", "--repeats", "1", timeout=300)
+    for field in ("loader_vs_raw", "loader_vs_memory", "loader_vs_raydata", "samples_per_s", "mb_per_s"):
+        assert report[field] is not None, field
+    assert set(report["samples_per_s"]) >= {"raw", "loader", "memory", "raydata"}
+    assert all(v > 0 for v in report["samples_per_s"].values())
+
+
+def test_bench_train_emits_every_field(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- bench:train:start -->\nold\n<!-- bench:train:end -->\ny\n")
+    report = _bench("train", "--source", "digits", "-o", "train.log_every=5", "--readme", str(readme), timeout=600)
+    for field in ("ray_vs_plain", "scaling_2v1", "data_wait_frac", "startup_s"):
+        assert report[field] is not None, field
+    assert report["ray1"]["steps"] == report["ray2"]["steps"] > 0
+    assert 0 <= report["data_wait_frac"] <= 1 and report["startup_s"] > 0
+    text = readme.read_text()
+    assert "old" not in text and "| (b) `pipeline train`, 2 Ray worker(s)" in text and text.endswith("y\n")

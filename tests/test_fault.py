@@ -238,7 +238,7 @@ def test_mlflow_server_outage_loses_no_metrics(ray_cluster, digits_dataset, tmp_
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_mlflow_server(tmp_path, port)
-    config = _config(digits_dataset, uri, tmp_path, "train.epochs=60", "train.log_every=5",
+    config = _config(digits_dataset, uri, tmp_path, "train.epochs=30", "train.log_every=5",
                      "tracking.experiment=outage")
     result: dict = {}
     runner = threading.Thread(target=lambda: result.setdefault("r", train(config)), daemon=True)
@@ -261,9 +261,9 @@ def _check_outage_run(result: dict, uri: str, outage_step: int) -> None:
     client = MlflowClient(uri)
     run_id = result["r"].run_id
     steps_per = steps_per_epoch(1297, 2, 32)
-    total = 60 * steps_per
+    total = 30 * steps_per
     assert result["r"].steps == total > outage_step
     expected = sorted({1} | set(range(5, total + 1, 5)))
     assert [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)] == expected
-    assert len(client.get_metric_history(run_id, "val/loss")) == 60
+    assert len(client.get_metric_history(run_id, "val/loss")) == 30
     assert client.get_run(run_id).info.status == "FINISHED"

@@ -88,7 +88,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     set_read_options(ReadOptions.from_config(cfg.data))  # retries, cache, on_corrupt for this process
     manifest = read_manifest(args.dataset_url)
-    model = build_vae(cfg.model, int(np.prod(manifest.image_shape)))
+    model = build_vae(cfg.model, int(np.prod(manifest.image_shape)), image_shape=tuple(manifest.image_shape))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     position, partitions = Position(), cfg.partitions
     checkpoint = ray.train.get_checkpoint()

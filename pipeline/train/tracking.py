@@ -88,7 +88,8 @@ def start_run(config: RunConfig, *, tracking_uri: str, manifest_digest: str, tri
         run_name=config.tracking.run_name,
         tags={
             "dataset.manifest_sha256": manifest_digest,
-            "dataset.url": config.data.url,
+            # absolute, so `pipeline evaluate` finds the data from any working directory
+            "dataset.url": config.data.url if "://" in config.data.url else str(Path(config.data.url).resolve()),
             "code_version": version,
             "mlflow.source.git.commit": version.split("+g")[-1] if "+g" in version else "",
             "trigger": trigger,

@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
-from pipeline.data import load_mnist_splits, read_manifest, steps_per_epoch, write_shards
+from pipeline.data import load_mnist_splits, steps_per_epoch, write_shards
 from pipeline.train.trainer import TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ops_services import free_port
 
 from pipeline.config import load_config
 from pipeline.data import load_mnist_splits, steps_per_epoch, write_shards
@@ -204,14 +205,6 @@ def test_nonfinite_stop_names_the_step(ray_cluster, digits_dataset, tmp_path, tr
     assert run.info.status == "FAILED" and run.data.tags["failure.step"] == "7"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
     import urllib.request
 
@@ -235,7 +228,7 @@ def _start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
 @pytest.mark.timeout(600)
 def test_mlflow_server_outage_loses_no_metrics(ray_cluster, digits_dataset, tmp_path):
     """Stop the real tracking server mid-run and start it again: the history is complete."""
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_mlflow_server(tmp_path, port)
     config = _config(digits_dataset, uri, tmp_path, "train.epochs=30", "train.log_every=5",

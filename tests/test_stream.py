@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from test_corrupt import tar_bytes
+
 from pipeline.data import (
     DataError,
     Manifest,
@@ -159,15 +161,10 @@ def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
 
 def hand_made_dataset(folder: Path, members: list[tuple[str, bytes]], samples: int, shape: list[int] | None = None) -> tuple[Manifest, str, str]:
     """A dataset whose single shard holds exactly ``members``; the manifest's sha256 is the shard's real one."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    data = tar_bytes(members)
     shard_path = folder / "train-00000.tar"
-    shard_path.write_bytes(buffer.getvalue())
-    shard = ShardInfo(path=shard_path.name, samples=samples, bytes=len(buffer.getvalue()), sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
+    shard_path.write_bytes(data)
+    shard = ShardInfo(path=shard_path.name, samples=samples, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     manifest = Manifest(source="hand-made", image_shape=shape or [2, 2], splits={"train": SplitInfo(samples=samples, shards=[shard])}, created="2026-01-01T00:00:00+00:00")
     return manifest, str(folder), str(shard_path)
 

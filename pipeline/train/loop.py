@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import ray.train
 import ray.train.torch
@@ -30,6 +29,7 @@ from pipeline.data import partitions_of_rank, read_manifest, steps_per_epoch, tr
 from pipeline.data.stream import prefetch
 from pipeline.data.reader import ReadOptions, data_health, set_read_options
 from pipeline.models import build_vae, temperature_at
+from pipeline.train.collectives import all_gather, all_reduce
 from pipeline.train.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from pipeline.train.tracking import RunLogger, count_restart, log_data_health
 from pipeline.train.step import PrecisionStep
@@ -203,27 +203,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def _node_ids(world_size: int) -> list[str]:
     """The Ray node of every rank, in rank order (a collective: all ranks call it at start)."""
-    mine = ray.get_runtime_context().get_node_id()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [mine]
-    everyone: list = [None] * world_size
-    dist.all_gather_object(everyone, mine)
-    return everyone
+    return all_gather(ray.get_runtime_context().get_node_id(), world_size)
 
 
 def _data_health_across_ranks(world_size: int) -> tuple[dict[str, float], set[str]]:
     """Skipped samples, read retries and cache use summed over ranks; the union of skipped shards."""
     health = data_health()
     keys = ["data/skipped_samples", "data/read_retries", "data/cache_hits", "data/cache_misses"]
-    totals = torch.tensor([health.skipped_samples, health.read_retries, health.cache_hits, health.cache_misses],
-                          dtype=torch.float64)
-    shards = [sorted(health.skipped_shards)]
-    if dist.is_available() and dist.is_initialized():
-        totals = totals.to(ray.train.torch.get_device())
-        dist.all_reduce(totals)
-        totals = totals.cpu()
-        shards = [None] * world_size
-        dist.all_gather_object(shards, sorted(health.skipped_shards))
+    totals = all_reduce(torch.tensor([health.skipped_samples, health.read_retries, health.cache_hits,
+                                      health.cache_misses], dtype=torch.float64), ray.train.torch.get_device())
+    shards = all_gather(sorted(health.skipped_shards), world_size)
     return dict(zip(keys, totals.tolist())), set().union(*map(set, shards))
 
 
@@ -273,10 +262,7 @@ class _Window:
     def means(self) -> dict[str, float]:
         """Window means over the whole global batch: every rank calls this at the same step."""
         sums = torch.tensor(list(self.sums.values()), dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            sums = sums.to(ray.train.torch.get_device())
-            dist.all_reduce(sums)
-            sums = sums.cpu() / dist.get_world_size()
+        sums = all_reduce(sums, ray.train.torch.get_device()) / ray.train.get_context().get_world_size()
         return {k: float(v) / max(self.count, 1) for k, v in zip(self.sums, sums)}
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.train.collectives import all_reduce
+
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -65,7 +67,5 @@ class PrecisionStep:
 
 
 def _finite_everywhere(loss: torch.Tensor) -> bool:
-    flag = torch.tensor([float(torch.isfinite(loss).all())], device=loss.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    flag = torch.tensor([float(torch.isfinite(loss).all())])
+    return bool(all_reduce(flag, loss.device, op=dist.ReduceOp.MIN).item())

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from pipeline.config import RunConfig
 from pipeline.data import eval_batches
 from pipeline.models import active_units, perplexity_from_usage, temperature_at
+from pipeline.train.collectives import all_reduce
 
 # Labels 0..MAX_LABELS-1 enter the cluster-accuracy counts; others (e.g. -1 = unlabelled) do not.
 MAX_LABELS = 256
@@ -94,11 +94,7 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
             known = (labels >= 0) & (labels < MAX_LABELS)
             flat_index = components[known] * MAX_LABELS + labels[known]
             parts["clusters"].view(-1).index_add_(0, flat_index, torch.ones(len(flat_index), dtype=torch.float64))
-    flat = sums.pack()
-    if dist.is_available() and dist.is_initialized():
-        flat = flat.to(device)  # NCCL reduces device tensors only
-        dist.all_reduce(flat)  # every rank calls this exactly once, even with no samples
-        flat = flat.cpu()
+    flat = all_reduce(sums.pack(), device)  # every rank calls this exactly once, even with no samples
     total = sums.unpack(flat)
     recon_sum, kl_sum, count = total["totals"].tolist()
     if count == 0:

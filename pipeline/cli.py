@@ -141,6 +141,10 @@ def train(
     ] = False,
 ) -> None:
     """Train a VAE with Ray Train (DDP) and track it in MLflow; prints the run id and final val -ELBO."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        from pipeline.ops.ray_jobs import enable_token_auth
+
+        enable_token_auth()  # before Ray is imported: a cluster started with `ray start` wants its token
     from pipeline.config import ConfigError
     from pipeline.train.trainer import TrainingError, resume_config, train as run_training
 

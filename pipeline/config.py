@@ -6,6 +6,7 @@ names the key and lists the allowed ones instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +43,8 @@ class DataConfig(_Section):
     )
     partitions: int | None = Field(
         None, ge=1,
-        description="Fixed split of each epoch's sample order into P streams (default: train.workers). The samples of "
+        description="Fixed split of each epoch's sample order into P streams (default: train.workers; for a range, "
+        "the least common multiple of its counts). The samples of "
         "every global batch depend on P, not on the worker count: resuming on W workers needs W to divide P",
     )
 
@@ -93,7 +95,13 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(100, ge=1, description="Global batch: split evenly across train.workers")
-    workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    workers: int = Field(
+        2, ge=1, description="Ray Train workers (DDP ranks). A range MIN..MAX (e.g. 1..4) trains elastically: "
+        "it starts with what the cluster can place and, after losing a node, goes on with fewer (at least MIN)"
+    )
+    min_workers: int | None = Field(
+        None, ge=1, description="Elastic training's lower bound (set by train.workers=MIN..MAX; None: fixed size)"
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
@@ -118,14 +126,38 @@ class TrainConfig(_Section):
         None, description="Testing aid: a directory where each rank appends the keys of every batch it trained on"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _worker_range(cls, values: Any) -> Any:
+        """`workers: 1..4` -> workers=4, min_workers=1 (both logged as plain MLflow params)."""
+        if isinstance(values, dict) and isinstance(values.get("workers"), str) and ".." in values["workers"]:
+            low, _, high = values["workers"].partition("..")
+            try:
+                values = {**values, "min_workers": int(low), "workers": int(high)}
+            except ValueError:
+                raise ValueError(f"train.workers={values['workers']!r}: expected a count (4) or a range MIN..MAX (1..4)")
+        return values
+
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
-        if self.batch_size % self.workers:
-            raise ValueError(
-                f"train.batch_size={self.batch_size} must be a multiple of train.workers={self.workers} "
-                "(each worker takes an equal share of the global batch)"
-            )
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"train.workers range {self.min_workers}..{self.workers}: MIN must not exceed MAX")
+        for count in self.worker_counts:
+            if self.batch_size % count:
+                raise ValueError(
+                    f"train.batch_size={self.batch_size} must be a multiple of train.workers={count} "
+                    "(each worker takes an equal share of the global batch)"
+                )
         return self
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may have: just `workers`, or MIN..MAX when elastic."""
+        return range(self.min_workers or self.workers, self.workers + 1)
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.workers
 
     @property
     def batch_per_worker(self) -> int:
@@ -150,17 +182,20 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _partitions_fit(self) -> "RunConfig":
-        partitions = self.data.partitions or self.train.workers
-        if partitions % self.train.workers or self.train.batch_size % partitions:
+        partitions = self.partitions
+        counts = self.train.worker_counts
+        if any(partitions % count for count in counts) or self.train.batch_size % partitions:
+            workers = f"{counts.start}..{counts.stop - 1}" if len(counts) > 1 else str(self.train.workers)
             raise ValueError(
-                f"data.partitions={partitions} must be a multiple of train.workers={self.train.workers} "
+                f"data.partitions={partitions} must be a multiple of every worker count in train.workers={workers} "
                 f"and divide train.batch_size={self.train.batch_size}"
             )
         return self
 
     @property
     def partitions(self) -> int:
-        return self.data.partitions or self.train.workers
+        """P; by default the least common multiple of the worker counts (just `workers` unless elastic)."""
+        return self.data.partitions or math.lcm(*self.train.worker_counts)
 
     def flat(self) -> dict[str, Any]:
         """The config as {"train.epochs": 10, ...}: MLflow params and the CLI's override keys."""

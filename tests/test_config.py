@@ -90,3 +90,17 @@ def test_readme_documents_every_config_key():
     config = load_config(CONFIGS[0])
     missing = [key for key in config.flat() if f"`{key}`" not in readme]
     assert missing == [], f"README config reference lacks {missing}"
+
+
+def test_worker_range_makes_training_elastic_with_a_partition_count_every_size_divides():
+    config = load_config(CONFIGS[0], ["train.workers=2..4", "train.batch_size=120"])
+    assert (config.train.min_workers, config.train.workers, config.train.elastic) == (2, 4, True)
+    assert config.partitions == 12  # lcm(2, 3, 4): 2, 3 or 4 workers all serve whole partitions
+    assert config.flat()["train.min_workers"] == 2 and config.flat()["train.workers"] == 4
+    assert load_config(CONFIGS[0], ["train.workers=4"]).train.elastic is False
+    with pytest.raises(ConfigError, match="MIN must not exceed MAX"):
+        load_config(CONFIGS[0], ["train.workers=4..2"])
+    with pytest.raises(ConfigError, match=r"train.workers=3 \(each worker"):
+        load_config(CONFIGS[0], ["train.workers=2..4", "train.batch_size=64"])  # 3 workers cannot split 64
+    with pytest.raises(ConfigError, match="every worker count in train.workers=1..2"):
+        load_config(CONFIGS[0], ["train.workers=1..2", "data.partitions=1"])

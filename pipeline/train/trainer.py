@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from rich.console import Console
 
@@ -49,7 +50,11 @@ def connect_ray(address: str | None, config: RunConfig) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)  # the CLI has set token auth (cli.train)
+        except (ConnectionError, RuntimeError) as err:
+            raise TrainingError(f"cannot join the Ray cluster at {address}: {_root_cause(err)} (is it up, and does "
+                                "this machine have its token: RAY_AUTH_TOKEN or ~/.ray/auth_token?)") from None
         return
     cpus = os.cpu_count() or 1
     needed = config.train.workers * config.train.cpus_per_worker
@@ -90,6 +95,10 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     _tune_ray_train_env()
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
     storage = absolute_url(config.train.storage or "ray_results")
+    # Ray first: a cluster that cannot take this run refuses it before an MLflow run exists.
+    with console.status("starting Ray"):
+        connect_ray(address, config)
+    check_shared_storage(storage=storage, dataset_url=dataset_url, tracking_uri=tracking_uri)
     if resume_run_id:
         run_id = resume_run_id
         tracking.reopen_run(tracking_uri, run_id)
@@ -101,9 +110,6 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     ray_run_name = f"{config.tracking.experiment}-{run_id[:8]}"  # same name + storage = Ray resumes the run
     console.print(f"MLflow run [bold]{run_id}[/] in experiment '{config.tracking.experiment}' ({tracking_uri})")
     try:
-        with console.status("starting Ray"):
-            connect_ray(address, config)
-        check_storage_reachable(storage)
         worker_args = WorkerArgs(config.model_dump(mode="json"), dataset_url, tracking_uri, run_id,
                                  resumed_run=bool(resume_run_id), fallback_dir=str(Path(storage) / ray_run_name)
                                  if "://" not in storage else None)
@@ -111,7 +117,8 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
             train_loop_per_worker,
             train_loop_config=asdict(worker_args),
             scaling_config=ray.train.ScalingConfig(
-                num_workers=config.train.workers, use_gpu=config.train.use_gpu,
+                num_workers=(config.train.min_workers, config.train.workers) if config.train.elastic
+                else config.train.workers, use_gpu=config.train.use_gpu,
                 resources_per_worker={"CPU": config.train.cpus_per_worker},
                 placement_strategy=_placement_strategy(config),
             ),
@@ -200,21 +207,32 @@ def _placement_strategy(config: RunConfig) -> str:
     return config.train.placement.upper()
 
 
-def check_storage_reachable(storage: str) -> None:
-    """Refuse node-local checkpoint storage on a cluster of several nodes, before training starts.
+def check_shared_storage(*, storage: str, dataset_url: str, tracking_uri: str) -> None:
+    """On a cluster of several nodes, refuse node-local shards and checkpoints before training starts.
 
-    Each node would write its own copy of the run directory, and a restarted worker on
-    another node would not find the latest checkpoint.
+    A worker on another node would not find the shards, and a restarted worker group would
+    not find the latest checkpoint (each node would write its own copy). `file:///...` says
+    "a filesystem mounted at this path on every node" and is accepted. Rank 0 logs to MLflow
+    from whichever node it lands on: a file store or a loopback server only works if that is
+    this machine, so that gets a warning.
     """
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and "://" not in storage:
+    if len(nodes) < 2:
+        return
+    local = [f"{key}={value}" for key, value in (("data.url", dataset_url), ("train.storage", storage))
+             if "://" not in value]
+    if local:
         raise TrainingError(
-            f"train.storage={storage} is a local path, but the cluster has {len(nodes)} nodes: checkpoints must "
-            "go to storage every node reaches (s3://, gs://, or a shared filesystem mounted on every node "
-            "as file:///...)"
+            f"{' and '.join(local)}: a local path, but the cluster has {len(nodes)} nodes: shards and checkpoints "
+            "must be on storage every node reaches (s3://, gs://, or a filesystem mounted at the same path on "
+            "every node, written as file:///...)"
         )
+    host = urlparse(tracking_uri).hostname
+    if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri or host in ("127.0.0.1", "localhost"):
+        console.print(f"[yellow]warning:[/] tracking URI {tracking_uri} is local to this machine, but rank 0 may run "
+                      f"on any of the {len(nodes)} nodes: use an MLflow server every node reaches")
 
 
 def _tune_ray_train_env() -> None:

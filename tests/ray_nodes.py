@@ -1,0 +1,114 @@
+"""A real Ray cluster of several nodes on this machine: one `ray start --block` process per node.
+
+Each node is its own raylet with its own resources, temp dir and ports, as Ray tests itself.
+The nodes use the machine's own (non-loopback) address: a worker node joining a head
+advertised on 127.0.0.1 is rewritten to that address by Ray and cannot register. Token
+authentication (Ray's default) is on; every node and client here carries RAY_AUTH_MODE=token.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ops_services import BIN, free_port, kill_group
+
+
+def node_ip() -> str:
+    import ray._private.services
+
+    return ray._private.services.get_node_ip_address()
+
+
+def _node_ports() -> list[str]:
+    ports = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
+    return [f"{flag}={free_port()}" for flag in ports]
+
+
+@dataclass
+class Node:
+    proc: subprocess.Popen  # `ray start --block`: leader of the node's process group
+    log: Path
+    temp_dir: str
+
+    def raylet_pid(self) -> int:
+        """The raylet of this node (a child of the `ray start` process)."""
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                    if os.getpgid(int(entry.name)) == self.proc.pid and "(raylet)" in stat:
+                        return int(entry.name)
+                except (OSError, ProcessLookupError):
+                    continue
+        raise LookupError(f"no raylet in the process group of node {self.proc.pid}")
+
+
+@dataclass
+class Cluster:
+    address: str  # GCS address, what `pipeline train --address` takes
+    env: dict[str, str]  # environment for clients of this cluster
+    head: Node
+    workers: list[Node] = field(default_factory=list)
+
+    def alive_nodes(self) -> int:
+        """Alive nodes as the GCS sees them (a separate client process: the test may hold another cluster)."""
+        code = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
+                "print(sum(n['Alive'] for n in ray.nodes()))") % self.address
+        out = subprocess.run([str(BIN / "python"), "-c", code], env=self.env, capture_output=True, text=True,
+                             timeout=60)
+        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+
+    def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while (alive := self.alive_nodes()) != count:
+            if time.monotonic() > deadline:
+                logs = "\n".join(node.log.read_text()[-1500:] for node in [self.head, *self.workers])
+                raise TimeoutError(f"{alive} of {count} Ray nodes alive after {timeout} s:\n{logs}")
+            time.sleep(1)
+
+
+def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@contextmanager
+def ray_cluster_of_nodes(root: Path, worker_cpus: tuple[int, ...] = (1, 1), head_cpus: int = 0,
+                         env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """A head (no CPUs for training by default) and one worker node per entry of ``worker_cpus``."""
+    root.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in (env or os.environ).items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env |= {"RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+    ip, port = node_ip(), free_port()
+    ray = str(BIN / "ray")
+    # Socket paths must stay under 107 bytes: short temp dirs of our own, one per node.
+    head_dir = tempfile.mkdtemp(prefix="rn-head-", dir="/tmp")
+    head_cmd = [ray, "start", "--head", "--block", f"--node-ip-address={ip}", f"--port={port}",
+                f"--num-cpus={head_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                "--disable-usage-stats", f"--temp-dir={head_dir}", *_node_ports()]
+    head = Node(_start(head_cmd, root / "head.log", env), root / "head.log", head_dir)
+    cluster = Cluster(f"{ip}:{port}", env, head)
+    try:
+        cluster.wait_for_nodes(1)
+        for index, cpus in enumerate(worker_cpus):
+            temp_dir = tempfile.mkdtemp(prefix=f"rn-w{index}-", dir="/tmp")
+            cmd = [ray, "start", "--block", f"--address={cluster.address}", f"--node-ip-address={ip}",
+                   f"--num-cpus={cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}", *_node_ports()]
+            log = root / f"worker{index}.log"
+            cluster.workers.append(Node(_start(cmd, log, env), log, temp_dir))
+        cluster.wait_for_nodes(1 + len(worker_cpus))
+        yield cluster
+    finally:
+        for node in [*cluster.workers, cluster.head]:
+            kill_group(node.proc)
+        for node in [*cluster.workers, cluster.head]:
+            subprocess.run(["rm", "-rf", node.temp_dir], check=False)

@@ -68,16 +68,18 @@ class Position:
     step_in_epoch: int = 0
 
 
-def _quiet_ray_reports() -> None:
+def _quiet_worker_logs() -> None:
     # Ray Train logs every report (all metrics) at INFO on a logger named by its file path,
-    # which LoggingConfig does not reach; rank 0's own epoch line says what matters.
+    # which LoggingConfig does not reach; rank 0's own epoch line says what matters. Ray workers
+    # log at INFO, so botocore's "Found credentials..." would reach the driver from every worker.
     from ray.train.v2._internal.execution import context as train_context
 
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    for name in (train_context.__file__, "botocore", "aiobotocore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    _quiet_ray_reports()
+    _quiet_worker_logs()
     args = WorkerArgs(**loop_config)
     cfg = RunConfig.model_validate(args.config)
     context = ray.train.get_context()
@@ -122,7 +124,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                                                      "GPU": int(cfg.train.use_gpu)})})
         if checkpoint and not args.resumed_run:
             count_restart(args.tracking_uri, args.run_id, f"worker group restarted at step {position.step}")
-        print(f"[rank 0] {world_size} workers x batch {global_batch // world_size}, {steps} steps/epoch, "
+        print(f"[rank 0] {world_size} workers x batch {global_batch // world_size} on {len(set(node_ids))} node(s), "
+              f"{steps} steps/epoch, "
               f"from epoch {position.epoch + 1} step {position.step_in_epoch}")
     my_partitions = partitions_of_rank(partitions, world_size, rank)
     recorder = _SampleRecorder(cfg.train.sample_log, rank) if cfg.train.sample_log else None

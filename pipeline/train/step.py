@@ -43,14 +43,14 @@ class PrecisionStep:
         optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+            grad_norm = _total_norm(model)
             if not np.isfinite(grad_norm):
                 return StepResult(grad_norm, nonfinite=True)
             optimizer.step()
             return StepResult(grad_norm, nonfinite=False)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+        grad_norm = _total_norm(model)
         if not _finite_everywhere(loss.detach()):
             self.scaler.update()
             return StepResult(grad_norm, nonfinite=True)
@@ -69,3 +69,9 @@ class PrecisionStep:
 def _finite_everywhere(loss: torch.Tensor) -> bool:
     flag = torch.tensor([float(torch.isfinite(loss).all())])
     return bool(all_reduce(flag, loss.device, op=dist.ReduceOp.MIN).item())
+
+
+def _total_norm(model: torch.nn.Module) -> float:
+    """The global gradient norm (for non-finite detection and train/grad_norm). Not
+    clip_grad_norm_(inf): that also rescales every gradient by 1.0."""
+    return float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))

@@ -126,7 +126,7 @@ class RunLogger:
     """
 
     def __init__(self, tracking_uri: str, run_id: str, *, resumed: bool = False, fallback_dir: str | None = None,
-                 max_backoff_s: float = 10.0) -> None:
+                 max_backoff_s: float = 10.0, min_interval_s: float = 1.0) -> None:
         # MLflow's own HTTP retries would block our thread for minutes; we retry ourselves.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -135,6 +135,7 @@ class RunLogger:
         self.run_id = run_id
         self.fallback_dir = fallback_dir
         self.max_backoff_s = max_backoff_s
+        self.min_interval_s = min_interval_s
         self.logged_through: dict[str, int] = self._last_steps() if resumed else {}
         self.late_batches = 0  # delivered only after at least one failed attempt
         self.failed_attempts = 0
@@ -159,22 +160,43 @@ class RunLogger:
             self._queue.put(batch[start : start + 1000])
 
     def _deliver(self) -> None:
-        while (batch := self._queue.get()) is not None:
-            delay, failed = 0.5, False
+        """Send queued batches, at most one write per `min_interval_s`: each write (sqlite or HTTP)
+        costs this process Python time next to the training thread, so what queued meanwhile
+        goes in the same write."""
+        last_write, stop = 0.0, False
+        while not stop and (first := self._queue.get()) is not None:
+            pause = self.min_interval_s - (time.monotonic() - last_write)
+            if pause > 0 and not self._closing:
+                time.sleep(pause)
+            metrics = list(first)
             while True:
                 try:
-                    self.client.log_batch(self.run_id, metrics=batch)
+                    more = self._queue.get_nowait()
+                except queue.Empty:
                     break
-                except Exception:  # noqa: BLE001 - server down, network, 5xx: keep the batch, retry
-                    failed = True
-                    self.failed_attempts += 1
-                    if self._closing and time.monotonic() > self._deadline:
-                        self._undelivered.append(batch)
-                        break
-                    time.sleep(delay)
-                    delay = min(delay * 2, self.max_backoff_s)
-            self.late_batches += failed
-            self._queue.task_done()
+                if more is None:
+                    stop = True
+                    break
+                metrics += more
+            for start in range(0, len(metrics), 1000):  # MLflow's limit per log_batch
+                self._send(metrics[start : start + 1000])
+            last_write = time.monotonic()
+
+    def _send(self, batch: list[Metric]) -> None:
+        delay, failed = 0.5, False
+        while True:
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+                break
+            except Exception:  # noqa: BLE001 - server down, network, 5xx: keep the batch, retry
+                failed = True
+                self.failed_attempts += 1
+                if self._closing and time.monotonic() > self._deadline:
+                    self._undelivered.append(batch)
+                    break
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+        self.late_batches += failed
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():

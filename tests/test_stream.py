@@ -26,12 +26,17 @@ from pipeline.data import (
     Split,
     SplitInfo,
     eval_batches,
+    load_digits_splits,
+    partitions_of_rank,
     rank_assignment,
+    read_pieces,
     read_shard,
     steps_per_epoch,
     train_batches,
     write_shards,
 )
+from pipeline.data import reader, stream
+from pipeline.data.reader import ReadOptions, data_health, reset_data_health, set_read_options
 
 
 def shards_of(sizes: list[int]) -> list[ShardInfo]:
@@ -341,3 +346,132 @@ def test_partitions_must_divide_among_workers(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data.partitions=3"):
         list(train_batches(manifest, url, epoch=0, seed=0, rank=0, world_size=2, batch_per_rank=6,
                            shuffle_buffer=0, binarize="none", partitions=3))
+
+
+# --- the batched loader equals the sample-by-sample one it replaced -----------------------------------
+
+
+def _reference_train_batches(manifest: Manifest, url: str, *, split: str = "train", epoch: int, seed: int, rank: int,
+                             world_size: int, batch_per_rank: int, shuffle_buffer: int, binarize: str,
+                             verify: bool = False, start_step: int = 0, partitions: int | None = None):
+    """The loader before issue #7, verbatim in behaviour: every sample a (key, image, label) tuple through
+    generators, each block permuted sample by sample, each batch np.stack'ed."""
+    partitions = partitions or world_size
+    mine = partitions_of_rank(partitions, world_size, rank)
+    per_partition = batch_per_rank // len(mine)
+    shards = manifest.splits[split].shards
+    steps = steps_per_epoch(sum(s.samples for s in shards), partitions, per_partition)
+
+    def partition(v: int):
+        block, start = max(shuffle_buffer, 1), start_step * per_partition
+        first_block = start // block
+        pieces = rank_assignment(shards, epoch=epoch, seed=seed, world_size=partitions, rank=v)
+        samples = read_pieces(manifest, url, shards, stream._skip_pieces(pieces, first_block * block), verify=verify,
+                              fill_to=steps * per_partition - first_block * block)
+        skip_in_block = start - first_block * block
+        for number in itertools.count(first_block):
+            chunk = list(itertools.islice(samples, block))
+            if not chunk:
+                return
+            order = (np.random.default_rng(stream._entropy(seed, epoch, v, number, stream._SHUFFLE)).permutation(len(chunk))
+                     if block > 1 else range(len(chunk)))
+            for position in order[skip_in_block:]:
+                yield chunk[position]
+            skip_in_block = 0
+
+    streams = [partition(v) for v in mine]
+    for step in range(start_step, steps):
+        xs, labels, keys = [], [], []
+        for v, samples in zip(mine, streams):
+            chunk = list(itertools.islice(samples, per_partition))
+            if len(chunk) < per_partition:
+                raise DataError(f"partition {v} ran out of {split} samples at step {step} of {steps}: "
+                                "manifest counts are wrong")
+            x, y = stream._to_tensors(np.stack([c[1] for c in chunk]), np.asarray([c[2] for c in chunk], dtype=np.int64),
+                                      binarize, stream._torch_seed(seed, epoch, v, step, stream._BINARIZE))
+            xs.append(x)
+            labels.append(y)
+            keys.extend(c[0] for c in chunk)
+        yield torch.cat(xs), torch.cat(labels), keys
+    for samples in streams:
+        for _ in samples:
+            pass
+
+
+def _outcome(batches: Any) -> tuple[list[tuple[bytes, bytes, list[str]]], str | None, Any]:
+    """Every batch (as exact bytes) up to the error, if any, and what the process counted as skipped."""
+    reset_data_health()
+    got, error = [], None
+    try:
+        for x, y, keys in batches:
+            assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.is_contiguous()
+            got.append((x.numpy().tobytes(), y.numpy().tobytes(), list(keys)))
+    except (DataError, ShardError) as err:
+        error = f"{type(err).__name__}: {err}"
+    health = data_health()
+    return got, error, (health.skipped_samples, health.skipped_shards)
+
+
+def _assert_same_batches(manifest: Manifest, url: str, **kw: Any) -> int:
+    new = _outcome(train_batches(manifest, url, **kw))
+    old = _outcome(_reference_train_batches(manifest, url, **kw))
+    assert new[1:] == old[1:], kw
+    assert len(new[0]) == len(old[0]) and all(a == b for a, b in zip(new[0], old[0])), kw
+    return len(new[0])
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, str]:
+    out = tmp_path_factory.mktemp("digits") / "data"
+    return write_shards(load_digits_splits(), str(out), source="digits", samples_per_shard=97, progress=False), str(out)
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 1, 7, 100, 5000])
+@pytest.mark.parametrize("partitions, world_size, rank, batch_per_rank", [(1, 1, 0, 32), (4, 2, 1, 10), (6, 3, 2, 4)])
+def test_batched_loader_equals_the_per_sample_reference(digits_shards: tuple[Manifest, str], shuffle_buffer: int,
+                                                        partitions: int, world_size: int, rank: int,
+                                                        batch_per_rank: int) -> None:
+    manifest, url = digits_shards
+    for number, (start_step, binarize) in enumerate([(0, "dynamic"), (5, "threshold"), (1, "none")]):
+        kw = dict(epoch=number, seed=partitions - 3, rank=rank, world_size=world_size, batch_per_rank=batch_per_rank,
+                  shuffle_buffer=shuffle_buffer, binarize=binarize, partitions=partitions, start_step=start_step)
+        assert _assert_same_batches(manifest, url, **kw) > 0
+
+
+def test_batched_loader_equals_the_reference_on_the_tarfile_path(digits_shards: tuple[Manifest, str]) -> None:
+    manifest, url = digits_shards
+    try:
+        reader.FAST_PATH = False  # one chunk per sample from the reader
+        for shuffle_buffer in (0, 50):
+            _assert_same_batches(manifest, url, epoch=1, seed=4, rank=1, world_size=2, batch_per_rank=16,
+                                 shuffle_buffer=shuffle_buffer, binarize="dynamic", partitions=2, start_step=2,
+                                 verify=True)
+    finally:
+        reader.FAST_PATH = True
+
+
+@pytest.mark.parametrize("damage", ["pickle member", "cut shard", "tampered shard"])
+def test_batched_loader_skips_and_fails_like_the_reference(tmp_path: Path, damage: str) -> None:
+    """Same batches before an error, the same error, the same skips and refills, the same counts."""
+    from test_corrupt import cut_inside_sample, dataset, good
+
+    first = sum((good(i) for i in range(20)), [])
+    if damage == "pickle member":
+        first += [("train-0000050.pyd", b"never unpickled")]
+    second = tar_bytes(sum((good(i) for i in range(30, 70)), []))
+    manifest, url, paths = dataset(tmp_path, [tar_bytes(first + good(21)), second, tar_bytes(first[:12])],
+                                  [21 + (damage == "pickle member"), 40, 6])
+    if damage == "cut shard":
+        Path(paths[1]).write_bytes(cut_inside_sample(second, 25))
+    elif damage == "tampered shard":  # a still valid tar: only verify tells
+        Path(paths[1]).write_bytes(second.replace(b"3" + b"\0" * 511, b"4" + b"\0" * 511, 1))
+    try:
+        for mode, shuffle_buffer, partitions, verify in itertools.product(("error", "skip"), (0, 1, 8, 30), (1, 2),
+                                                                          (False, True)):
+            set_read_options(ReadOptions(on_corrupt=mode))  # type: ignore[arg-type]
+            _assert_same_batches(manifest, url, epoch=1, seed=2, rank=0, world_size=1, batch_per_rank=6,
+                                 shuffle_buffer=shuffle_buffer, binarize="dynamic", partitions=partitions,
+                                 verify=verify)
+    finally:
+        set_read_options(ReadOptions())
+        reset_data_health()

@@ -8,14 +8,15 @@ one parsed safely with numpy's own header reader and matching the manifest's sha
 dtype, ASCII-integer labels) and slices images and labels out of the buffer without a
 Python call per member. It accepts only a subset of what the tarfile path accepts, with the
 same result; anything else (another layout, any damage, extra members) returns None and the
-shard goes through the reference path (tarfile + `_decode`) over the same bytes, so errors,
-skips and their counts are exactly the reference's.
+shard goes through the reference path (tarfile + `_decode`) over the same bytes (`_Recorded`),
+so errors, skips and their counts are exactly the reference's.
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +64,34 @@ def _npy_header(payload: bytes, shape: tuple[int, ...], dtype: np.dtype) -> int 
     return stream.tell()
 
 
+def _names_ok(image: np.ndarray, label: np.ndarray) -> bool:
+    """Whether every row pair of 100-byte name fields, trailing NULs dropped, is ``key.npy`` and
+    ``key.cls`` with a key free of NULs whose last path part is non-empty and has no dot (as
+    base_plus_ext would split them). Vectorised: one numpy pass instead of a Python test per name."""
+    width = image.shape[1]
+    nonzero = image != 0
+    length = np.where(nonzero.any(axis=1), width - np.argmax(nonzero[:, ::-1], axis=1), 0)
+    if not (length >= 5).all():  # shorter than "k.npy": no suffix, or an empty key
+        return False
+    column = np.arange(width)
+    suffix = (length - 4)[:, None] + np.arange(4)  # the columns of ".npy" / ".cls"
+    picked = np.arange(len(image))[:, None]
+    if not ((image[picked, suffix] == np.frombuffer(b".npy", np.uint8)).all()
+            and (label[picked, suffix] == np.frombuffer(b".cls", np.uint8)).all()):
+        return False
+    outside = (column < (length - 4)[:, None]) | (column >= length[:, None])
+    if ((image != label) & outside).any():  # the same key, and nothing after the label's suffix
+        return False
+    key = column < (length - 4)[:, None]
+    if (key & ~nonzero).any():
+        return False
+    slash = key & (image == ord("/"))
+    last_slash = np.where(slash.any(axis=1), width - 1 - np.argmax(slash[:, ::-1], axis=1), -1)
+    if not (last_slash < length - 5).all():  # an empty last path part
+        return False
+    return not (key & (column > last_slash[:, None]) & (image == ord("."))).any()
+
+
 def _fast_samples(data: bytes, start: int, stop: int, shape: tuple[int, ...], dtype: np.dtype,
                   declared: set[str], max_member: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
     """(keys, images [n, *shape], labels [n]) of samples [start, stop), or None: use the reference path."""
@@ -85,7 +114,9 @@ def _fast_samples(data: bytes, start: int, stop: int, shape: tuple[int, ...], dt
     if not (((checksum[:, :6] >= 48) & (checksum[:, :6] <= 55)).all() and (checksum[:, 6] == 0).all()
             and (checksum[:, 7] == 32).all()):
         return None
-    computed = headers.sum(axis=1, dtype=np.int64) - checksum.sum(axis=1, dtype=np.int64) + 8 * 32
+    # uint32 holds any sum of 512 bytes exactly, and sums twice as fast as int64
+    computed = (headers.sum(axis=1, dtype=np.uint32).astype(np.int64) - checksum.sum(axis=1, dtype=np.int64)
+                + 8 * 32)
     if not ((_octal(checksum[:, :6]) == computed).all() and (headers[:, 156] == ord("0")).all()
             and (headers[:, 345] == 0).all() and _numeric_fields_ok(headers)):
         return None  # damage, or a type/prefix/number form this path does not handle
@@ -93,14 +124,8 @@ def _fast_samples(data: bytes, start: int, stop: int, shape: tuple[int, ...], dt
     label_sizes = sizes[stop:]
     if not ((sizes[:stop] == npy_size).all() and (label_sizes >= 1).all() and (label_sizes <= 512).all()):
         return None
-    names = np.ascontiguousarray(headers[:, :100]).view("S100").ravel().tolist()  # trailing NULs dropped
-    keys = []
-    for image_name, label_name in zip(names[:stop], names[stop:]):
-        key = image_name[:-4]
-        if (not image_name.endswith(b".npy") or label_name != key + b".cls" or b"\0" in key
-                or not key.rsplit(b"/", 1)[-1] or b"." in key.rsplit(b"/", 1)[-1]):
-            return None  # not key.npy then key.cls, as base_plus_ext would split them
-        keys.append(key)
+    if not _names_ok(headers[:stop, :100], headers[stop:, :100]):
+        return None  # not key.npy then key.cls, as base_plus_ext would split them
     payloads = rows[:, 512: 512 + npy_size]
     header_len = _npy_header(payloads[0].tobytes(), shape, dtype)
     if header_len is None or header_len + int(np.prod(shape)) * dtype.itemsize != npy_size:
@@ -108,7 +133,8 @@ def _fast_samples(data: bytes, start: int, stop: int, shape: tuple[int, ...], dt
     if not (payloads[:, :header_len] == payloads[0, :header_len]).all():
         return None  # every .npy header byte-identical to the one numpy parsed
     try:
-        out_keys = [key.decode(tarfile.ENCODING) for key in keys[start:stop]]
+        names = np.ascontiguousarray(headers[start:stop, :100]).view("S100").ravel().tolist()  # trailing NULs dropped
+        out_keys = [name[:-4].decode(tarfile.ENCODING) for name in names]
     except UnicodeDecodeError:
         return None
     labels_at = 1024 + padded
@@ -124,3 +150,36 @@ def _fast_samples(data: bytes, start: int, stop: int, shape: tuple[int, ...], dt
             labels[i] = int(text)
     images = np.ascontiguousarray(payloads[start:stop, header_len:]).reshape(stop - start, *shape)
     return out_keys, images, labels
+
+
+_TAR_CHUNK = 10240  # tarfile's stream record size: the fast path reads the way the reference does
+
+
+class _Recorded:
+    """What one pass of reads over a shard returned: its bytes, and the error that ended it, if any.
+
+    As a stream it hands the same bytes back and then raises the same error, so the reference
+    path over it behaves as it would have over the original stream."""
+
+    def __init__(self, raw: Any) -> None:
+        parts, self.error = [], None
+        size = 512  # tarfile's first read (compression sniffing), then records
+        try:
+            while True:
+                part = raw.read(size)
+                if not part:
+                    break
+                parts.append(part)
+                size = _TAR_CHUNK
+        except Exception as err:  # noqa: BLE001 - replayed to the reference path, which classifies it
+            self.error = err
+        self.data = b"".join(parts)
+        self.position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self.position >= len(self.data) and self.error is not None:
+            raise self.error
+        end = len(self.data) if size is None or size < 0 else self.position + size
+        chunk = self.data[self.position: end]
+        self.position += len(chunk)
+        return chunk

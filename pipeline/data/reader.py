@@ -37,12 +37,13 @@ from webdataset.tariterators import base_plus_ext
 
 from pipeline.data.cache import ShardCache, cache_stats
 from pipeline.data.errors import DataError, ShardError
-from pipeline.data.fasttar import _fast_samples
+from pipeline.data.fasttar import _fast_samples, _Recorded
 from pipeline.data.remote import RetryPolicy, is_local, is_transient, open_for_reading, retry_count
 from pipeline.data.shards import Manifest, ShardInfo, shard_url
 
 OnCorrupt = Literal["error", "skip"]
 Sample = tuple[str, np.ndarray, int]
+Chunk = tuple[list[str], np.ndarray, np.ndarray]  # consecutive samples: keys, images [n, *shape], int64 labels [n]
 Piece = tuple[int, int, int]
 
 # Errors a corrupt shard can raise while it is read; all are re-raised as ShardError.
@@ -241,37 +242,6 @@ def _as_shard_error(url: str, err: BaseException) -> ShardError:
 
 FAST_PATH = True  # module switch: tests and `pipeline bench data` compare it with the reference path
 _FAST_MAX_BYTES = 256 << 20  # larger shards are streamed (memory: one shard at most)
-_TAR_CHUNK = 10240  # tarfile's stream record size: the fast path reads the way the reference does
-
-
-class _Recorded:
-    """What one pass of reads over a shard returned: its bytes, and the error that ended it, if any.
-
-    As a stream it hands the same bytes back and then raises the same error, so the reference
-    path over it behaves as it would have over the original stream."""
-
-    def __init__(self, raw: Any) -> None:
-        parts, self.error = [], None
-        size = 512  # tarfile's first read (compression sniffing), then records
-        try:
-            while True:
-                part = raw.read(size)
-                if not part:
-                    break
-                parts.append(part)
-                size = _TAR_CHUNK
-        except Exception as err:  # noqa: BLE001 - replayed to the reference path, which classifies it
-            self.error = err
-        self.data = b"".join(parts)
-        self.position = 0
-
-    def read(self, size: int = -1) -> bytes:
-        if self.position >= len(self.data) and self.error is not None:
-            raise self.error
-        end = len(self.data) if size is None or size < 0 else self.position + size
-        chunk = self.data[self.position: end]
-        self.position += len(chunk)
-        return chunk
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -308,7 +278,18 @@ def _hash_whole_shard(url: str, shard: ShardInfo, options: ReadOptions) -> None:
                               f"file has {hasher.sha256.hexdigest()} ({hasher.bytes} bytes)")
 
 
-def read_shard(
+def _samples(chunks: Iterator[Chunk]) -> Iterator[Sample]:
+    for keys, images, labels in chunks:
+        for i, key in enumerate(keys):
+            yield key, images[i], int(labels[i])
+
+
+def read_shard(manifest: Manifest, dataset_url: str, shard: ShardInfo, **kwargs: Any) -> Iterator[Sample]:
+    """Yield (key, uint8 image, label) for samples [start, stop) of one shard; see `read_shard_chunks`."""
+    return _samples(read_shard_chunks(manifest, dataset_url, shard, **kwargs))
+
+
+def read_shard_chunks(
     manifest: Manifest,
     dataset_url: str,
     shard: ShardInfo,
@@ -318,8 +299,9 @@ def read_shard(
     verify: bool = False,
     on_corrupt: OnCorrupt | None = None,
     options: ReadOptions | None = None,
-) -> Iterator[Sample]:
-    """Yield (key, uint8 image, label) for samples [start, stop) of one shard.
+) -> Iterator[Chunk]:
+    """Samples [start, stop) of one shard as chunks: all of them in one when the fast path reads the
+    shard, one per sample on the reference path (so its skips and errors come at the same sample).
 
     Samples before ``start`` are skipped without being decoded; reading ends at ``stop``.
     With ``verify=True`` the sha256 of the whole file is checked against the manifest: in
@@ -346,9 +328,7 @@ def read_shard(
                 fast = None if recorded.error else _fast_samples(
                     recorded.data, start, stop, shape, dtype, set(manifest.keys), max_member)
                 if fast is not None:
-                    keys, images, labels = fast
-                    for index, key in enumerate(keys, start):
-                        yield key, images[index - start], int(labels[index - start])
+                    yield fast
                     index = stop
                     if check_hash:
                         actual = hashlib.sha256(recorded.data).hexdigest()
@@ -371,7 +351,7 @@ def read_shard(
                                     raise
                                 _LEDGER.record(url, shard.samples, index, index + 1, str(err))
                             else:
-                                yield sample
+                                yield [sample[0]], sample[1][None], np.array([sample[2]], np.int64)
                         index += 1
                         if index >= stop:
                             break
@@ -397,7 +377,13 @@ def read_shard(
         _LEDGER.record(url, shard.samples, max(index, start), stop, str(error))
 
 
-def read_pieces(
+def read_pieces(manifest: Manifest, dataset_url: str, shards: Sequence[ShardInfo], pieces: Sequence[Piece],
+                **kwargs: Any) -> Iterator[Sample]:
+    """Sample by sample, what `read_piece_chunks` reads."""
+    return _samples(read_piece_chunks(manifest, dataset_url, shards, pieces, **kwargs))
+
+
+def read_piece_chunks(
     manifest: Manifest,
     dataset_url: str,
     shards: Sequence[ShardInfo],
@@ -407,9 +393,9 @@ def read_pieces(
     on_corrupt: OnCorrupt | None = None,
     options: ReadOptions | None = None,
     fill_to: int | None = None,
-) -> Iterator[Sample]:
+) -> Iterator[Chunk]:
     """The samples of (shard_index, start, stop) ``pieces`` in order, then, when samples were
-    skipped, a refill that keeps lockstep.
+    skipped, a refill that keeps lockstep; as chunks (see `read_shard_chunks`).
 
     With on_corrupt="skip" and ``fill_to`` set: if the first pass yields fewer than ``fill_to``
     good samples, the same pieces are read again from the start (same order, same good
@@ -420,23 +406,24 @@ def read_pieces(
     options = options or _OPTIONS
     policy = on_corrupt or options.on_corrupt
 
-    def one_pass() -> Iterator[Sample]:
+    def one_pass() -> Iterator[Chunk]:
         for index, start, stop in pieces:
-            yield from read_shard(manifest, dataset_url, shards[index], start=start, stop=stop, verify=verify,
-                                  on_corrupt=policy, options=options)
+            yield from read_shard_chunks(manifest, dataset_url, shards[index], start=start, stop=stop, verify=verify,
+                                         on_corrupt=policy, options=options)
 
     produced = 0
-    for sample in one_pass():
-        produced += 1
-        yield sample
+    for chunk in one_pass():
+        produced += len(chunk[0])
+        yield chunk
     if fill_to is None or policy != "skip" or produced >= fill_to:
         return
     if produced == 0:
         raise DataError(f"no readable sample in this rank's {len(pieces)} shard pieces: every one was skipped "
                         f"({len(data_health().skipped_shards)} damaged shards so far)")
     while produced < fill_to:
-        for sample in one_pass():
-            yield sample
-            produced += 1
+        for keys, images, labels in one_pass():
+            take = min(len(keys), fill_to - produced)
+            yield keys[:take], images[:take], labels[:take]
+            produced += take
             if produced >= fill_to:
                 return

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.data.errors import DataError
-from pipeline.data.reader import read_pieces
+from pipeline.data.reader import Chunk, read_piece_chunks
 from pipeline.data.shards import Manifest, ShardInfo
 
 Piece = tuple[int, int, int]  # (shard index in the manifest's list, first sample, stop sample)
@@ -133,45 +133,84 @@ def _skip_pieces(pieces: list[Piece], count: int) -> list[Piece]:
     return left
 
 
+class _Rows:
+    """Rows taken in order from a stream of chunks. The next chunk is pulled only when a row of it
+    is needed, so shards are opened, checked and skipped at the same point of the epoch as a
+    sample-by-sample stream would; the rows themselves are sliced, never handled one by one."""
+
+    def __init__(self, chunks: Iterator[Chunk]) -> None:
+        self._chunks = chunks
+        self._chunk: Chunk | None = None
+        self._at = 0
+
+    def take(self, count: int) -> list[Chunk]:
+        """Up to ``count`` rows, as slices of the chunks they come from (fewer at the stream's end)."""
+        parts: list[Chunk] = []
+        while count > 0:
+            if self._chunk is None or self._at >= len(self._chunk[0]):
+                self._chunk, self._at = next(self._chunks, None), 0
+                if self._chunk is None:
+                    break
+            keys, images, labels = self._chunk
+            end = min(self._at + count, len(keys))
+            parts.append((keys[self._at:end], images[self._at:end], labels[self._at:end]))
+            count -= end - self._at
+            self._at = end
+        return parts
+
+    def drain(self) -> None:
+        for _ in self._chunks:
+            pass
+
+
+def _join(parts: list[Chunk]) -> Chunk:
+    """One chunk of ``parts`` (at least one); images are C-contiguous and writable, as np.stack made them."""
+    if len(parts) == 1:
+        keys, images, labels = parts[0]
+        if images.flags.c_contiguous and images.flags.writeable:  # e.g. a slice of a permuted block
+            return keys, images, labels
+        return keys, images.copy(), labels  # a read-only view into a shard's bytes
+    return ([key for part in parts for key in part[0]], np.concatenate([part[1] for part in parts]),
+            np.concatenate([part[2] for part in parts]))
+
+
 def _partition_stream(
     manifest: Manifest, dataset_url: str, shards: list[ShardInfo], pieces: list[Piece], *,
     block: int, rng_parts: tuple[int, ...], start: int, verify: bool, needed: int,
-) -> Iterator[tuple[str, np.ndarray, int]]:
-    """One partition's samples in block-shuffled order, from position ``start`` on.
+) -> Iterator[Chunk]:
+    """One partition's samples in block-shuffled order, from position ``start`` on, one chunk per block.
 
     Blocks of ``block`` consecutive samples are each permuted by rng_parts + (block index,):
     position p's sample is known without reading earlier blocks, so resuming skips them.
+    A block is read only when its first sample is needed (read errors surface at that step).
     """
     block = max(block, 1)
     first_block = start // block
     # fill_to: with data.on_corrupt=skip, damaged samples are made up by re-reading good ones, so the
     # partition still fills its steps (lockstep); with "error" it has no effect.
-    samples = read_pieces(manifest, dataset_url, shards, _skip_pieces(pieces, first_block * block), verify=verify,
-                          fill_to=needed - first_block * block)
+    chunks = read_piece_chunks(manifest, dataset_url, shards, _skip_pieces(pieces, first_block * block),
+                               verify=verify, fill_to=needed - first_block * block)
+    if block == 1:  # no shuffling: the samples as read (whole shards on the fast path)
+        yield from chunks
+        return
+    rows = _Rows(chunks)
     skip_in_block = start - first_block * block
     for number in itertools.count(first_block):
-        chunk = list(itertools.islice(samples, block))
-        if not chunk:
+        parts = rows.take(block)
+        if not parts:
             return
-        order = (np.random.default_rng(_entropy(*rng_parts, number, _SHUFFLE)).permutation(len(chunk))
-                 if block > 1 else range(len(chunk)))
-        for position in order[skip_in_block:]:
-            yield chunk[position]
+        keys, images, labels = _join(parts)
+        order = np.random.default_rng(_entropy(*rng_parts, number, _SHUFFLE)).permutation(len(keys))[skip_in_block:]
+        yield [keys[i] for i in order.tolist()], images[order], labels[order]
         skip_in_block = 0
 
 
-def _batches(samples: Iterator[tuple[str, np.ndarray, int]], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _batches(chunks: Iterator[Chunk], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stacked (images [B, H, W], labels [B]); the last batch may be short."""
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for _, image, label in samples:
-        images.append(image)
-        labels.append(label)
-        if len(images) == size:
-            yield np.stack(images), np.asarray(labels, dtype=np.int64)
-            images, labels = [], []
-    if images:
-        yield np.stack(images), np.asarray(labels, dtype=np.int64)
+    rows = _Rows(chunks)
+    while parts := rows.take(size):
+        _, images, labels = _join(parts)
+        yield images, labels
 
 
 def _to_tensors(images: np.ndarray, labels: np.ndarray, binarize: Binarize, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,29 +284,29 @@ def train_batches(
     if not 0 <= start_step <= steps:
         raise DataError(f"start_step {start_step} is outside this epoch's {steps} steps")
     streams = [
-        _partition_stream(
+        _Rows(_partition_stream(
             manifest, dataset_url, shards, rank_assignment(shards, epoch=epoch, seed=seed, world_size=partitions, rank=v),
             block=shuffle_buffer, rng_parts=(seed, epoch, v), start=start_step * per_partition, verify=verify,
             needed=steps * per_partition,
-        )
+        ))
         for v in mine
     ]
     for step in range(start_step, steps):
         xs, labels, keys = [], [], []
-        for v, stream in zip(mine, streams):
-            chunk = list(itertools.islice(stream, per_partition))
-            if len(chunk) < per_partition:
+        for v, rows in zip(mine, streams):
+            parts = rows.take(per_partition)
+            if sum(len(part[0]) for part in parts) < per_partition:
                 raise DataError(f"partition {v} ran out of {split} samples at step {step} of {steps}: "
                                 "manifest counts are wrong")
-            x, y = _to_tensors(np.stack([c[1] for c in chunk]), np.asarray([c[2] for c in chunk], dtype=np.int64),
-                               binarize, _torch_seed(seed, epoch, v, step, _BINARIZE))
+            chunk_keys, images, chunk_labels = _join(parts)
+            x, y = _to_tensors(images, chunk_labels, binarize, _torch_seed(seed, epoch, v, step, _BINARIZE))
             xs.append(x)
             labels.append(y)
-            keys.extend(c[0] for c in chunk)
-        yield TrainBatch(torch.cat(xs), torch.cat(labels), keys)
-    for stream in streams:  # read the leftovers too: their shards' truncation and sha256 checks run
-        for _ in stream:
-            pass
+            keys.extend(chunk_keys)
+        # x is a fresh tensor already (uint8 -> float); labels may view a block's array: copied by cat
+        yield TrainBatch(xs[0] if len(xs) == 1 else torch.cat(xs), torch.cat(labels), keys)
+    for rows in streams:  # read the leftovers too: their shards' truncation and sha256 checks run
+        rows.drain()
 
 
 T = TypeVar("T")
@@ -351,6 +390,6 @@ def eval_batches(
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     shards = _split_shards(manifest, split)
     pieces = _range_pieces([s.samples for s in shards], range(len(shards)), world_size, rank)
-    samples = read_pieces(manifest, dataset_url, shards, pieces, verify=verify)
-    for index, (images, labels) in enumerate(_batches(samples, batch_size)):
+    chunks = read_piece_chunks(manifest, dataset_url, shards, pieces, verify=verify)
+    for index, (images, labels) in enumerate(_batches(chunks, batch_size)):
         yield _to_tensors(images, labels, binarize, _torch_seed(seed, rank, index, _EVAL_BINARIZE))

@@ -22,7 +22,7 @@ app.add_typer(data_app, name="data")
 from pipeline.bench import bench_app  # noqa: E402 - `pipeline bench ...` (one module per bench)
 
 app.add_typer(bench_app, name="bench")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
 
 Overrides = Annotated[
     Optional[list[str]],

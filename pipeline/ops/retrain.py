@@ -13,7 +13,7 @@ from pipeline.ops import registry
 from pipeline.ops.naming import default_run_name
 from pipeline.train import tracking
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
 SUBMISSION_ENV = "PIPELINE_SUBMISSION_ID"  # set by `pipeline submit` so the run names its Ray job
 
 

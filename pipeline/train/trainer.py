@@ -19,7 +19,7 @@ from pipeline.data.remote import local_checkpoint_dir, ray_storage_kwargs, stora
 from pipeline.train import tracking
 from pipeline.train.loop import WorkerArgs, train_loop_per_worker
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
 
 
 class TrainingError(RuntimeError):

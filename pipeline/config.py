@@ -228,6 +228,8 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"override {dotted}: {key} is a value, not a section")
         node = child
     node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    if keys == ["train", "workers"] and isinstance(node["workers"], int):
+        node.pop("min_workers", None)  # a plain count means a fixed size, also over a logged range
 
 
 def _describe(err: ValidationError) -> str:

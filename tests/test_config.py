@@ -98,6 +98,8 @@ def test_worker_range_makes_training_elastic_with_a_partition_count_every_size_d
     assert config.partitions == 12  # lcm(2, 3, 4): 2, 3 or 4 workers all serve whole partitions
     assert config.flat()["train.min_workers"] == 2 and config.flat()["train.workers"] == 4
     assert load_config(CONFIGS[0], ["train.workers=4"]).train.elastic is False
+    logged = parse_config(config.model_dump(mode="json"), ["train.workers=2"])  # e.g. --resume RUN -o train.workers=2
+    assert (logged.train.min_workers, logged.train.workers) == (None, 2)
     with pytest.raises(ConfigError, match="MIN must not exceed MAX"):
         load_config(CONFIGS[0], ["train.workers=4..2"])
     with pytest.raises(ConfigError, match=r"train.workers=3 \(each worker"):

@@ -64,9 +64,9 @@ def connect_ray(address: str | None, config: RunConfig) -> None:
             f"needs {needed:g} CPUs but this machine has {cpus}; lower them or pass --address to use a cluster"
         )
     # address="local": never attach to a stale cluster from /tmp/ray; 127.0.0.1 because Ray
-    # was seen to pick an unreachable node address and hang otherwise; no dashboard (~1 GiB).
-    # The dashboard (127.0.0.1 only) also serves the state API that Ray Train's placement-group
-    # cleaner polls; without it that actor logs a warning every few seconds.
+    # was seen to pick an unreachable node address and hang otherwise. The dashboard (127.0.0.1
+    # only, ~1 GiB) serves the state API that Ray Train's placement-group cleaner polls; without
+    # it that actor logs a warning every few seconds.
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
 

@@ -273,9 +273,12 @@ def _hash_whole_shard(url: str, shard: ShardInfo, options: ReadOptions) -> None:
         hasher = _HashingReader(stream)
         while hasher.read(1 << 20):
             pass
-    if hasher.sha256.hexdigest() != shard.sha256:
-        raise ShardError(url, f"sha256 mismatch: manifest expects {shard.sha256}, "
-                              f"file has {hasher.sha256.hexdigest()} ({hasher.bytes} bytes)")
+    _check_sha256(url, shard, hasher.sha256.hexdigest(), hasher.bytes)
+
+
+def _check_sha256(url: str, shard: ShardInfo, actual: str, size: int) -> None:
+    if actual != shard.sha256:
+        raise ShardError(url, f"sha256 mismatch: manifest expects {shard.sha256}, file has {actual} ({size} bytes)")
 
 
 def _samples(chunks: Iterator[Chunk]) -> Iterator[Sample]:
@@ -331,10 +334,7 @@ def read_shard_chunks(
                     yield fast
                     index = stop
                     if check_hash:
-                        actual = hashlib.sha256(recorded.data).hexdigest()
-                        if actual != shard.sha256:
-                            raise ShardError(url, f"sha256 mismatch: manifest expects {shard.sha256}, file has "
-                                                  f"{actual} ({len(recorded.data)} bytes)")
+                        _check_sha256(url, shard, hashlib.sha256(recorded.data).hexdigest(), len(recorded.data))
                     return
                 raw = recorded  # the reference path below, over the same bytes (and the same read error)
             stream = _HashingReader(raw) if check_hash else raw
@@ -360,11 +360,7 @@ def read_shard_chunks(
             if check_hash:
                 while stream.read(1 << 20):
                     pass
-                actual = stream.sha256.hexdigest()
-                if actual != shard.sha256:
-                    raise ShardError(
-                        url, f"sha256 mismatch: manifest expects {shard.sha256}, file has {actual} ({stream.bytes} bytes)"
-                    )
+                _check_sha256(url, shard, stream.sha256.hexdigest(), stream.bytes)
     except Exception as err:  # noqa: BLE001 - filtered on the next line
         if not isinstance(err, (ShardError, *_READ_ERRORS)) and not is_transient(err):
             raise  # a bug, not a bad shard

@@ -130,7 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"from epoch {position.epoch + 1} step {position.step_in_epoch}")
     my_partitions = partitions_of_rank(partitions, world_size, rank)
     recorder = _SampleRecorder(cfg.train.sample_log, rank) if cfg.train.sample_log else None
-    latent, skipped_nonfinite, setup_s = cfg.model.latent, 0, None
+    latent, skipped_nonfinite, setup_logged = cfg.model.latent, 0, False
 
     for epoch in range(position.epoch, cfg.train.epochs):
         ddp_model.train()
@@ -144,7 +144,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tic = time.perf_counter()
         for batch in batches:
             window.data_wait += time.perf_counter() - tic
-            setup_s = setup_s if setup_s is not None else time.perf_counter() - entered
+            if not setup_logged:  # once per worker group: the first batch is at hand
+                if logger:
+                    logger.log_metrics({"perf/worker_setup_s": time.perf_counter() - entered}, position.step + 1)
+                setup_logged = True
             x = batch.x.to(device, non_blocking=True)
             if cfg.train.debug_nan_step == position.step:
                 x = x * float("nan")  # testing aid: a corrupt batch at a chosen step
@@ -183,9 +186,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "perf/data_wait_frac": window.data_wait / max(elapsed, 1e-9),
                 }
                 if logger:
-                    logger.log_metrics(metrics | ({"perf/worker_setup_s": setup_s} if setup_s >= 0 else {}),
-                                       position.step)
-                setup_s = -1.0  # logged once per worker group
+                    logger.log_metrics(metrics, position.step)
                 window = _Window()
             every = cfg.train.checkpoint_every_steps
             if every and position.step % every == 0 and position.step_in_epoch < steps:

@@ -37,8 +37,8 @@ class PrecisionStep:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def backward_and_step(self, loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                          apply_nonfinite: bool = False) -> StepResult:
+    def backward_and_step(self, loss: torch.Tensor, model: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer) -> StepResult:
         """Backward, then the update unless the step is non-finite (never applied)."""
         optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:

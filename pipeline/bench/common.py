@@ -17,11 +17,22 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
+
+import typer
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist"
 README = REPO / "README.md"
+
+
+# Options `bench data` and `bench train` share (one wording, one place).
+SourceOption = Annotated[str, typer.Option("--source", help="Dataset URL/folder with manifest.json, an MNIST idx "
+                                           "folder, or 'digits' (small)")]
+SamplesOption = Annotated[int, typer.Option("--samples", min=0, help="Train samples taken from MNIST/digits (0: all)")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the report as JSON (default: a Markdown table)")]
+ReadmeOption = Annotated[Optional[str], typer.Option("--readme", help="Also write the table into this README, between "
+                                                     "its <!-- bench:NAME:start/end --> markers")]
 
 
 def default_source() -> str:

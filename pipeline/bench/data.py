@@ -22,12 +22,12 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable
 
 import typer
 
 from pipeline.bench import bench_app
-from pipeline.bench.common import command_line, default_source, emit, machine, median, prepare_dataset, ratio
+from pipeline.bench.common import JsonOption, ReadmeOption, SamplesOption, SourceOption, command_line, default_source, emit, machine, median, prepare_dataset, ratio
 
 
 def _binarize(images: Any, seed: int) -> Any:
@@ -202,16 +202,14 @@ def data_markdown(report: dict[str, Any], command: str) -> str:
 
 @bench_app.command("data")
 def bench_data(
-    source: Annotated[str, typer.Option("--source", help="Dataset URL/folder with manifest.json, an MNIST idx folder, "
-                                        "or 'digits' (small)")] = "",
-    samples: Annotated[int, typer.Option("--samples", min=0, help="Train samples taken from MNIST/digits (0: all)")] = 50_000,
+    source: SourceOption = "",
+    samples: SamplesOption = 50_000,
     batch: Annotated[int, typer.Option("--batch", min=1)] = 100,
     shuffle_buffer: Annotated[int, typer.Option("--shuffle-buffer", min=0)] = 1000,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved runs per reader; medians reported")] = 3,
     raydata: Annotated[bool, typer.Option("--raydata/--no-raydata", help="Include Ray Data read_webdataset")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (default: a Markdown table)")] = False,
-    readme: Annotated[Optional[str], typer.Option("--readme", help="Also write the table into this README's "
-                                                  "<!-- bench:data:start/end --> markers")] = None,
+    as_json: JsonOption = False,
+    readme: ReadmeOption = None,
 ) -> None:
     """Samples/s and MB/s of raw tar reads, our streaming loader, an in-memory DataLoader and Ray Data."""
     command = command_line()

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from pipeline.bench import bench_app
-from pipeline.bench.common import REPO, command_line, default_source, emit, machine, median, prepare_dataset, ratio
+from pipeline.bench.common import JsonOption, ReadmeOption, SamplesOption, SourceOption, REPO, command_line, default_source, emit, machine, median, prepare_dataset, ratio
 
 
 def plain_loop(cfg: Any, images: Any, steps: int, window: int) -> dict[str, Any]:
@@ -195,17 +195,15 @@ def train_markdown(report: dict[str, Any], command: str) -> str:
 
 @bench_app.command("train")
 def bench_train(
-    source: Annotated[str, typer.Option("--source", help="Dataset URL/folder with manifest.json, an MNIST idx folder, "
-                                        "or 'digits' (small)")] = "",
-    samples: Annotated[int, typer.Option("--samples", min=0, help="Train samples taken from MNIST/digits (0: all)")] = 20_000,
+    source: SourceOption = "",
+    samples: SamplesOption = 20_000,
     config: Annotated[Optional[str], typer.Option("--config", help="Model/train config (default: "
                                                   "mnist-categorical, or digits-categorical for digits)")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
     batch: Annotated[Optional[int], typer.Option("--batch", min=2, help="Global batch (default: the config's)")] = None,
     override: Annotated[Optional[list[str]], typer.Option("--override", "-o", help="Extra config override")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (default: a Markdown table)")] = False,
-    readme: Annotated[Optional[str], typer.Option("--readme", help="Also write the table into this README's "
-                                                  "<!-- bench:train:start/end --> markers")] = None,
+    as_json: JsonOption = False,
+    readme: ReadmeOption = None,
 ) -> None:
     """Plain PyTorch loop vs `pipeline train` on 1 and 2 Ray workers: steady-state speed, scaling, startup."""
     command = command_line()

@@ -8,6 +8,7 @@ authentication (Ray's default) is on; every node and client here carries RAY_AUT
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,20 @@ def _node_ports() -> list[str]:
     return [f"{flag}={free_port()}" for flag in ports]
 
 
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """Every process on the machine: pid -> (parent pid, process group, command name)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+                found[int(entry.name)] = (int(rest[1]), int(rest[2]), name)
+            except (OSError, ValueError):
+                continue
+    return found
+
+
 @dataclass
 class Node:
     proc: subprocess.Popen  # `ray start --block`: leader of the node's process group
@@ -40,17 +55,23 @@ class Node:
     temp_dir: str
 
     def raylet_pid(self) -> int:
-        """The raylet of this node (a child of the `ray start` process)."""
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                    if os.getpgid(int(entry.name)) == self.proc.pid and "(raylet)" in stat:
-                        return int(entry.name)
-                except (OSError, ProcessLookupError):
-                    continue
+        """The raylet of this node (in the `ray start` process's group)."""
+        for pid, (_, group, name) in _processes().items():
+            if group == self.proc.pid and name == "raylet":
+                return pid
         raise LookupError(f"no raylet in the process group of node {self.proc.pid}")
 
+    def _members(self) -> set[int]:
+        """The node's processes: its process group and their descendants (Ray workers get process
+        groups of their own, under the raylet)."""
+        processes = _processes()
+        members = {pid for pid, (_, group, _) in processes.items() if group == self.proc.pid}
+        while children := {pid for pid, (parent, _, _) in processes.items() if parent in members} - members:
+            members |= children
+        return members
+
+    def owns(self, pid: int) -> bool:
+        return pid in self._members()
 
     def kill(self) -> None:
         """What losing the machine does: SIGKILL the node's raylet and every process on the node.
@@ -59,24 +80,7 @@ class Node:
         keep training over their direct gloo connections until the node is declared dead (seen
         here: ~150 steps later), and a short run can finish before that.
         """
-        raylet = self.raylet_pid()
-        doomed = {raylet}
-        parents = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    pid = int(entry.name)
-                    parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                    if os.getpgid(pid) == self.proc.pid:
-                        doomed.add(pid)
-                except (OSError, ProcessLookupError, ValueError):
-                    continue
-        grew = True
-        while grew:  # descendants of the node's processes (Ray workers get process groups of their own)
-            children = {pid for pid, parent in parents.items() if parent in doomed} - doomed
-            doomed |= children
-            grew = bool(children)
-        for pid in doomed:
+        for pid in self._members():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -90,17 +94,19 @@ class Cluster:
     head: Node
     workers: list[Node] = field(default_factory=list)
 
-    def alive_nodes(self) -> int:
-        """Alive nodes as the GCS sees them (a separate client process: the test may hold another cluster)."""
-        code = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
-                "print(sum(n['Alive'] for n in ray.nodes()))") % self.address
+    def nodes(self) -> list[dict]:
+        """The alive nodes as the GCS sees them, {"id", "cpus"} each (asked from a separate client
+        process: the test process may hold another cluster); [] while the GCS does not answer."""
+        code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps("
+                "[{'id': n['NodeID'], 'cpus': n['Resources'].get('CPU', 0)} for n in ray.nodes() if n['Alive']]))"
+                ) % self.address
         out = subprocess.run([str(BIN / "python"), "-c", code], env=self.env, capture_output=True, text=True,
                              timeout=60)
-        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        while (alive := self.alive_nodes()) != count:
+        while (alive := len(self.nodes())) != count:
             if time.monotonic() > deadline:
                 logs = "\n".join(node.log.read_text()[-1500:] for node in [self.head, *self.workers])
                 raise TimeoutError(f"{alive} of {count} Ray nodes alive after {timeout} s:\n{logs}")

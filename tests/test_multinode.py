@@ -61,14 +61,6 @@ def _run(tmp_path: Path, experiment: str):
     return client, runs[0]
 
 
-def _worker_node_ids(cluster) -> set[str]:
-    code = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
-            "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU', 0) > 0))"
-            ) % cluster.address
-    out = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=60)
-    return set(out.stdout.split())
-
-
 @pytest.mark.timeout(600)
 def test_two_workers_land_on_two_nodes_with_checkpoints_in_s3(cluster, tmp_path):
     code, out = _train(cluster, tmp_path, "train.epochs=2", f"train.storage=s3://{BUCKET}/ckpt",
@@ -78,7 +70,7 @@ def test_two_workers_land_on_two_nodes_with_checkpoints_in_s3(cluster, tmp_path)
     assert run.info.status == "FINISHED"
     assert run.data.tags["cluster.nodes"] == "2"
     node_ids = run.data.tags["cluster.node_ids"].split(",")
-    assert len(set(node_ids)) == 2 and set(node_ids) == _worker_node_ids(cluster)  # never the 0-CPU head
+    assert len(set(node_ids)) == 2 and set(node_ids) == {n["id"] for n in cluster.nodes() if n["cpus"] > 0}  # never the 0-CPU head
     assert json.loads(run.data.tags["cluster.resources_per_worker"]) == {"CPU": 1.0, "GPU": 0}
     checkpoints = fsspec.filesystem("s3").find(f"{BUCKET}/ckpt")
     assert any(path.endswith(".pt") for path in checkpoints), checkpoints
@@ -130,7 +122,7 @@ def test_losing_a_worker_node_continues_on_the_rest(cluster, tmp_path):
                   f"train.sample_log={sample_log}", "tracking.experiment=node-loss", wait=False)
     try:
         victim = _wait_for_step(sample_log, rank=1, step=55, proc=proc)
-        lost = next(node for node in cluster.workers if _pid_on_node(victim["pid"], node))
+        lost = next(node for node in cluster.workers if node.owns(victim["pid"]))
         lost.kill()
         out, _ = proc.communicate(timeout=700)
     finally:
@@ -159,16 +151,6 @@ def _check_recovery(tmp_path: Path, sample_log: Path, victim: dict, returncode: 
     assert {r["pid"] for r in records if r["step"] == epochs * steps}.isdisjoint(first_group)  # a new group finished
     for epoch in range(epochs):
         _assert_each_global_batch_once([r for r in records if r["epoch"] == epoch], steps, batch)
-
-
-def _pid_on_node(pid: int, node) -> bool:
-    """Whether a Ray worker process belongs to ``node`` (its raylet is an ancestor)."""
-    raylet = node.raylet_pid()
-    while pid > 1:
-        if pid == raylet:
-            return True
-        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    return False
 
 
 def _assert_each_global_batch_once(records: list[dict], steps: int, global_batch: int) -> None:

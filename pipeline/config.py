@@ -72,6 +72,15 @@ class LatentConfig(_Section):
     tau_min: float = Field(0.5, gt=0, description="Temperature floor")
     anneal_rate: float = Field(3e-5, ge=0, description="r in tau = max(tau_min, tau0 * exp(-r * t))")
     anneal_every: int = Field(1000, ge=1, description="t is the global step rounded down to a multiple of this")
+    tau_schedule: Literal["exponential", "cosine"] = Field(
+        "exponential", description="exponential: Jang's staircase max(tau_min, tau0 exp(-r t)); "
+        "cosine: DALL-E's anneal from tau0 to tau_min over tau_steps"
+    )
+    tau_steps: int = Field(150_000, ge=1, description="cosine: steps from tau0 to tau_min (then constant)")
+    mixture_posterior: Literal["marginal", "mean_field"] = Field(
+        "marginal", description="Mixture: marginal = q(y|x) q(z|x,y), ELBO summed exactly over y (one decoder pass "
+        "per component); mean_field = q(y|x) q(z|x) (one decoder pass)"
+    )
 
 
 class ModelConfig(_Section):
@@ -104,7 +113,25 @@ class TrainConfig(_Section):
     )
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (the schedule's start, after any warm-up)")
+    lr_schedule: Literal["constant", "exponential", "cosine"] = Field(
+        "constant", description="constant; exponential: lr * lr_decay_rate^(step // lr_decay_every) (Jang's "
+        "notebook: 0.9 every 1000); cosine: from lr to lr_min over the run's total steps. All after lr_warmup_steps"
+    )
+    lr_decay_rate: float = Field(0.9, gt=0, le=1, description="exponential: factor per lr_decay_every steps")
+    lr_decay_every: int = Field(1000, ge=1, description="exponential: steps between decays")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr over this many steps")
+    lr_min: float = Field(0.0, ge=0, description="Floor of the exponential and cosine schedules")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="adam (weight_decay = L2) or adamw (decoupled)")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this (None: off)")
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="Decay of an exponential moving average of the weights, used for validation "
+        "and the logged model (None: off)"
+    )
+    kl_weight: float = Field(1.0, ge=0, description="beta in loss = recon + beta * KL (after the warm-up)")
+    kl_warmup_steps: int = Field(0, ge=0, description="beta rises from 0 to kl_weight over this many steps")
+    kl_warmup: Literal["linear", "cosine"] = Field("linear", description="Shape of the beta warm-up")
     seed: int = 0
     log_every: int = Field(20, ge=1, description="Log train/* metrics every this many steps")
     storage: str | None = Field(None, description="Ray Train storage_path for checkpoints (default: ./ray_results)")

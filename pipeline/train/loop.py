@@ -28,11 +28,12 @@ from pipeline.config import RunConfig
 from pipeline.data import partitions_of_rank, read_manifest, steps_per_epoch, train_batches
 from pipeline.data.stream import prefetch
 from pipeline.data.reader import ReadOptions, data_health, set_read_options
-from pipeline.models import build_vae, temperature_at
+from pipeline.models import build_vae
 from pipeline.train.collectives import all_gather, all_reduce
-from pipeline.train.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from pipeline.train.checkpoint import load_checkpoint, restore_ema, restore_rng, save_checkpoint, training_weights
 from pipeline.train.tracking import RunLogger, count_restart, log_data_health
-from pipeline.train.step import PrecisionStep
+from pipeline.train.schedules import kl_weight, learning_rate, set_learning_rate, temperature
+from pipeline.train.step import PrecisionStep, WeightEMA, build_optimizer
 from pipeline.train.validate import evaluate_split
 
 
@@ -92,13 +93,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     set_read_options(ReadOptions.from_config(cfg.data))  # retries, cache, on_corrupt for this process
     manifest = read_manifest(args.dataset_url)
     model = build_vae(cfg.model, int(np.prod(manifest.image_shape)), image_shape=tuple(manifest.image_shape))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    optimizer = build_optimizer(model.parameters(), cfg.train)
     position, partitions = Position(), cfg.partitions
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group (or a resumed driver) continues from the last checkpoint
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(training_weights(state))  # not the EMA's: see train/checkpoint.py
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state)
         position = Position(state["step"], state["epoch"], state["step_in_epoch"])
@@ -112,9 +113,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps = steps_per_epoch(manifest.splits["train"].samples, partitions, global_batch // partitions)
     ddp_model = ray.train.torch.prepare_model(model)  # moves to this rank's device, wraps in DDP
     device = ray.train.torch.get_device()
-    precision = PrecisionStep(cfg.train.precision, device)
+    precision = PrecisionStep(cfg.train.precision, device, grad_clip=cfg.train.grad_clip)
+    ema = WeightEMA(model, cfg.train.ema) if cfg.train.ema else None  # validated and logged instead of model
     if checkpoint:
         precision.load_state_dict(state.get("grad_scaler", {}))
+        if ema:
+            restore_ema(ema, state)
+    total_steps = steps * cfg.train.epochs  # the cosine learning-rate horizon
     node_ids = _node_ids(world_size)
     logger = None
     if is_master:
@@ -151,10 +156,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             x = batch.x.to(device, non_blocking=True)
             if cfg.train.debug_nan_step == position.step:
                 x = x * float("nan")  # testing aid: a corrupt batch at a chosen step
-            tau = temperature_at(position.step, latent.tau0, latent.tau_min, latent.anneal_rate, latent.anneal_every)
+            # Schedules: pure functions of the global step (train/schedules.py), so a resume continues them.
+            tau, beta = temperature(position.step, latent), kl_weight(position.step, cfg.train)
+            set_learning_rate(optimizer, learning_rate(position.step, cfg.train, total_steps))
             with precision.autocast():
                 out = _forward_by_partition(ddp_model, x, my_partitions, tau, cfg.train.seed, position.step)
-            result = precision.backward_and_step(out.loss, ddp_model, optimizer)
+            objective = out.loss if beta == 1.0 else out.recon + beta * out.kl  # out.loss is the -ELBO (beta = 1)
+            result = precision.backward_and_step(objective, ddp_model, optimizer)
             grad_norm = result.grad_norm
             if result.nonfinite:  # the same verdict on every rank (see train/step.py)
                 if cfg.train.on_nonfinite == "stop":
@@ -171,6 +179,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if logger:
                     logger.log_metrics({"train/nonfinite_skipped": skipped_nonfinite}, position.step + 1)
                     logger.set_tags({"nonfinite.last_step": position.step})
+            elif ema:
+                ema.update(model)
             position.step += 1
             position.step_in_epoch += 1
             window.add(out, global_batch)
@@ -180,6 +190,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window.start
                 metrics = window.means() | {  # means() is a collective: all ranks are here
                     "train/temperature": tau,
+                    "train/kl_weight": beta,
                     "train/lr": optimizer.param_groups[0]["lr"],
                     "train/grad_norm": grad_norm,
                     "perf/samples_per_s": window.samples / max(elapsed, 1e-9),
@@ -191,12 +202,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             every = cfg.train.checkpoint_every_steps
             if every and position.step % every == 0 and position.step_in_epoch < steps:
                 _report(is_master, {"epoch": epoch, "step": position.step}, model, optimizer, position, partitions,
-                        args.config, precision)
+                        args.config, precision, ema)
             tic = time.perf_counter()
 
         position.epoch, position.step_in_epoch = epoch + 1, 0
-        val = evaluate_split(model, manifest, args.dataset_url, "val", rank=rank, world_size=world_size,
-                             batch_size=global_batch // world_size, cfg=cfg, step=position.step)
+        val = evaluate_split(ema.module if ema else model, manifest, args.dataset_url, "val", rank=rank,
+                             world_size=world_size, batch_size=global_batch // world_size, cfg=cfg, step=position.step)
         data_health = _data_health_across_ranks(world_size)  # a collective: every rank, same point
         if logger:
             log_data_health(logger, position.step, *data_health)
@@ -206,7 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report = {"epoch": epoch + 1, "step": position.step, **val}
         if epoch + 1 == cfg.train.epochs and logger:
             report |= {f"tracking/{k}": v for k, v in logger.close().items()}
-        _report(is_master, report, model, optimizer, position, partitions, args.config, precision)
+        _report(is_master, report, model, optimizer, position, partitions, args.config, precision, ema)
 
 
 def _node_ids(world_size: int) -> list[str]:
@@ -298,13 +309,14 @@ class _SampleRecorder:
 
 
 def _report(is_master: bool, metrics: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            position: Position, partitions: int, config: dict[str, Any], precision: PrecisionStep) -> None:
+            position: Position, partitions: int, config: dict[str, Any], precision: PrecisionStep,
+            ema: WeightEMA | None = None) -> None:
     # ray.train.report is a barrier: every rank calls it at the same steps; only rank 0 uploads.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if is_master:
             save_checkpoint(Path(tmp), model=model, optimizer=optimizer, step=position.step, epoch=position.epoch,
                             step_in_epoch=position.step_in_epoch, partitions=partitions, config=config,
-                            grad_scaler=precision.state_dict())
+                            grad_scaler=precision.state_dict(), ema=ema)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -4,11 +4,16 @@ fp32 and bf16 need no loss scaling; fp16 uses a gradient scaler, which itself sk
 updates whose scaled gradients overflow (normal while it finds its scale). So "non-finite"
 means: the averaged gradient (fp32/bf16: identical on every rank after DDP's all-reduce),
 or for fp16 the loss averaged over ranks — the same verdict on every rank either way.
+
+Also here: the optimizer a config names (`build_optimizer`), gradient clipping to a global
+norm (`train.grad_clip`, applied after the non-finite check; `train/grad_norm` is the norm
+before clipping) and the exponential moving average of the weights (`WeightEMA`, `train.ema`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,10 +32,11 @@ class StepResult:
 
 
 class PrecisionStep:
-    def __init__(self, precision: str, device: torch.device) -> None:
+    def __init__(self, precision: str, device: torch.device, grad_clip: float | None = None) -> None:
         self.device = device
         self.dtype = _DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.grad_clip = grad_clip
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -46,6 +52,7 @@ class PrecisionStep:
             grad_norm = _total_norm(model)
             if not np.isfinite(grad_norm):
                 return StepResult(grad_norm, nonfinite=True)
+            self._clip(model, grad_norm)
             optimizer.step()
             return StepResult(grad_norm, nonfinite=False)
         self.scaler.scale(loss).backward()
@@ -54,9 +61,17 @@ class PrecisionStep:
         if not _finite_everywhere(loss.detach()):
             self.scaler.update()
             return StepResult(grad_norm, nonfinite=True)
+        if np.isfinite(grad_norm):  # an overflowed fp16 step is skipped by the scaler anyway
+            self._clip(model, grad_norm)
         self.scaler.step(optimizer)  # skips by itself when the scaled gradients overflowed
         self.scaler.update()
         return StepResult(grad_norm, nonfinite=False)
+
+    def _clip(self, model: torch.nn.Module, grad_norm: float) -> None:
+        """Scale every gradient by min(1, grad_clip / norm): the norm is already known, so no second pass."""
+        if self.grad_clip is not None and grad_norm > self.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None],
+                                                 self.grad_clip, torch.tensor(grad_norm))
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict() if self.scaler else {}
@@ -75,3 +90,45 @@ def _total_norm(model: torch.nn.Module) -> float:
     """The global gradient norm (for non-finite detection and train/grad_norm). Not
     clip_grad_norm_(inf): that also rescales every gradient by 1.0."""
     return float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """`train.optimizer` over `params` at `train.lr` (the loop sets the scheduled rate every step).
+    Adam's weight_decay is an L2 term in the gradient; AdamW's is decoupled (Loshchilov & Hutter)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown train.optimizer {cfg.optimizer!r}")
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights: ema <- decay * ema + (1 - decay) * weights
+    after every applied update. `module` is a full copy of the model (same class, no gradients)
+    holding the averaged parameters and a copy of the buffers; validation and the logged model use it.
+    Its state is `module.state_dict()` plus the update count, saved in the checkpoint."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model)
+        self.module.requires_grad_(False)
+        self.module.eval()
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        averaged = list(self.module.parameters())
+        current = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
+        for mine, theirs in zip(self.module.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates}
+
+    def load_state_dict(self, weights: dict, state: dict) -> None:
+        self.module.load_state_dict(weights)
+        self.updates = int(state.get("updates", 0))

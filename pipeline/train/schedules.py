@@ -1,0 +1,71 @@
+"""Learning-rate, KL-weight and temperature schedules: pure functions of the global step.
+
+Nothing here keeps state: the value at step t depends only on t and the config, so every
+rank agrees, and a resumed (or elastically resized) run continues exactly where the
+interrupted one was. The loop sets them at the start of each step, before the forward pass.
+
+- learning rate (`train.lr_schedule`): `constant`; `exponential` = step decay
+  lr * rate^(t // every) (Jang et al.'s notebook: 0.9 every 1000 steps); `cosine` from lr down to
+  `lr_min` over the run's total steps (Loshchilov & Hutter; DALL-E's dVAE). Each after an optional
+  linear warm-up over `lr_warmup_steps`.
+- KL weight beta (`train.kl_weight`): warmed up from 0 over `kl_warmup_steps`, linearly or along a
+  half cosine (DALL-E: 0 -> 6.6 over 5k updates).
+- Gumbel-Softmax temperature (`model.latent.tau_schedule`): `exponential` = Jang's staircase
+  (`pipeline.models.latents.temperature_at`), `cosine` = DALL-E's anneal tau0 -> tau_min over `tau_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.config import LatentConfig, TrainConfig
+from pipeline.models.latents import temperature_at
+
+
+def _cosine(progress: float) -> float:
+    """1 -> 0 along a half cosine as progress goes 0 -> 1 (clamped)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """The learning rate of global step `step` (0-based); `total_steps` is the cosine horizon."""
+    step = max(step, 0)
+    warmup = cfg.lr_warmup_steps
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = step - warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "exponential":
+        return max(cfg.lr_min, cfg.lr * cfg.lr_decay_rate ** (t // cfg.lr_decay_every))
+    if cfg.lr_schedule == "cosine":
+        horizon = max(total_steps - warmup, 1)
+        return cfg.lr_min + (cfg.lr - cfg.lr_min) * _cosine(t / horizon)
+    raise ValueError(f"unknown train.lr_schedule {cfg.lr_schedule!r}")
+
+
+def kl_weight(step: int, cfg: TrainConfig) -> float:
+    """beta at global step `step`: `kl_weight` after the warm-up, rising from 0 during it."""
+    if cfg.kl_warmup_steps <= 0:
+        return cfg.kl_weight
+    progress = min(max(step, 0) / cfg.kl_warmup_steps, 1.0)
+    if cfg.kl_warmup == "linear":
+        return cfg.kl_weight * progress
+    if cfg.kl_warmup == "cosine":
+        return cfg.kl_weight * (1.0 - _cosine(progress))
+    raise ValueError(f"unknown train.kl_warmup {cfg.kl_warmup!r}")
+
+
+def temperature(step: int, cfg: LatentConfig) -> float:
+    """The Gumbel-Softmax temperature at global step `step` (validation uses the same value)."""
+    if cfg.tau_schedule == "exponential":
+        return temperature_at(step, cfg.tau0, cfg.tau_min, cfg.anneal_rate, cfg.anneal_every)
+    if cfg.tau_schedule == "cosine":
+        return cfg.tau_min + (cfg.tau0 - cfg.tau_min) * _cosine(max(step, 0) / cfg.tau_steps)
+    raise ValueError(f"unknown model.latent.tau_schedule {cfg.tau_schedule!r}")
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    """Every parameter group gets the scheduled rate (called at the start of each step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

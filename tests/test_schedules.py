@@ -1,0 +1,224 @@
+"""Schedules (learning rate, KL weight, temperature) are pure functions of the global step; the
+optimizer, gradient clipping and the weight EMA continue exactly across a checkpoint."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, LatentConfig, ModelConfig, TrainConfig, parse_config
+from pipeline.models import build_vae, temperature_at
+from pipeline.train.checkpoint import (
+    load_checkpoint,
+    restore_ema,
+    save_checkpoint,
+    training_weights,
+)
+from pipeline.train.schedules import kl_weight, learning_rate, set_learning_rate, temperature
+from pipeline.train.step import PrecisionStep, WeightEMA, build_optimizer
+
+
+def _values(fn, steps):
+    return [fn(s) for s in steps]
+
+
+def _assert_pure(fn, steps) -> None:
+    """Same value for a step whatever was asked before (no hidden state): in order, shuffled, repeated."""
+    forward = _values(fn, steps)
+    shuffled = list(steps)
+    random.Random(0).shuffle(shuffled)
+    again = dict(zip(shuffled, _values(fn, shuffled)))
+    assert forward == [again[s] for s in steps] == _values(fn, steps)
+
+
+STEPS = list(range(0, 12_000, 97)) + [0, 1, 999, 1000, 1001, 4999, 5000, 9999, 10_000, 50_000]
+
+
+def test_defaults_keep_todays_behaviour() -> None:
+    train, latent = TrainConfig(), LatentConfig()
+    assert (train.lr_schedule, train.kl_weight, train.optimizer, train.grad_clip, train.ema) == (
+        "constant", 1.0, "adam", None, None)
+    for step in STEPS:
+        assert learning_rate(step, train, 10_000) == train.lr
+        assert kl_weight(step, train) == 1.0
+        assert temperature(step, latent) == temperature_at(step, latent.tau0, latent.tau_min, latent.anneal_rate,
+                                                           latent.anneal_every)
+    assert type(build_optimizer(torch.nn.Linear(2, 2).parameters(), train)) is torch.optim.Adam
+
+
+def test_exponential_lr_is_jangs_step_decay() -> None:
+    cfg = TrainConfig(lr=1e-3, lr_schedule="exponential", lr_decay_rate=0.9, lr_decay_every=1000)
+    assert learning_rate(0, cfg, 1) == learning_rate(999, cfg, 1) == 1e-3
+    assert learning_rate(1000, cfg, 1) == pytest.approx(9e-4)
+    assert learning_rate(25_500, cfg, 1) == pytest.approx(1e-3 * 0.9**25)
+    floored = cfg.model_copy(update={"lr_min": 1e-4})
+    assert learning_rate(10**6, floored, 1) == 1e-4
+    _assert_pure(lambda s: learning_rate(s, cfg, 1), STEPS)
+
+
+def test_cosine_lr_with_linear_warmup() -> None:
+    cfg = TrainConfig(lr=2e-3, lr_schedule="cosine", lr_warmup_steps=100, lr_min=1e-5)
+    total = 10_100
+    assert learning_rate(0, cfg, total) == pytest.approx(2e-3 / 100)
+    assert learning_rate(49, cfg, total) == pytest.approx(1e-3)
+    assert learning_rate(100, cfg, total) == pytest.approx(2e-3)  # peak right after the warm-up
+    assert learning_rate(100 + 5000, cfg, total) == pytest.approx(1e-5 + (2e-3 - 1e-5) / 2)
+    assert learning_rate(total, cfg, total) == pytest.approx(1e-5)
+    assert learning_rate(10 * total, cfg, total) == pytest.approx(1e-5)  # stays at the floor past the horizon
+    after = [learning_rate(s, cfg, total) for s in range(100, total, 50)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    _assert_pure(lambda s: learning_rate(s, cfg, total), STEPS)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_kl_warmup(shape: str) -> None:
+    cfg = TrainConfig(kl_weight=6.6, kl_warmup_steps=5000, kl_warmup=shape)
+    assert kl_weight(0, cfg) == 0.0
+    assert kl_weight(2500, cfg) == pytest.approx(3.3)  # both shapes are at half height halfway
+    assert kl_weight(5000, cfg) == pytest.approx(6.6) and kl_weight(10**6, cfg) == pytest.approx(6.6)
+    ramp = [kl_weight(s, cfg) for s in range(0, 5001, 100)]
+    assert all(a <= b for a, b in zip(ramp, ramp[1:]))
+    if shape == "cosine":  # slower start than linear
+        assert kl_weight(500, cfg) < 6.6 * 0.1
+    _assert_pure(lambda s: kl_weight(s, cfg), STEPS)
+
+
+def test_temperature_schedules() -> None:
+    exp = LatentConfig(tau0=1.0, tau_min=0.5, anneal_rate=1e-4, anneal_every=500)
+    assert temperature(0, exp) == 1.0 and temperature(499, exp) == 1.0
+    assert temperature(500, exp) == pytest.approx(math.exp(-0.05))
+    assert temperature(10**6, exp) == 0.5
+    cos = LatentConfig(tau_schedule="cosine", tau0=1.0, tau_min=1 / 16, tau_steps=150_000)
+    assert temperature(0, cos) == 1.0
+    assert temperature(75_000, cos) == pytest.approx((1 + 1 / 16) / 2)
+    assert temperature(150_000, cos) == pytest.approx(1 / 16) and temperature(10**7, cos) == pytest.approx(1 / 16)
+    for cfg in (exp, cos):
+        _assert_pure(lambda s: temperature(s, cfg), STEPS)
+
+
+def test_schedule_keys_in_config() -> None:
+    cfg = parse_config({"data": {"url": "x"}}, [
+        "train.lr_schedule=cosine", "train.lr_warmup_steps=10", "train.optimizer=adamw", "train.weight_decay=0.01",
+        "train.grad_clip=1.0", "train.ema=0.999", "train.kl_weight=6.6", "train.kl_warmup_steps=5000",
+        "train.kl_warmup=cosine", "model.latent.tau_schedule=cosine", "model.latent.tau_steps=1000"])
+    assert cfg.train.ema == 0.999 and cfg.model.latent.tau_schedule == "cosine"
+    opt = build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg.train)
+    assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["weight_decay"] == 0.01
+    for bad in ("train.ema=1.0", "train.lr_schedule=linear", "train.grad_clip=0", "model.latent.tau_schedule=step"):
+        with pytest.raises(ConfigError):
+            parse_config({"data": {"url": "x"}}, [bad])
+
+
+def test_grad_clip_scales_to_the_max_norm_and_reports_the_norm_before() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(10, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss = (model(torch.randn(4, 10)) * 100).pow(2).sum()
+    result = PrecisionStep("fp32", torch.device("cpu"), grad_clip=1.0).backward_and_step(loss, model, opt)
+    assert result.grad_norm > 10
+    clipped = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert clipped == pytest.approx(1.0, rel=1e-4)
+
+
+# ---------------------------------------------------------------- exact continuation across a checkpoint
+
+TRAIN = TrainConfig(lr=3e-3, lr_schedule="cosine", lr_warmup_steps=3, lr_min=1e-4, optimizer="adamw",
+                    weight_decay=0.01, grad_clip=5.0, ema=0.9, kl_weight=2.0, kl_warmup_steps=6, kl_warmup="cosine")
+LATENT = LatentConfig(variables=3, categories=4, tau_schedule="cosine", tau0=1.0, tau_min=0.3, tau_steps=10)
+TOTAL = 12
+
+
+class _Trainer:
+    """The loop's per-step sequence (train/loop.py) without Ray: schedules, forward, beta-weighted
+    objective, clipped step, EMA update; its checkpoint goes through train/checkpoint.py."""
+
+    def __init__(self, directory=None) -> None:
+        torch.manual_seed(0)
+        self.model = build_vae(ModelConfig(hidden=[16], latent=LATENT), input_dim=12)
+        self.optimizer = build_optimizer(self.model.parameters(), TRAIN)
+        self.precision = PrecisionStep("fp32", torch.device("cpu"), grad_clip=TRAIN.grad_clip)
+        self.ema = WeightEMA(self.model, TRAIN.ema)
+        self.step = 0
+        self.log: list[tuple[float, float, float]] = []
+        if directory is not None:
+            state = load_checkpoint(directory)
+            self.model.load_state_dict(training_weights(state))
+            self.optimizer.load_state_dict(state["optimizer"])
+            restore_ema(self.ema, state)
+            self.step = state["step"]
+
+    def run(self, until: int) -> None:
+        data = torch.Generator().manual_seed(1)
+        x_all = torch.rand(TOTAL, 8, 12, generator=data).bernoulli(generator=data)
+        while self.step < until:
+            tau, beta = temperature(self.step, LATENT), kl_weight(self.step, TRAIN)
+            lr = learning_rate(self.step, TRAIN, TOTAL)
+            set_learning_rate(self.optimizer, lr)
+            torch.manual_seed(1000 + self.step)  # the loop seeds the sampling noise by step
+            out = self.model(x_all[self.step], temperature=tau)
+            self.precision.backward_and_step(out.recon + beta * out.kl, self.model, self.optimizer)
+            self.ema.update(self.model)
+            self.log.append((tau, beta, lr))
+            self.step += 1
+
+    def save(self, directory) -> None:
+        save_checkpoint(directory, model=self.model, optimizer=self.optimizer, step=self.step, epoch=0,
+                        step_in_epoch=self.step, partitions=1, config={}, ema=self.ema)
+
+
+def test_schedules_optimizer_and_ema_continue_exactly_across_a_checkpoint(tmp_path) -> None:
+    straight = _Trainer()
+    straight.run(TOTAL)
+
+    first = _Trainer()
+    first.run(5)
+    first.save(tmp_path)
+    state = load_checkpoint(tmp_path)  # weights_only=True
+    # `model` is the EMA (what artifacts/evaluate read), `online_model` the trained weights.
+    for name, tensor in first.ema.module.state_dict().items():
+        assert torch.equal(state["model"][name], tensor)
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(state["online_model"][name], tensor)
+    assert state["ema"]["updates"] == 5
+    assert any(not torch.equal(state["model"][k], state["online_model"][k]) for k in state["model"])
+
+    resumed = _Trainer(tmp_path)
+    assert resumed.ema.updates == 5
+    for name, tensor in first.ema.module.state_dict().items():  # EMA restored exactly
+        assert torch.equal(resumed.ema.module.state_dict()[name], tensor)
+    resumed.run(TOTAL)
+
+    assert first.log + resumed.log == straight.log  # temperature, beta and lr of every step
+    assert len({beta for _, beta, _ in straight.log}) > 3 and len({lr for *_, lr in straight.log}) > 3
+    for mine, theirs in ((resumed.model, straight.model), (resumed.ema.module, straight.ema.module)):
+        for (name, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items()):
+            assert torch.equal(a, b), name
+    assert resumed.optimizer.state_dict()["state"].keys() == straight.optimizer.state_dict()["state"].keys()
+    for key, value in straight.optimizer.state_dict()["state"].items():
+        for field, tensor in value.items():
+            assert torch.equal(resumed.optimizer.state_dict()["state"][key][field], tensor)
+
+
+def test_ema_is_the_moving_average_and_a_checkpoint_without_one_starts_it(tmp_path) -> None:
+    model = torch.nn.Linear(3, 2)
+    ema = WeightEMA(model, 0.75)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for avg, p0 in zip(ema.module.parameters(), start):
+        torch.testing.assert_close(avg, p0 + 0.25)
+    # A run without EMA, resumed with it: the average starts from the trained weights.
+    opt = torch.optim.Adam(model.parameters())
+    save_checkpoint(tmp_path, model=model, optimizer=opt, step=3, epoch=0, step_in_epoch=3, partitions=1, config={})
+    state = load_checkpoint(tmp_path)
+    assert "online_model" not in state and training_weights(state) is state["model"]
+    fresh = WeightEMA(torch.nn.Linear(3, 2), 0.75)
+    restore_ema(fresh, state)
+    for a, b in zip(fresh.module.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert fresh.updates == 0

@@ -9,7 +9,12 @@ the run's dataset, and computes per input, summed over the split:
 - the importance-weighted -log p(x) with K proposal samples from the un-relaxed posterior
   (``<split>/nll_is_k<K>``),
 - when the code space has at most ENUMERATION_LIMIT codes: the exact -log p(x) and the exact
-  -ELBO (``<split>/nll_exact``, ``<split>/loss_exact``).
+  -ELBO (``<split>/nll_exact``, ``<split>/loss_exact``),
+- for a likelihood over 8-bit levels (logistic): both as bits per dimension
+  (``<split>/bits_per_dim``, ``<split>/bits_per_dim_is_k<K>``).
+
+The dataset is read with the run's own read options (retries, cache, on_corrupt) and image
+settings (size, channels, resize).
 
 The figures go into the same MLflow run (at the run's last validation step) and are returned.
 """
@@ -27,8 +32,8 @@ import torch
 import yaml
 
 from pipeline.config import ConfigError, RunConfig, parse_config
-from pipeline.models import VAE, build_vae, discrete_elbo, exact_log_px_and_elbo, importance_log_px
-from pipeline.models.likelihood import ENUMERATION_LIMIT
+from pipeline.models import VAE, bits_per_dim, build_vae, discrete_elbo, exact_log_px_and_elbo, importance_log_px
+from pipeline.models.estimators import ENUMERATION_LIMIT
 
 
 class EvaluationError(RuntimeError):
@@ -66,13 +71,13 @@ def evaluate_model(model: VAE, batches: Iterable[tuple[torch.Tensor, Any]], *, s
     sums = {"recon": 0.0, "kl": 0.0, "nll_is": 0.0, "nll_exact": 0.0, "loss_exact": 0.0}
     count = 0
     for x, _labels in batches:
-        x = x.float()
-        log_px_z, kl = discrete_elbo(model, x)
+        prepared = model.prepare(x)  # once: every estimator sees the same (binarized) images
+        log_px_z, kl = discrete_elbo(model, x, prepared)
         sums["recon"] -= float(log_px_z.double().sum())
         sums["kl"] += float(kl.double().sum())
-        sums["nll_is"] -= float(importance_log_px(model, x, importance_samples).double().sum())
+        sums["nll_is"] -= float(importance_log_px(model, x, importance_samples, prepared).double().sum())
         if codes is not None:
-            log_px, elbo = exact_log_px_and_elbo(model, x, codes=codes)
+            log_px, elbo = exact_log_px_and_elbo(model, x, codes=codes, prepared=prepared)
             sums["nll_exact"] -= float(log_px.double().sum())
             sums["loss_exact"] -= float(elbo.double().sum())
         count += x.shape[0]
@@ -85,16 +90,20 @@ def evaluate_model(model: VAE, batches: Iterable[tuple[torch.Tensor, Any]], *, s
     if codes is not None:
         metrics[f"{split}/nll_exact"] = sums["nll_exact"] / count
         metrics[f"{split}/loss_exact"] = sums["loss_exact"] / count
+    if model.likelihood.eight_bit:
+        metrics[f"{split}/bits_per_dim"] = bits_per_dim(metrics[f"{split}/loss"], model.dims)
+        metrics[f"{split}/bits_per_dim_is_k{importance_samples}"] = bits_per_dim(
+            metrics[f"{split}/nll_is_k{importance_samples}"], model.dims)
     return metrics, count
 
 
-def rebuild_model(config: RunConfig, image_shape: tuple[int, int], weights: Path | None, *, tracking_uri: str,
+def rebuild_model(config: RunConfig, image_shape: tuple[int, ...], weights: Path | None, *, tracking_uri: str,
                    run_id: str) -> VAE:
     """The run's VAE: rebuilt from its config with its raw weights, else the logged MLflow model's `.vae`."""
-    from pipeline.train import tracking
+    from pipeline import evaluate_tracking as tracking
 
     if weights is not None:
-        model = build_vae(config.model, image_shape=image_shape)
+        model = build_vae(config.model, image_shape=image_shape, binarize=config.data.binarize)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return model.eval()
     try:
@@ -108,7 +117,9 @@ def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 
                  tracking_uri: str | None = None, data_url: str | None = None, seed: int = 0,
                  enumeration_limit: int = ENUMERATION_LIMIT, log: bool = True) -> EvaluationResult:
     from pipeline.data import DataError, eval_batches, read_manifest
-    from pipeline.train import tracking
+    from pipeline.data.contract import ImageTarget, SampleDecoder
+    from pipeline.data.reader import ReadOptions
+    from pipeline import evaluate_tracking as tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     started = time.perf_counter()
@@ -131,8 +142,11 @@ def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 
             raise EvaluationError(f"dataset of run {run_id} not readable: {err} (pass --data-url)") from None
         if split not in manifest.splits:
             raise EvaluationError(f"{url} has no split {split!r} (splits: {', '.join(sorted(manifest.splits))})")
-        model = rebuild_model(config, tuple(manifest.image_shape), run["files"]["weights"], tracking_uri=uri,
-                               run_id=run_id)
+        try:
+            target = ImageTarget.from_config(manifest.spec, config.data)
+        except ValueError as err:
+            raise EvaluationError(f"run {run_id} on {url}: {err}") from None
+        model = rebuild_model(config, target.shape, run["files"]["weights"], tracking_uri=uri, run_id=run_id)
     notes = []
     if run["tags"].get("dataset.manifest_sha256") not in (None, manifest.digest()):
         notes.append(f"warning: {url} is not the dataset the run trained on (manifest digest differs)")
@@ -141,7 +155,8 @@ def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 
     report = _progress_printer(total)
     try:
         batches = eval_batches(manifest, url, split=split, rank=0, world_size=1, batch_size=batch_size,
-                               binarize=config.data.binarize, seed=config.train.seed)
+                               options=ReadOptions.from_config(config.data),
+                               decoder=SampleDecoder(manifest.spec, target, config.data.decode_workers))
         metrics, count = evaluate_model(model, batches, split=split, importance_samples=importance_samples,
                                         enumeration_limit=enumeration_limit, progress=report)
     except DataError as err:

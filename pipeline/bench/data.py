@@ -5,7 +5,7 @@
 - loader:   our streaming loader as training uses it: `train_batches` (rank 0 of 1, block
             shuffle, dynamic binarization) behind the `prefetch` thread, consumed to exhaustion;
             also ``loader_inline`` (no prefetch thread) and ``loader_reference`` (the tarfile
-            reference decode path, `reader.FAST_PATH = False`) for the record;
+            reference decode path, `ReadOptions(fast_path=False)`) for the record;
 - memory:   a torch DataLoader over an in-memory TensorDataset of the same samples (shuffled),
             with the same per-batch work (uint8 -> float / 255 -> Bernoulli);
 - raydata:  Ray Data `read_webdataset` -> `select_columns` -> `iter_torch_batches`, same batch
@@ -52,22 +52,19 @@ def read_raw(url: str) -> int:
 def read_loader(url: str, batch: int, shuffle_buffer: int, prefetch_depth: int = 4, reference: bool = False,
                 limit: int | None = None) -> int:
     from pipeline.data import read_manifest
-    from pipeline.data import reader
+    from pipeline.data.reader import ReadOptions
     from pipeline.data.stream import prefetch, train_batches
 
     manifest = read_manifest(url)
-    before, reader.FAST_PATH = reader.FAST_PATH, not reference
     samples = 0
-    try:
-        batches = prefetch(train_batches(manifest, url, epoch=0, seed=0, rank=0, world_size=1, batch_per_rank=batch,
-                                         shuffle_buffer=shuffle_buffer, binarize="dynamic"), prefetch_depth)
-        for item in batches:
-            samples += len(item.x)
-            if limit and samples >= limit:
-                batches.close()
-                break
-    finally:
-        reader.FAST_PATH = before
+    batches = prefetch(train_batches(manifest, url, epoch=0, seed=0, rank=0, world_size=1, batch_per_rank=batch,
+                                     shuffle_buffer=shuffle_buffer, options=ReadOptions(fast_path=not reference)),
+                       prefetch_depth)
+    for item in batches:
+        samples += len(item.x)
+        if limit and samples >= limit:
+            batches.close()
+            break
     return samples
 
 

@@ -178,7 +178,7 @@ def _stream_child(url: str, batch: int, shuffle_buffer: int) -> None:
     manifest = read_manifest(url)
     started, samples = time.perf_counter(), 0
     for item in train_batches(manifest, url, epoch=0, seed=0, rank=0, world_size=1, batch_per_rank=batch,
-                              shuffle_buffer=shuffle_buffer, binarize="dynamic"):
+                              shuffle_buffer=shuffle_buffer):
         samples += len(item[0])
     rate = samples / max(time.perf_counter() - started, 1e-9)
     print(json.dumps({"peak_rss": peak_rss_bytes(), "samples": samples, "samples_per_s": round(rate)}))

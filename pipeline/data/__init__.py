@@ -26,7 +26,9 @@ _EXPORTS = {
     "read_shard": "reader",
     "read_pieces": "reader",
     "ReadOptions": "reader",
-    "set_read_options": "reader",
+    "SampleSpec": "contract",
+    "SampleDecoder": "contract",
+    "ImageTarget": "contract",
     "data_health": "reader",
     "generate_deformed_mnist": "deformed",
     "train_batches": "stream",
@@ -42,7 +44,8 @@ if TYPE_CHECKING:
     from pipeline.data.sources import Split, load_digits_splits, load_mnist_splits
     from pipeline.data.binarized import load_binarized_mnist_splits
     from pipeline.data.deformed import generate_deformed_mnist
-    from pipeline.data.reader import ReadOptions, data_health, read_pieces, read_shard, set_read_options
+    from pipeline.data.contract import ImageTarget, SampleDecoder, SampleSpec
+    from pipeline.data.reader import ReadOptions, data_health, read_pieces, read_shard
     from pipeline.data.stream import (
         TrainBatch, eval_batches, partitions_of_rank, rank_assignment, steps_per_epoch, train_batches,
     )

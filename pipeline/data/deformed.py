@@ -30,7 +30,10 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates
 
 from pipeline.data.errors import DataError
-from pipeline.data.shards import ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, write_shard
+from pipeline.data.contract import SampleSpec
+from pipeline.data.shards import (
+    ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, npy_members, write_shard,
+)
 from pipeline.data.sources import Split, load_mnist_splits
 
 RECIPE_VERSION = "deformed-mnist/1"
@@ -101,13 +104,13 @@ def plan_jobs(samples: int, samples_per_shard: int, splits: dict[str, Split], ev
     return jobs
 
 
-def _job_samples(job: ShardJob, splits: dict[str, Split], seed: int, params: Deformation) -> Iterator[tuple[str, np.ndarray, int]]:
+def _job_samples(job: ShardJob, splits: dict[str, Split], seed: int, params: Deformation) -> Iterator[tuple[str, dict[str, bytes]]]:
     for index in range(job.first, job.last):
         if job.deformed:
             image, label = deformed_sample(splits["train"], seed, index, params)
         else:
             image, label = splits[job.split].images[index], int(splits[job.split].labels[index])
-        yield f"{job.split}-{index:09d}", image, label
+        yield f"{job.split}-{index:09d}", npy_members(image, label)
 
 
 def _run_job(job: ShardJob, out_url: str, recipe: str, splits: dict[str, Split], seed: int, params: Deformation) -> ShardInfo:
@@ -216,7 +219,8 @@ def generate_deformed_mnist(
         shards = [done[job] for job in jobs if job.split == name]
         split_infos[name] = SplitInfo(samples=sum(s.samples for s in shards), shards=shards)
     finish_dataset(fs, root, stale, source=f"deformed-mnist:{source} seed={seed} n={samples}",
-                   image_shape=splits["train"].images.shape[1:], split_infos=split_infos)
+                   spec=SampleSpec(image="npy", channels=1, size=list(splits["train"].images.shape[1:]), label="cls"),
+                   split_infos=split_infos)
     return split_infos, reused
 
 

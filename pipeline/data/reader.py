@@ -36,6 +36,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.data.cache import ShardCache, cache_stats
+from pipeline.data.contract import SampleDecoder, SampleSpec
 from pipeline.data.errors import DataError, ShardError
 from pipeline.data.fasttar import _fast_samples, _Recorded
 from pipeline.data.remote import RetryPolicy, is_local, is_transient, open_for_reading, retry_count
@@ -43,7 +44,9 @@ from pipeline.data.shards import Manifest, ShardInfo, shard_url
 
 OnCorrupt = Literal["error", "skip"]
 Sample = tuple[str, np.ndarray, int]
-Chunk = tuple[list[str], np.ndarray, np.ndarray]  # consecutive samples: keys, images [n, *shape], int64 labels [n]
+# Consecutive samples: keys, uint8 images [n, C, H, W] (an object array of [C, H', W'] arrays when
+# their sizes differ before a random crop), int64 labels [n].
+Chunk = tuple[list[str], np.ndarray, np.ndarray]
 Piece = tuple[int, int, int]
 
 # Errors a corrupt shard can raise while it is read; all are re-raised as ShardError.
@@ -57,13 +60,14 @@ _NPY_HEADER_MAX = 4096  # np.save headers are 128 bytes; anything much larger is
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How this process reads shards; set once per worker with `set_read_options`."""
+    """How a process reads shards; passed explicitly to every reading function."""
 
     on_corrupt: OnCorrupt = "error"
     cache_dir: str | None = None
     cache_max_bytes: int = 10 << 30
     retries: int = 5
     retry_backoff_s: float = 0.2
+    fast_path: bool = True  # the numpy tar parser for fixed-size .npy shards (False: the reference path)
 
     @classmethod
     def from_config(cls, data: Any) -> "ReadOptions":
@@ -74,19 +78,6 @@ class ReadOptions:
     @property
     def policy(self) -> RetryPolicy:
         return RetryPolicy(retries=self.retries, backoff_s=self.retry_backoff_s)
-
-
-_OPTIONS = ReadOptions()
-
-
-def set_read_options(options: ReadOptions) -> None:
-    """Process-wide defaults for `read_shard` (explicit keyword arguments still win)."""
-    global _OPTIONS
-    _OPTIONS = options
-
-
-def get_read_options() -> ReadOptions:
-    return _OPTIONS
 
 
 @lru_cache(maxsize=8)
@@ -174,13 +165,18 @@ class _HashingReader:
         return data
 
 
-def _groups(tar: tarfile.TarFile, url: str, declared: set[str], max_member: int) -> Iterator[tuple[str, dict, ShardError | None]]:
+def _groups(tar: tarfile.TarFile, url: str, spec: SampleSpec, max_member: int) -> Iterator[tuple[str, dict, ShardError | None]]:
     """(key, {suffix: bytes}, problem) per sample, WebDataset-style: consecutive members sharing a prefix.
 
-    An undeclared or oversized member is never read; it marks its sample as bad instead.
+    Only the members the contract reads are read; declared-but-ignored members (captions,
+    metadata) are passed over unread. An undeclared or oversized member is never read; it
+    marks its sample as bad instead.
     """
+    declared, wanted = spec.declared, spec.read_members
+    refused = f"undeclared member refused (the manifest declares only {sorted(declared)}; never unpickled)"
     key: str | None = None
     members: dict[str, bytes] = {}
+    seen: set[str] = set()
     problem: ShardError | None = None
     for info in tar:
         if not info.isfile():
@@ -189,20 +185,19 @@ def _groups(tar: tarfile.TarFile, url: str, declared: set[str], max_member: int)
         if prefix is None:  # no "key.suffix" shape at all: a sample of its own, refused
             if key is not None:
                 yield key, members, problem
-                key, members, problem = None, {}, None
-            yield info.name, {}, ShardError(
-                url, f"undeclared member refused (the manifest declares only {sorted(declared)}; never unpickled)",
-                member=info.name)
+                key, members, seen, problem = None, {}, set(), None
+            yield info.name, {}, ShardError(url, refused, member=info.name)
             continue
         suffix = suffix.lower()
-        if key is not None and (prefix != key or suffix in members):
+        if key is not None and (prefix != key or suffix in seen):
             yield key, members, problem
-            key, members, problem = None, {}, None
+            key, members, seen, problem = None, {}, set(), None
         key = prefix
+        seen.add(suffix)
         if suffix not in declared:
-            problem = problem or ShardError(
-                url, f"undeclared member refused (the manifest declares only {sorted(declared)}; never unpickled)",
-                member=info.name)
+            problem = problem or ShardError(url, refused, member=info.name)
+        elif suffix not in wanted:
+            continue  # declared, never read
         elif info.size > max_member:
             problem = problem or ShardError(url, f"member of {info.size} bytes refused (limit {max_member})",
                                             member=info.name)
@@ -212,27 +207,6 @@ def _groups(tar: tarfile.TarFile, url: str, declared: set[str], max_member: int)
         yield key, members, problem
 
 
-def _decode(sample: dict[str, Any], url: str, shape: tuple[int, ...], dtype: np.dtype) -> Sample:
-    key = sample["__key__"]
-    for suffix in ("npy", "cls"):
-        if suffix not in sample:
-            raise ShardError(url, f"sample has no .{suffix} member", key=key)
-    if not sample["npy"].startswith(_NPY_MAGIC):  # np.load would otherwise also accept zip (npz) archives
-        raise ShardError(url, "not an .npy array", member=f"{key}.npy")
-    try:
-        image = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise ShardError(url, f"undecodable .npy ({err})", member=f"{key}.npy") from None
-    if image.shape != shape or image.dtype != dtype:
-        raise ShardError(
-            url, f"image is {image.dtype} {list(image.shape)}, the manifest declares {dtype} {list(shape)}", key=key
-        )
-    text = sample["cls"].strip()
-    if not (text.isdigit() or (text[:1] == b"-" and text[1:].isdigit())):
-        raise ShardError(url, f"label {sample['cls'][:20]!r} is not an ASCII integer", member=f"{key}.cls")
-    return key, image, int(text)
-
-
 def _as_shard_error(url: str, err: BaseException) -> ShardError:
     if isinstance(err, ShardError):
         return err
@@ -240,8 +214,9 @@ def _as_shard_error(url: str, err: BaseException) -> ShardError:
     return ShardError(url, f"unreadable shard ({type(err).__name__}: {detail})")
 
 
-FAST_PATH = True  # module switch: tests and `pipeline bench data` compare it with the reference path
 _FAST_MAX_BYTES = 256 << 20  # larger shards are streamed (memory: one shard at most)
+_MAX_ENCODED_MEMBER = 64 << 20  # an encoded image (or label) member larger than this is refused unread
+_DECODE_GROUP = 64  # samples handed to the decoding pool at once (bounds memory to ~64 decoded images)
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -288,8 +263,38 @@ def _samples(chunks: Iterator[Chunk]) -> Iterator[Sample]:
 
 
 def read_shard(manifest: Manifest, dataset_url: str, shard: ShardInfo, **kwargs: Any) -> Iterator[Sample]:
-    """Yield (key, uint8 image, label) for samples [start, stop) of one shard; see `read_shard_chunks`."""
+    """Yield (key, uint8 [C, H, W] image, label) for samples [start, stop) of one shard; see `read_shard_chunks`."""
     return _samples(read_shard_chunks(manifest, dataset_url, shard, **kwargs))
+
+
+def default_decoder(manifest: Manifest) -> SampleDecoder:
+    """The decoder that hands out the stored images as they are (fixed-size datasets only)."""
+    return SampleDecoder(manifest.spec)
+
+
+def _stack(images: list[np.ndarray]) -> np.ndarray:
+    """[n, C, H, W] when every image has one shape, else an object array of [C, H', W'] arrays."""
+    if images and all(image.shape == images[0].shape for image in images):
+        return np.stack(images)
+    out = np.empty(len(images), dtype=object)
+    for i, image in enumerate(images):
+        out[i] = image
+    return out
+
+
+def _fast_chunk(data: bytes, start: int, stop: int, spec: SampleSpec, decoder: SampleDecoder,
+                max_member: int) -> Chunk | None:
+    """The numpy fast path over a whole plain shard of fixed-size .npy samples, or None."""
+    channels, height, width = spec.shape  # type: ignore[misc]
+    stored = (height, width) if channels == 1 else (channels, height, width)
+    fast = _fast_samples(data, start, stop, stored, np.dtype(np.uint8), spec.declared, max_member)
+    if fast is None:
+        return None
+    keys, images, labels = fast
+    images = images.reshape(len(images), channels, height, width)
+    if not decoder.identity:
+        images = _stack([decoder.prepare_array(image) for image in images])
+    return keys, images, labels
 
 
 def read_shard_chunks(
@@ -301,35 +306,39 @@ def read_shard_chunks(
     stop: int | None = None,
     verify: bool = False,
     on_corrupt: OnCorrupt | None = None,
-    options: ReadOptions | None = None,
+    options: ReadOptions = ReadOptions(),
+    decoder: SampleDecoder | None = None,
 ) -> Iterator[Chunk]:
-    """Samples [start, stop) of one shard as chunks: all of them in one when the fast path reads the
-    shard, one per sample on the reference path (so its skips and errors come at the same sample).
+    """Samples [start, stop) of one shard as chunks of uint8 [n, C, H, W] images (stage 1 of the
+    contract's decoding: see contract.py): all of them in one when the fast path reads the
+    shard, else one per group of samples decoded together.
 
     Samples before ``start`` are skipped without being decoded; reading ends at ``stop``.
     With ``verify=True`` the sha256 of the whole file is checked against the manifest: in
     "error" mode while streaming (the rest of the shard is read after ``stop``, undecoded, and
-    the check runs at the shard's end); in "skip" mode before the first sample. ``options``
-    default to the process-wide `set_read_options`; ``on_corrupt`` overrides theirs.
+    the check runs at the shard's end); in "skip" mode before the first sample. ``on_corrupt``
+    overrides the options' policy.
     """
-    options = options or _OPTIONS
     skip = (on_corrupt or options.on_corrupt) == "skip"
+    spec = manifest.spec
+    decoder = decoder or default_decoder(manifest)
     url = shard_url(dataset_url, shard)
     stop = shard.samples if stop is None else stop
     if start >= stop and not verify:
         return
-    shape, dtype = tuple(manifest.image_shape), np.dtype(manifest.dtype)
-    max_member = max(1 << 20, 4 * (_NPY_HEADER_MAX + int(np.prod(shape)) * dtype.itemsize))
+    if spec.image == "npy" and spec.shape is not None:
+        max_member = max(1 << 20, 4 * (_NPY_HEADER_MAX + int(np.prod(spec.shape))))
+    else:
+        max_member = _MAX_ENCODED_MEMBER
     index = 0
     try:
         if verify and skip:
             _hash_whole_shard(url, shard, options)
         with _open_shard(url, shard, options) as (raw, verified):
             check_hash = verify and not verified and not skip
-            if FAST_PATH and start < stop and shard.bytes <= _FAST_MAX_BYTES:
+            if options.fast_path and spec.fixed_npy and start < stop and shard.bytes <= _FAST_MAX_BYTES:
                 recorded = _Recorded(raw)
-                fast = None if recorded.error else _fast_samples(
-                    recorded.data, start, stop, shape, dtype, set(manifest.keys), max_member)
+                fast = None if recorded.error else _fast_chunk(recorded.data, start, stop, spec, decoder, max_member)
                 if fast is not None:
                     yield fast
                     index = stop
@@ -339,22 +348,40 @@ def read_shard_chunks(
                 raw = recorded  # the reference path below, over the same bytes (and the same read error)
             stream = _HashingReader(raw) if check_hash else raw
             if start < stop:
+                pending: list[tuple[int, str, dict, ShardError | None]] = []
+
+                def decoded() -> Iterator[Chunk]:
+                    """The pending samples decoded (in the pool), in order; skips recorded, errors raised."""
+                    results = decoder.decode_many([(k, m) for _, k, m, p in pending if p is None], url)
+                    results.reverse()
+                    keys, images, labels = [], [], []
+                    for position, key, _, problem in pending:
+                        result = problem if problem is not None else results.pop()
+                        if isinstance(result, ShardError):
+                            if keys:  # the good samples before the bad one come first
+                                yield keys, _stack(images), np.array(labels, np.int64)
+                                keys, images, labels = [], [], []
+                            if not skip:
+                                raise result
+                            _LEDGER.record(url, shard.samples, position, position + 1, str(result))
+                            continue
+                        keys.append(key)
+                        images.append(result[0])
+                        labels.append(result[1])
+                    if keys:
+                        yield keys, _stack(images), np.array(labels, np.int64)
+                    pending.clear()
+
                 with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    for key, members, problem in _groups(tar, url, set(manifest.keys), max_member):
+                    for key, members, problem in _groups(tar, url, spec, max_member):
                         if index >= start:
-                            try:
-                                if problem is not None:
-                                    raise problem
-                                sample = _decode({"__key__": key, **members}, url, shape, dtype)
-                            except ShardError as err:
-                                if not skip:
-                                    raise
-                                _LEDGER.record(url, shard.samples, index, index + 1, str(err))
-                            else:
-                                yield [sample[0]], sample[1][None], np.array([sample[2]], np.int64)
+                            pending.append((index, key, members, problem))
+                            if len(pending) >= _DECODE_GROUP:
+                                yield from decoded()
                         index += 1
                         if index >= stop:
                             break
+                yield from decoded()
                 if index < stop:  # tarfile ends quietly when a shard is cut at a member boundary
                     raise ShardError(url, f"truncated: ended after {index} samples, the manifest says {shard.samples}")
             if check_hash:
@@ -387,7 +414,8 @@ def read_piece_chunks(
     *,
     verify: bool = False,
     on_corrupt: OnCorrupt | None = None,
-    options: ReadOptions | None = None,
+    options: ReadOptions = ReadOptions(),
+    decoder: SampleDecoder | None = None,
     fill_to: int | None = None,
 ) -> Iterator[Chunk]:
     """The samples of (shard_index, start, stop) ``pieces`` in order, then, when samples were
@@ -399,13 +427,13 @@ def read_piece_chunks(
     ``steps_per_epoch`` batches and no rank waits at a DDP collective. The repeats are the
     price: at most as many as were skipped. A rank with no readable sample at all raises.
     """
-    options = options or _OPTIONS
     policy = on_corrupt or options.on_corrupt
+    decoder = decoder or default_decoder(manifest)
 
     def one_pass() -> Iterator[Chunk]:
         for index, start, stop in pieces:
             yield from read_shard_chunks(manifest, dataset_url, shards[index], start=start, stop=stop, verify=verify,
-                                         on_corrupt=policy, options=options)
+                                         on_corrupt=policy, options=options, decoder=decoder)
 
     produced = 0
     for chunk in one_pass():

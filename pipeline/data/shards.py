@@ -6,31 +6,36 @@ Layout of a dataset folder (local path, file://, memory://, s3://, gs://):
     train-00000.tar ...      one tar per ``samples_per_shard`` samples of a split
     val-00000.tar ...
 
-Each sample is two tar members, ``{split}-{index:07d}.npy`` (``np.save`` of the uint8
-H x W image) and ``{split}-{index:07d}.cls`` (the label as ASCII decimal).
+What a sample holds is the manifest's `contract.SampleSpec` (format 2); a format-1 manifest
+implies two members per sample, ``{key}.npy`` (``np.save`` of the uint8 H x W image) and
+``{key}.cls`` (the label as ASCII decimal). Shard paths are relative to the manifest's folder,
+or absolute URLs when `pipeline data index` adopted shards that live elsewhere.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import tarfile
+import contextlib
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import BinaryIO, Callable, Iterable, Iterator, Literal
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Literal
 
 import fsspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from pipeline.data.contract import UNSAFE, SampleSpec, encode_image, v1_spec
 from pipeline.data.errors import DataError
 from pipeline.data.sources import Split
 
 MANIFEST_NAME = "manifest.json"
 # Keys a shard may ever declare: formats that decode without running code. Pickle-based
 # suffixes (pyd, pickle, pkl, pth) can never be declared, whatever a manifest says.
-SAFE_KEYS = frozenset({"npy", "cls", "png", "json"})
+SAFE_KEYS = frozenset({"npy", "cls", "png", "json"})  # format 1
 
 
 class _Model(BaseModel):
@@ -38,7 +43,7 @@ class _Model(BaseModel):
 
 
 class ShardInfo(_Model):
-    path: str  # relative to the manifest's folder
+    path: str  # relative to the manifest's folder, or an absolute URL (shards adopted where they are)
     samples: int
     bytes: int
     sha256: str
@@ -46,9 +51,10 @@ class ShardInfo(_Model):
     @field_validator("path")
     @classmethod
     def _stays_inside_dataset(cls, path: str) -> str:
-        # A manifest is untrusted input too: it must not point readers outside its own folder.
-        if not path or path.startswith("/") or "://" in path or ".." in path.split("/"):
-            raise ValueError(f"shard path {path!r} must be relative to the manifest, without '..'")
+        # A manifest is untrusted input too: a relative path must not climb out of its folder
+        # (an absolute URL names its shard outright, as `pipeline data index --out ELSEWHERE` writes).
+        if not path or ".." in path.split("/") or (path.startswith("/") and "://" not in path):
+            raise ValueError(f"shard path {path!r} must be relative to the manifest (without '..') or a URL")
         return path
 
 
@@ -65,29 +71,51 @@ class SplitInfo(_Model):
 
 
 class Manifest(_Model):
-    format_version: int = 1
+    format_version: Literal[1, 2] = 2
     source: str
-    image_shape: list[int]
+    image_shape: list[int] | None = None  # format 1: [H, W]; format 2: stored [C, H, W] (None: varies)
     dtype: Literal["uint8"] = "uint8"
-    keys: list[str] = ["npy", "cls"]
+    keys: list[str] = ["npy", "cls"]  # every member suffix a sample may carry
+    sample: SampleSpec | None = None  # format 2: the sample contract
     splits: dict[str, SplitInfo]
     created: str  # ISO 8601, UTC
 
-    @field_validator("keys")
+    @model_validator(mode="before")
     @classmethod
-    def _only_safe_keys(cls, keys: list[str]) -> list[str]:
-        unsafe = sorted(set(keys) - SAFE_KEYS)
+    def _version(cls, values: Any) -> Any:
+        # A manifest that names no version is format 2 when it carries a sample spec, else format 1.
+        if isinstance(values, dict) and "format_version" not in values:
+            values = {**values, "format_version": 2 if values.get("sample") else 1}
+        return values
+
+    @model_validator(mode="after")
+    def _contract(self) -> "Manifest":
+        if self.format_version == 1:
+            if self.sample is not None or not self.image_shape:
+                raise ValueError("a format-1 manifest has image_shape and no sample spec")
+            unsafe = sorted(set(self.keys) - SAFE_KEYS)
+        else:
+            if self.sample is None:
+                raise ValueError("a format-2 manifest needs a 'sample' spec")
+            unsafe = sorted(set(self.keys) - self.sample.declared | set(self.keys) & UNSAFE)
         if unsafe:
-            raise ValueError(f"keys {unsafe} are not allowed (safe keys: {sorted(SAFE_KEYS)})")
-        return keys
+            raise ValueError(f"keys {unsafe} are not allowed (declared: {sorted(self.spec.declared)}; never pickles)")
+        return self
+
+    @property
+    def spec(self) -> SampleSpec:
+        """The sample contract (format 1 manifests imply grey .npy + .cls)."""
+        return self.sample if self.sample is not None else v1_spec(self.image_shape or [])
 
     def digest(self) -> str:
         """sha256 of the canonical JSON: the dataset version tag.
 
         ``created`` is left out, so rewriting the same data gives the same tag; the shards'
-        own sha256 values are in, so any change to any sample changes the tag.
+        own sha256 values are in, so any change to any sample changes the tag. Unset fields
+        (None) are left out too, so a format-1 manifest keeps the tag it always had.
         """
-        canonical = json.dumps(self.model_dump(exclude={"created"}), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(self.model_dump(exclude={"created"}, exclude_none=True), sort_keys=True,
+                               separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -114,25 +142,30 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _encode_image(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, image, allow_pickle=False)
-    return buffer.getvalue()
+def npy_members(image: np.ndarray, label: int) -> dict[str, bytes]:
+    """The members of one grey ``.npy`` + ``.cls`` sample (uint8 [H, W] image)."""
+    return {"npy": encode_image(image[None], "npy"), "cls": str(int(label)).encode("ascii")}
 
 
-def write_shard(fs: fsspec.AbstractFileSystem, path: str, samples: Iterable[tuple[str, np.ndarray, int]],
-                advance: Callable[[int], None] = lambda n: None) -> tuple[int, int, str]:
-    """Stream (key, uint8 image, label) samples into one tar at ``path``: (samples, bytes, sha256).
+def write_shard(fs: fsspec.AbstractFileSystem, path: str, samples: Iterable[tuple[str, dict[str, bytes]]],
+                advance: Callable[[int], None] = lambda n: None, *, gzipped: bool = False) -> tuple[int, int, str]:
+    """Stream (key, {suffix: bytes}) samples into one tar at ``path``: (samples, bytes, sha256).
 
     Memory stays at one sample plus the filesystem's write buffer, however long the shard.
+    Members are written in a fixed order with fixed metadata (and gzip without a timestamp),
+    so the same samples always give the same bytes and sha256.
     """
     count = 0
     with fs.open(path, "wb") as out:
         writer = _HashingWriter(out)
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
-            for key, image, label in samples:
-                _add_member(tar, f"{key}.npy", _encode_image(image))
-                _add_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
+        with contextlib.ExitStack() as stack:
+            target: Any = writer
+            if gzipped:
+                target = stack.enter_context(gzip.GzipFile(fileobj=writer, mode="wb", mtime=0))  # type: ignore[arg-type]
+            tar = stack.enter_context(tarfile.open(fileobj=target, mode="w|", format=tarfile.USTAR_FORMAT))  # type: ignore[call-overload]
+            for key, members in samples:
+                for suffix, data in members.items():
+                    _add_member(tar, f"{key}.{suffix}", data)
                 count += 1
                 advance(1)
     return count, writer.bytes, writer.sha256.hexdigest()
@@ -155,11 +188,13 @@ def begin_dataset(out_url: str) -> tuple[fsspec.AbstractFileSystem, str, set[str
 
 
 def finish_dataset(fs: fsspec.AbstractFileSystem, root: str, stale: set[str], *, source: str,
-                   image_shape: Iterable[int], split_infos: dict[str, SplitInfo]) -> Manifest:
+                   spec: SampleSpec, split_infos: dict[str, SplitInfo]) -> Manifest:
     """Write the manifest (last), then delete shards of an older, larger write it no longer names."""
     manifest = Manifest(
         source=source,
-        image_shape=list(image_shape),
+        image_shape=list(spec.shape) if spec.shape else None,
+        keys=sorted(spec.declared),
+        sample=spec,
         splits=split_infos,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -200,12 +235,14 @@ def write_shards(
             for shard_number, first in enumerate(range(0, len(split), samples_per_shard)):
                 last = min(first + samples_per_shard, len(split))
                 shard_path = f"{name}-{shard_number:05d}.tar"
-                samples = ((f"{name}-{i:07d}", split.images[i], split.labels[i]) for i in range(first, last))
+                samples = ((f"{name}-{i:07d}", npy_members(split.images[i], split.labels[i]))
+                           for i in range(first, last))
                 count, size, sha256 = write_shard(fs, f"{root}/{shard_path}", samples, advance)
                 shards.append(ShardInfo(path=shard_path, samples=count, bytes=size, sha256=sha256))
             split_infos[name] = SplitInfo(samples=len(split), shards=shards)
 
-    return finish_dataset(fs, root, stale, source=source, image_shape=shapes.pop(), split_infos=split_infos)
+    spec = SampleSpec(image="npy", channels=1, size=list(shapes.pop()), label="cls")
+    return finish_dataset(fs, root, stale, source=source, spec=spec, split_infos=split_infos)
 
 
 def _shard_paths_of_old_manifest(fs: fsspec.AbstractFileSystem, manifest_path: str) -> set[str]:
@@ -263,6 +300,8 @@ def read_manifest(url: str) -> Manifest:
 
 
 def shard_url(dataset_url: str, shard: ShardInfo) -> str:
-    """URL of one shard: the manifest's folder joined with the shard's relative path."""
+    """URL of one shard: its absolute URL, or the manifest's folder joined with its relative path."""
+    if "://" in shard.path:
+        return shard.path
     folder, _ = manifest_location(dataset_url)
     return f"{folder}/{shard.path}"

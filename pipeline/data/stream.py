@@ -17,7 +17,12 @@ Lockstep: every rank yields exactly ``steps_per_epoch`` batches, dropping at mos
 batch's worth of leftover samples per partition, so DDP's collective calls never wait
 on a rank that has run out of data.
 
-Reading and safe decoding of one shard live in reader.py.
+Random transforms (crop, flip: contract.py's stage 2) are seeded by (seed, epoch, partition,
+position in the partition's stream), so they too are independent of W and exact on resume.
+Batches are uint8 [B, C, H, W]: turning pixels into the model's inputs and targets (scaling,
+binarization) belongs to the likelihood (pipeline/models/likelihoods.py).
+
+Reading and safe decoding of one shard live in reader.py; the sample contract in contract.py.
 """
 
 from __future__ import annotations
@@ -25,20 +30,20 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from typing import Iterable, Iterator, Literal, NamedTuple, Sequence, TypeVar
+from typing import Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 import torch
 
+from pipeline.data.contract import SampleDecoder
 from pipeline.data.errors import DataError
-from pipeline.data.reader import Chunk, read_piece_chunks
+from pipeline.data.reader import Chunk, ReadOptions, default_decoder, read_piece_chunks
 from pipeline.data.shards import Manifest, ShardInfo
 
 Piece = tuple[int, int, int]  # (shard index in the manifest's list, first sample, stop sample)
-Binarize = Literal["dynamic", "threshold", "none"]
 
-# Distinct tags keep the random streams (shard order, shuffle buffer, binarization) independent.
-_SHUFFLE, _BINARIZE, _EVAL_BINARIZE = 1, 2, 3
+# Distinct tags keep the random streams (shard order, shuffle buffer, transforms) independent.
+_SHUFFLE, _TRANSFORM = 1, 4
 
 
 def _entropy(*parts: int) -> list[int]:
@@ -176,7 +181,8 @@ def _join(parts: list[Chunk]) -> Chunk:
 
 def _partition_stream(
     manifest: Manifest, dataset_url: str, shards: list[ShardInfo], pieces: list[Piece], *,
-    block: int, rng_parts: tuple[int, ...], start: int, verify: bool, needed: int,
+    block: int, rng_parts: tuple[int, ...], start: int, verify: bool, needed: int, options: ReadOptions,
+    decoder: SampleDecoder,
 ) -> Iterator[Chunk]:
     """One partition's samples in block-shuffled order, from position ``start`` on, one chunk per block.
 
@@ -189,7 +195,7 @@ def _partition_stream(
     # fill_to: with data.on_corrupt=skip, damaged samples are made up by re-reading good ones, so the
     # partition still fills its steps (lockstep); with "error" it has no effect.
     chunks = read_piece_chunks(manifest, dataset_url, shards, _skip_pieces(pieces, first_block * block),
-                               verify=verify, fill_to=needed - first_block * block)
+                               verify=verify, fill_to=needed - first_block * block, options=options, decoder=decoder)
     if block == 1:  # no shuffling: the samples as read (whole shards on the fast path)
         yield from chunks
         return
@@ -206,23 +212,11 @@ def _partition_stream(
 
 
 def _batches(chunks: Iterator[Chunk], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Stacked (images [B, H, W], labels [B]); the last batch may be short."""
+    """(stage-1 images [B, ...], labels [B]); the last batch may be short."""
     rows = _Rows(chunks)
     while parts := rows.take(size):
         _, images, labels = _join(parts)
         yield images, labels
-
-
-def _to_tensors(images: np.ndarray, labels: np.ndarray, binarize: Binarize, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.from_numpy(images).reshape(len(images), -1).float().div_(255)
-    if binarize == "dynamic":
-        # Seeded per batch, so a resumed epoch draws the same pixels as an uninterrupted one.
-        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
-    elif binarize == "threshold":
-        x = (x > 0.5).float()
-    elif binarize != "none":
-        raise DataError(f"binarize must be dynamic, threshold or none, got {binarize!r}")
-    return x, torch.from_numpy(labels)
 
 
 def _split_shards(manifest: Manifest, split: str) -> list[ShardInfo]:
@@ -232,7 +226,7 @@ def _split_shards(manifest: Manifest, split: str) -> list[ShardInfo]:
 
 
 class TrainBatch(NamedTuple):
-    x: torch.Tensor  # float32 [B, H*W] in [0, 1]
+    x: torch.Tensor  # uint8 [B, C, H, W]
     labels: torch.Tensor  # int64 [B]
     keys: list[str]  # sample keys, in batch order (to record what was trained on)
 
@@ -261,19 +255,21 @@ def train_batches(
     world_size: int,
     batch_per_rank: int,
     shuffle_buffer: int,
-    binarize: Binarize,
     verify: bool = False,
     start_step: int = 0,
     partitions: int | None = None,
+    options: ReadOptions = ReadOptions(),
+    decoder: SampleDecoder | None = None,
 ) -> Iterator[TrainBatch]:
     """Exactly ``steps_per_epoch`` batches on every rank, from ``start_step`` on.
 
     ``partitions`` defaults to ``world_size``. The batch of rank r at step t is its
-    partitions' chunks of global batch t, in partition order; dynamic binarization is
-    seeded per (seed, epoch, partition, step), so it too is independent of W. Iterate to
-    exhaustion: the final ``next`` reads the leftover samples, so the truncation and
-    sha256 checks cover every shard this rank touched.
+    partitions' chunks of global batch t, in partition order; the random crop and flip of
+    the sample at position p of partition v are seeded by (seed, epoch, v, p), so they too
+    are independent of W. Iterate to exhaustion: the final ``next`` reads the leftover
+    samples, so the truncation and sha256 checks cover every shard this rank touched.
     """
+    decoder = decoder or default_decoder(manifest)
     partitions = partitions or world_size
     mine = partitions_of_rank(partitions, world_size, rank)
     if batch_per_rank % len(mine):
@@ -287,7 +283,7 @@ def train_batches(
         _Rows(_partition_stream(
             manifest, dataset_url, shards, rank_assignment(shards, epoch=epoch, seed=seed, world_size=partitions, rank=v),
             block=shuffle_buffer, rng_parts=(seed, epoch, v), start=start_step * per_partition, verify=verify,
-            needed=steps * per_partition,
+            needed=steps * per_partition, options=options, decoder=decoder,
         ))
         for v in mine
     ]
@@ -299,12 +295,14 @@ def train_batches(
                 raise DataError(f"partition {v} ran out of {split} samples at step {step} of {steps}: "
                                 "manifest counts are wrong")
             chunk_keys, images, chunk_labels = _join(parts)
-            x, y = _to_tensors(images, chunk_labels, binarize, _torch_seed(seed, epoch, v, step, _BINARIZE))
-            xs.append(x)
-            labels.append(y)
+            first = step * per_partition
+            seeds = [_entropy(seed, epoch, v, first + i, _TRANSFORM) for i in range(len(chunk_keys))]
+            xs.append(decoder.finish(images, seeds))
+            labels.append(chunk_labels)
             keys.extend(chunk_keys)
-        # x is a fresh tensor already (uint8 -> float); labels may view a block's array: copied by cat
-        yield TrainBatch(xs[0] if len(xs) == 1 else torch.cat(xs), torch.cat(labels), keys)
+        # A copy: the rows may view a shard's read-only bytes or a block the stream still holds.
+        x = torch.from_numpy(np.concatenate(xs) if len(xs) > 1 else xs[0].copy())
+        yield TrainBatch(x, torch.from_numpy(np.concatenate(labels)), keys)
     for rows in streams:  # read the leftovers too: their shards' truncation and sha256 checks run
         rows.drain()
 
@@ -375,21 +373,21 @@ def eval_batches(
     rank: int,
     world_size: int,
     batch_size: int,
-    binarize: Binarize,
-    seed: int = 0,
     verify: bool = False,
+    options: ReadOptions = ReadOptions(),
+    decoder: SampleDecoder | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every sample of this rank's share of ``split``, in manifest order; the last batch may be short.
+    """Every sample of this rank's share of ``split``, in manifest order, as (uint8 [B, C, H, W],
+    labels [B]); the last batch may be short. No random transforms: center crops, no flips.
 
     Ranks split the unpermuted concatenation of the shards contiguously, so the union over
-    ranks is the whole split exactly once (callers all-reduce sums and counts). Dynamic
-    binarization is seeded by (seed, rank, batch index) only, so with a fixed world size
-    the validation loss is computed on the same binary images every epoch.
+    ranks is the whole split exactly once (callers all-reduce sums and counts).
     """
+    decoder = decoder or default_decoder(manifest)
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     shards = _split_shards(manifest, split)
     pieces = _range_pieces([s.samples for s in shards], range(len(shards)), world_size, rank)
-    chunks = read_piece_chunks(manifest, dataset_url, shards, pieces, verify=verify)
-    for index, (images, labels) in enumerate(_batches(chunks, batch_size)):
-        yield _to_tensors(images, labels, binarize, _torch_seed(seed, rank, index, _EVAL_BINARIZE))
+    chunks = read_piece_chunks(manifest, dataset_url, shards, pieces, verify=verify, options=options, decoder=decoder)
+    for images, labels in _batches(chunks, batch_size):
+        yield torch.from_numpy(np.array(decoder.finish(images, None))), torch.from_numpy(labels.copy())

@@ -9,17 +9,23 @@ from pipeline.models.latents import (
     perplexity_from_usage,
     temperature_at,
 )
-from pipeline.models.likelihood import (
+from pipeline.models.estimators import (
     discrete_elbo,
     exact_log_px_and_elbo,
     importance_log_px,
     log_importance_weights,
 )
+from pipeline.models.likelihoods import Bernoulli, DiscretizedLogistic, Likelihood, bits_per_dim, build_likelihood
 from pipeline.models.mixture import MixtureLatent
 from pipeline.models.vae import VAE, VAEOutput, build_vae
 
 __all__ = [
+    "Bernoulli",
     "CategoricalLatent",
+    "DiscretizedLogistic",
+    "Likelihood",
+    "bits_per_dim",
+    "build_likelihood",
     "GaussianLatent",
     "Latent",
     "MixtureLatent",

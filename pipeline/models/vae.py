@@ -1,4 +1,8 @@
-"""VAE (MLP or conv encoder/decoder) with a Bernoulli likelihood over a pluggable latent family."""
+"""VAE over images [B, C, H, W]: encoder -> a pluggable latent family -> decoder -> a pluggable likelihood.
+
+The model takes the loader's uint8 images (floats in [0, 1] work too); its likelihood turns
+them into encoder inputs and targets (binarization for Bernoulli, levels for the logistic).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
 from pipeline.models.latents import Latent, build_latent
-from pipeline.models.networks import ConvDecoder, ConvEncoder, mlp
+from pipeline.models.likelihoods import Likelihood, build_likelihood
+from pipeline.models.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
 
 @dataclass
@@ -19,54 +23,64 @@ class VAEOutput:
     """One forward pass. Scalars are batch means; the per-sample tensors let callers sum exactly."""
 
     loss: Tensor  # recon + kl (the negative ELBO), mean over batch
-    recon: Tensor  # Bernoulli NLL summed over pixels, mean over batch
+    recon: Tensor  # -log p(x|z) summed over C, H, W, mean over batch
     kl: Tensor  # KL summed over latent variables, mean over batch
     kl_per_variable: Tensor  # [num_kl_terms], mean over batch
-    logits: Tensor  # reconstruction logits [B, D]
+    decoded: Tensor  # the likelihood's parameters [B, C * params_per_channel, H, W]
     params: Tensor  # latent posterior params [B, param_size], still in the graph
     z: Tensor  # sampled code [B, code_size]
     recon_per_sample: Tensor  # [B]
     kl_per_sample: Tensor  # [B]
 
 
-_mlp = mlp  # kept for callers of the old private name
-
-
 class VAE(nn.Module):
-    def __init__(self, input_dim: int, hidden: list[int], latent: Latent, *, arch: str = "mlp",
-                 image_shape: tuple[int, int] | None = None, channels: list[int] | None = None,
+    def __init__(self, image_shape: tuple[int, int, int], hidden: list[int], latent: Latent, *,
+                 likelihood: Likelihood | None = None, arch: str = "mlp", channels: list[int] | None = None,
                  activation: str = "relu") -> None:
         super().__init__()
-        if input_dim < 1 or not hidden:
-            raise ValueError("input_dim must be positive and hidden non-empty")
-        self.input_dim = input_dim
+        image_shape = tuple(int(s) for s in image_shape)
+        if len(image_shape) != 3 or min(image_shape) < 1 or not hidden:
+            raise ValueError(f"image_shape must be (C, H, W) with positive sides and hidden non-empty, got {image_shape}")
+        self.image_shape = image_shape
         self.latent = latent
+        self.likelihood = likelihood or build_likelihood("bernoulli", "none")
         self.arch = arch
+        c, h, w = image_shape
+        out_shape = (c * self.likelihood.params_per_channel, h, w)
         if arch == "mlp":
-            self.encoder = mlp([input_dim, *hidden, latent.param_size], activation)
-            self.decoder = mlp([latent.decoder_size, *reversed(hidden), input_dim], activation)
+            self.encoder = MLPEncoder([c * h * w, *hidden, latent.param_size], activation)
+            self.decoder = MLPDecoder([latent.decoder_size, *reversed(hidden)], out_shape, activation)
         elif arch == "conv":
-            if image_shape is None or math.prod(image_shape) != input_dim:
-                raise ValueError(f"arch 'conv' needs image_shape with H*W = input_dim={input_dim}, got {image_shape}")
             channels = list(channels or [32, 64])
-            self.encoder = ConvEncoder(tuple(image_shape), channels, hidden, latent.param_size, activation)
-            self.decoder = ConvDecoder(latent.decoder_size, hidden, channels, tuple(image_shape), activation)
+            self.encoder = ConvEncoder(image_shape, channels, hidden, latent.param_size, activation)
+            self.decoder = ConvDecoder(latent.decoder_size, hidden, channels, (h, w), activation, out_shape[0])
         else:
             raise ValueError(f"unsupported model.arch {arch!r} (mlp or conv)")
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Posterior parameters [B, param_size] for inputs x [B, D]."""
-        return self.encoder(x)
+    @property
+    def dims(self) -> int:
+        """C * H * W: the dimensions of one image (for bits/dim)."""
+        return math.prod(self.image_shape)
+
+    def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(encoder input, target) [B, C, H, W] of a batch (uint8 images, or floats in [0, 1] of any
+        layout with C*H*W values per sample); draws dynamic binarization from torch's default RNG."""
+        return self.likelihood.prepare(x.reshape(x.shape[0], *self.image_shape))
+
+    def encode(self, inputs: Tensor) -> Tensor:
+        """Posterior parameters [B, param_size] for prepared inputs [B, C, H, W]."""
+        return self.encoder(inputs)
 
     def decode(self, z: Tensor) -> Tensor:
-        """Bernoulli logits [B, D] for codes z [B, code_size]."""
+        """The likelihood's parameters [N, C * P, H, W] for codes z [N, code_size]."""
         return self.decoder(self.latent.decoder_input(z))
 
     def forward(self, x: Tensor, temperature: float = 1.0) -> VAEOutput:
-        params = self.encode(x)
+        inputs, target = self.prepare(x)
+        params = self.encode(inputs)
         z, kl_terms = self.latent.sample_and_kl(params, temperature)
-        logits = self.decode(z)
-        recon_per_sample = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=-1)
+        decoded = self.decode(z)
+        recon_per_sample = -self.likelihood.log_prob(decoded, target)
         kl_per_sample = kl_terms.sum(dim=-1)
         recon = recon_per_sample.mean()
         kl = kl_per_sample.mean()
@@ -75,7 +89,7 @@ class VAE(nn.Module):
             recon=recon,
             kl=kl,
             kl_per_variable=kl_terms.mean(dim=0),
-            logits=logits,
+            decoded=decoded,
             params=params,
             z=z,
             recon_per_sample=recon_per_sample,
@@ -84,29 +98,35 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Pixel probabilities [n, D] decoded from prior samples."""
+        """Expected pixel values in [0, 1], [n, C, H, W], decoded from prior samples."""
         z = self.latent.sample_prior(n, generator=generator)
-        return torch.sigmoid(self.decode(z))
+        return self.likelihood.mean(self.decode(z))
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Pixel probabilities [B, D] decoded from the posterior mode (categorical) or mean (gaussian)."""
-        z = self.latent.mode(self.encode(x))
-        return torch.sigmoid(self.decode(z))
+        """Expected pixel values in [0, 1], [B, C, H, W], decoded from the posterior mode (categorical)
+        or mean (gaussian). Inputs as for `forward` (dynamic binarization draws from torch's RNG)."""
+        inputs, _ = self.prepare(x)
+        return self.likelihood.mean(self.decode(self.latent.mode(self.encode(inputs))))
 
 
-def build_vae(cfg: ModelConfig, input_dim: int | None = None, *, image_shape: tuple[int, int] | None = None) -> VAE:
-    """The VAE a config describes. ``image_shape`` (H, W) is needed by ``arch: conv``; without it a
-    square image of ``input_dim`` pixels is assumed (28x28 for 784, 8x8 for 64)."""
-    if input_dim is None:
-        if image_shape is None:
-            raise ValueError("build_vae needs input_dim or image_shape")
-        input_dim = math.prod(image_shape)
-    if cfg.arch == "conv" and image_shape is None:
+def build_vae(cfg: ModelConfig, input_dim: int | None = None, *, image_shape: tuple[int, ...] | None = None,
+              binarize: str = "none") -> VAE:
+    """The VAE a config describes, for images of ``image_shape`` (C, H, W), or (H, W) for grey ones.
+    ``input_dim`` alone (flat vectors) means one row of D pixels; ``arch: conv`` then assumes a
+    square grey image (28x28 for 784, 8x8 for 64). ``binarize`` goes to a Bernoulli likelihood."""
+    if image_shape is None:
+        if input_dim is None:
+            raise ValueError("build_vae needs image_shape or input_dim")
         side = math.isqrt(input_dim)
-        if side * side != input_dim:
-            raise ValueError(f"arch 'conv' needs image_shape: {input_dim} pixels is not a square image")
-        image_shape = (side, side)
-    return VAE(input_dim, list(cfg.hidden), build_latent(cfg.latent), arch=cfg.arch,
-               image_shape=tuple(image_shape) if image_shape is not None else None, channels=list(cfg.channels),
+        if cfg.arch == "conv":
+            if side * side != input_dim:
+                raise ValueError(f"arch 'conv' needs image_shape: {input_dim} pixels is not a square image")
+            image_shape = (1, side, side)
+        else:
+            image_shape = (1, 1, input_dim)
+    if len(image_shape) == 2:
+        image_shape = (1, *image_shape)
+    return VAE(tuple(image_shape), list(cfg.hidden), build_latent(cfg.latent),
+               likelihood=build_likelihood(cfg.likelihood, binarize), arch=cfg.arch, channels=list(cfg.channels),
                activation=cfg.activation)

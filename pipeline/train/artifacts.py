@@ -15,7 +15,9 @@ from PIL import Image
 
 from pipeline.config import RunConfig
 from pipeline.data import eval_batches
-from pipeline.models import VAE, build_vae
+from pipeline.data.contract import ImageTarget, SampleDecoder
+from pipeline.data.reader import ReadOptions
+from pipeline.models import VAE, Bernoulli, build_vae
 from pipeline.train import tracking
 from pipeline.train.checkpoint import load_checkpoint
 
@@ -24,10 +26,9 @@ WEIGHTS_FILE = "model.pt"  # logged under checkpoint/
 
 
 class Reconstructor(torch.nn.Module):
-    """The logged model: pixels in [0, 1] -> reconstruction probabilities.
-
-    A plain tensor -> tensor module so MLflow can infer a signature and serve it.
-    """
+    """The logged model: images float32 [B, C, H, W] with pixels in [0, 1] -> the reconstruction's
+    expected pixel values, same shape. A plain tensor -> tensor module so MLflow can infer a
+    signature and serve it."""
 
     def __init__(self, vae: VAE) -> None:
         super().__init__()
@@ -37,21 +38,21 @@ class Reconstructor(torch.nn.Module):
         return self.vae.reconstruct(x.float())
 
 
-def image_grid(images: np.ndarray, shape: tuple[int, int], columns: int = 8, scale: int = 4) -> Image.Image:
-    """Tile [n, H*W] images in [0, 1] into one greyscale PNG-ready image."""
-    h, w = shape
-    n = images.shape[0]
+def image_grid(images: np.ndarray, columns: int = 8, scale: int = 4) -> Image.Image:
+    """Tile images [n, C, H, W] (C = 1 or 3) in [0, 1] into one grey or RGB PNG-ready image."""
+    n, c, h, w = images.shape
     rows = -(-n // columns)
-    canvas = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1), dtype=np.float32)
-    for i, flat in enumerate(images):
-        r, c = divmod(i, columns)
-        canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = flat.reshape(h, w)
-    pixels = (np.clip(canvas, 0, 1) * 255).astype(np.uint8)
-    return Image.fromarray(pixels, mode="L").resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    canvas = np.ones((c, rows * (h + 1) + 1, columns * (w + 1) + 1), dtype=np.float32)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        canvas[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = image
+    pixels = (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
+    picture = Image.fromarray(pixels[0], mode="L") if c == 1 else Image.fromarray(pixels.transpose(1, 2, 0), "RGB")
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
-def load_vae(config: RunConfig, checkpoint_dir: str, input_dim: int, image_shape: tuple[int, int] | None = None) -> VAE:
-    model = build_vae(config.model, input_dim, image_shape=image_shape)
+def load_vae(config: RunConfig, checkpoint_dir: str, image_shape: tuple[int, int, int]) -> VAE:
+    model = build_vae(config.model, image_shape=image_shape, binarize=config.data.binarize)
     model.load_state_dict(load_checkpoint(checkpoint_dir)["model"])
     return model.eval()
 
@@ -60,19 +61,24 @@ def log_final_artifacts(config: RunConfig, tracking_uri: str, run_id: str, check
                         dataset_url: str, manifest: Any) -> None:
     if checkpoint_dir is None:
         raise RuntimeError("training reported no checkpoint")
-    shape = tuple(manifest.image_shape)
-    model = load_vae(config, checkpoint_dir, int(np.prod(shape)), image_shape=shape)
-    x, _ = next(iter(eval_batches(manifest, dataset_url, split="val", rank=0, world_size=1, batch_size=32,
-                                  binarize=config.data.binarize, seed=config.train.seed)))
+    target = ImageTarget.from_config(manifest.spec, config.data)
+    model = load_vae(config, checkpoint_dir, target.shape)
+    images, _ = next(iter(eval_batches(manifest, dataset_url, split="val", rank=0, world_size=1, batch_size=32,
+                                       options=ReadOptions.from_config(config.data),
+                                       decoder=SampleDecoder(manifest.spec, target))))
+    x = images.float().div(255)  # the logged model's input: pixels in [0, 1]
     with torch.no_grad():
-        recon = model.reconstruct(x)
+        torch.manual_seed(config.train.seed)  # dynamic binarization of the inputs, reproducibly
+        inputs, _ = model.prepare(x)
+        recon = model.reconstruct(inputs if isinstance(model.likelihood, Bernoulli) else x)
         samples = model.sample(32, generator=torch.Generator().manual_seed(config.train.seed))
-    # Reconstruction grid: rows alternate input / reconstruction.
-    pairs = np.stack([x.numpy(), recon.numpy()], axis=1).reshape(-1, x.shape[1])
+    # Reconstruction grid: columns alternate input (as the model saw it) / reconstruction.
+    shown = inputs if isinstance(model.likelihood, Bernoulli) else x  # binarized as trained on, else the pixels
+    pairs = torch.stack([shown, recon], 1)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / "reconstructions.png", Path(tmp) / "prior_samples.png"]
-        image_grid(pairs, shape, columns=16).save(paths[0])
-        image_grid(samples.numpy(), shape).save(paths[1])
+        image_grid(pairs.flatten(0, 1).numpy(), columns=16).save(paths[0])
+        image_grid(samples.numpy()).save(paths[1])
         tracking.log_artifact_files(tracking_uri, run_id, paths, artifact_path="images")
         weights = Path(tmp) / WEIGHTS_FILE
         torch.save(model.state_dict(), weights)

@@ -8,18 +8,32 @@ mixture latent the component x label counts behind the cluster accuracy.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from pipeline.config import RunConfig
 from pipeline.data import eval_batches
-from pipeline.models import active_units, perplexity_from_usage, temperature_at
+from pipeline.data.contract import SampleDecoder
+from pipeline.data.reader import ReadOptions
+from pipeline.models import active_units, bits_per_dim, perplexity_from_usage, temperature_at
 from pipeline.train.collectives import all_reduce
 
 # Labels 0..MAX_LABELS-1 enter the cluster-accuracy counts; others (e.g. -1 = unlabelled) do not.
 MAX_LABELS = 256
+_EVAL_NOISE = 3  # tags the validation noise stream apart from training's
+
+
+@contextlib.contextmanager
+def _rng_seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's RNG seeded for one validation batch, the training stream restored afterwards (so
+    validating does not change the noise training draws next)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class _Sums:
@@ -53,8 +67,12 @@ def cluster_accuracy(counts: np.ndarray) -> float:
 
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, split: str, *, rank: int,
-                   world_size: int, batch_size: int, cfg: RunConfig, step: int) -> dict[str, float]:
-    """-ELBO and latent statistics on a whole split: each rank sums over its share, one all_reduce combines them."""
+                   world_size: int, batch_size: int, cfg: RunConfig, step: int, options: ReadOptions = ReadOptions(),
+                   decoder: SampleDecoder | None = None) -> dict[str, float]:
+    """-ELBO and latent statistics on a whole split: each rank sums over its share, one all_reduce combines them.
+
+    Dynamic binarization (Bernoulli) is drawn from torch's RNG seeded by (seed, rank, batch index),
+    so with a fixed world size every epoch is scored on the same binary images."""
     model.eval()
     device = next(model.parameters()).device
     latent = model.latent
@@ -76,9 +94,12 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
         shapes["clusters"] = (getattr(latent, "components", 1), MAX_LABELS)
     sums = _Sums(**shapes)
     parts = sums.parts
-    for x, labels in eval_batches(manifest, dataset_url, split=split, rank=rank, world_size=world_size,
-                                  batch_size=batch_size, binarize=cfg.data.binarize, seed=cfg.train.seed):
-        out = model(x.to(device), temperature=tau)
+    for index, (x, labels) in enumerate(eval_batches(manifest, dataset_url, split=split, rank=rank,
+                                                     world_size=world_size, batch_size=batch_size, options=options,
+                                                     decoder=decoder)):
+        seed = int(np.random.SeedSequence([cfg.train.seed % 2**64, rank, index, _EVAL_NOISE]).generate_state(1)[0])
+        with _rng_seeded(seed, device):
+            out = model(x.to(device), temperature=tau)
         n = x.shape[0]
         parts["totals"] += torch.tensor([out.recon_per_sample.sum().item(), out.kl_per_sample.sum().item(), n],
                                         dtype=torch.float64)
@@ -103,6 +124,8 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
                f"{split}/kl": kl_sum / count}
     metrics |= {f"{split}/kl_latent_{i}": float(v) for i, v in enumerate(total["kl_terms"] / count)}
     metrics["latent/active_units"] = float(active_units(total["mean_sum"], total["square_sum"], count, latent.unit_size))
+    if getattr(model, "likelihood", None) is not None and model.likelihood.eight_bit:
+        metrics[f"{split}/bits_per_dim"] = bits_per_dim(metrics[f"{split}/loss"], model.dims)
     if usage_shape is not None:
         metrics["latent/perplexity"] = perplexity_from_usage(total["usage"].float())
     if has_clusters and total["clusters"].sum() > 0:  # only when the split has labels

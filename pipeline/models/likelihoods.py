@@ -1,0 +1,130 @@
+"""Observation models p(x|z) behind one small interface, beside the latent families.
+
+The data layer hands the model uint8 images [B, C, H, W]; a likelihood decides what the encoder
+sees and what the decoder is scored against (`prepare`), how many decoder outputs it needs per
+channel, and scores decoder outputs (`log_prob`, summed over C, H, W). So binarization lives
+here, in the Bernoulli likelihood, not in the data layer.
+
+- `Bernoulli`: binary pixels. ``binarize``: ``dynamic`` (x ~ Bernoulli(pixel / 255) each time a
+  sample is seen, drawn from torch's default generator, which the training loop seeds per
+  (seed, step, partition)), ``threshold`` (pixel > 127), ``none`` (grey levels as soft targets).
+- `DiscretizedLogistic`: a true discrete likelihood over the 256 levels of each 8-bit channel
+  (Salimans et al. 2017, PixelCNN++ without the mixture): per pixel and channel a logistic with
+  mean mu and scale s, integrated over the level's bin of width 2/255 on [-1, 1], the edge
+  levels taking the tails. Its -log-likelihood in bits per dimension is comparable across papers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor: a bin of 2/255 still has a finite density below it
+_HALF_BIN = 1.0 / 255.0  # half the width of one level's bin on [-1, 1]
+
+
+def _as_unit(x: Tensor) -> Tensor:
+    """uint8 levels -> float in [0, 1]; a float tensor is taken to be in [0, 1] already."""
+    return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+class Likelihood(nn.Module):
+    """p(x|z) for images: decoder outputs [..., C * params_per_channel, H, W] score targets [..., C, H, W]."""
+
+    params_per_channel: int = 1
+    eight_bit: bool = False  # a discrete likelihood over 256 levels: -log p in bits/dim is meaningful
+
+    def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(encoder input, target) for a batch of images (uint8 levels, or floats in [0, 1])."""
+        raise NotImplementedError
+
+    def log_prob(self, out: Tensor, target: Tensor) -> Tensor:
+        """log p(target | decoder output), summed over C, H, W; leading dims broadcast. -> [...]"""
+        raise NotImplementedError
+
+    def mean(self, out: Tensor) -> Tensor:
+        """The reconstruction's expected pixel values in [0, 1], [..., C, H, W]."""
+        raise NotImplementedError
+
+    def pairwise_log_prob(self, out: Tensor, target: Tensor) -> Tensor:
+        """log p(target_b | out_m) for every pair: out [M, ...], target [B, ...] -> [B, M] (exact enumeration)."""
+        return torch.stack([self.log_prob(out, t.unsqueeze(0)) for t in target])
+
+
+class Bernoulli(Likelihood):
+    params_per_channel = 1
+
+    def __init__(self, binarize: str = "dynamic") -> None:
+        super().__init__()
+        if binarize not in ("dynamic", "threshold", "none"):
+            raise ValueError(f"binarize must be dynamic, threshold or none, got {binarize!r}")
+        self.binarize = binarize
+
+    def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        unit = _as_unit(x)
+        if self.binarize == "dynamic":
+            unit = torch.bernoulli(unit)
+        elif self.binarize == "threshold":
+            unit = (unit > 0.5).float()
+        return unit, unit
+
+    def log_prob(self, out: Tensor, target: Tensor) -> Tensor:
+        out, target = torch.broadcast_tensors(out, target)
+        return -F.binary_cross_entropy_with_logits(out, target, reduction="none").flatten(-3).sum(-1)
+
+    def mean(self, out: Tensor) -> Tensor:
+        return torch.sigmoid(out)
+
+    def pairwise_log_prob(self, out: Tensor, target: Tensor) -> Tensor:
+        # sum_d x log s(l) + (1 - x) log s(-l), for every (input, code) pair as two matmuls.
+        logits, x = out.flatten(1), target.flatten(1)
+        return x @ F.logsigmoid(logits).T + (1 - x) @ F.logsigmoid(-logits).T
+
+
+class DiscretizedLogistic(Likelihood):
+    params_per_channel = 2  # mean, log-scale
+    eight_bit = True
+
+    def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        scaled = _as_unit(x).mul(2.0).sub(1.0)  # level k -> k / 127.5 - 1, the bin centres on [-1, 1]
+        return scaled, scaled
+
+    def split(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        channels = out.shape[-3] // 2
+        return out[..., :channels, :, :], out[..., channels:, :, :].clamp(min=_LOG_SCALE_MIN)
+
+    def log_prob(self, out: Tensor, target: Tensor) -> Tensor:
+        mu, log_scale = self.split(out)
+        centered = target - mu
+        inv_scale = torch.exp(-log_scale)
+        plus = inv_scale * (centered + _HALF_BIN)
+        minus = inv_scale * (centered - _HALF_BIN)
+        log_cdf_plus = F.logsigmoid(plus)  # the lowest level takes the whole left tail
+        log_survival_minus = F.logsigmoid(-minus)  # the highest level takes the whole right tail
+        delta = torch.sigmoid(plus) - torch.sigmoid(minus)
+        middle = inv_scale * centered
+        # Far in a tail the difference of two sigmoids underflows: use the density at the centre x bin width.
+        log_density = middle - log_scale - 2.0 * F.softplus(middle) + math.log(2 * _HALF_BIN)
+        inner = torch.where(delta > 1e-5, torch.log(delta.clamp(min=1e-12)), log_density)
+        log_p = torch.where(target < -0.999, log_cdf_plus, torch.where(target > 0.999, log_survival_minus, inner))
+        return log_p.flatten(-3).sum(-1)
+
+    def mean(self, out: Tensor) -> Tensor:
+        mu, _ = self.split(out)
+        return mu.clamp(-1.0, 1.0).add(1.0).div(2.0)
+
+
+def build_likelihood(kind: str, binarize: str = "dynamic") -> Likelihood:
+    if kind == "bernoulli":
+        return Bernoulli(binarize)
+    if kind == "logistic":
+        return DiscretizedLogistic()
+    raise ValueError(f"unknown model.likelihood {kind!r} (bernoulli or logistic)")
+
+
+def bits_per_dim(nll_nats: float, dims: int) -> float:
+    """-log p(x) in nats per image -> bits per dimension (C * H * W dims)."""
+    return nll_nats / (dims * math.log(2.0))

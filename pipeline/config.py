@@ -26,7 +26,20 @@ class DataConfig(_Section):
     url: str = Field(description="Directory or fsspec URL holding manifest.json and the shards")
     binarize: Literal["dynamic", "threshold", "none"] = Field(
         "dynamic",
-        description="dynamic: x ~ Bernoulli(pixel) every time a sample is seen; threshold: pixel > 0.5; none: grey levels",
+        description="model.likelihood bernoulli only: dynamic: x ~ Bernoulli(pixel) every time a sample is seen; "
+        "threshold: pixel > 0.5; none: grey levels as targets",
+    )
+    image_size: list[int] | None = Field(
+        None, description="[H, W] fed to the model (default: the stored size; required when stored sizes vary)"
+    )
+    channels: Literal[1, 3] | None = Field(None, description="1 (grey) or 3 (RGB), converted on read (default: as stored)")
+    resize: Literal["center-crop", "random-crop", "border"] = Field(
+        "center-crop", description="To image_size: scale to cover, then a center or (training) random crop; "
+        "border: scale to fit inside, pad with black"
+    )
+    hflip: bool = Field(False, description="Training: flip each image left-right with probability 1/2")
+    decode_workers: int = Field(
+        1, ge=1, description="Threads decoding images inside each Ray worker (Pillow releases the GIL)"
     )
     shuffle_buffer: int = Field(1000, ge=0, description="Samples held in each worker's shuffle buffer (0 = no shuffle)")
     verify: bool = Field(False, description="Check each shard's sha256 against the manifest when it is read")
@@ -47,6 +60,12 @@ class DataConfig(_Section):
         "the least common multiple of its counts). The samples of "
         "every global batch depend on P, not on the worker count: resuming on W workers needs W to divide P",
     )
+
+    @model_validator(mode="after")
+    def _image_size(self) -> "DataConfig":
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError(f"data.image_size must be [H, W] with positive sides, got {self.image_size}")
+        return self
 
 
 class LatentConfig(_Section):
@@ -85,6 +104,10 @@ class LatentConfig(_Section):
 
 class ModelConfig(_Section):
     arch: Literal["mlp", "conv"] = Field("mlp", description="mlp: fully connected; conv: conv stack, then the hidden widths")
+    likelihood: Literal["bernoulli", "logistic"] = Field(
+        "bernoulli", description="p(x|z): bernoulli (binary pixels, see data.binarize) or logistic (discretized "
+        "logistic over the 256 levels of each 8-bit channel: RGB/grey images, bits/dim)"
+    )
     activation: Literal["relu", "tanh"] = Field("relu", description="Nonlinearity of encoder and decoder (Burda et al.: tanh)")
     hidden: list[int] = Field(default_factory=lambda: [512, 256], description="Encoder widths; the decoder mirrors them")
     channels: list[int] = Field(

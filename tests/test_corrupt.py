@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.data import DataError, Manifest, ShardError, ShardInfo, SplitInfo, read_manifest
-from pipeline.data.reader import ReadOptions, data_health, read_pieces, read_shard, reset_data_health, set_read_options
+from pipeline.data.reader import ReadOptions, data_health, read_pieces, read_shard, reset_data_health
 from pipeline.data.stream import train_batches
 
 GOOD_LABEL = 3
@@ -63,9 +64,7 @@ def dataset(folder: Path, shards: list[bytes], samples: list[int]) -> tuple[Mani
 @pytest.fixture(autouse=True)
 def clean_counters():
     reset_data_health()
-    set_read_options(ReadOptions())
     yield
-    set_read_options(ReadOptions())
     reset_data_health()
 
 
@@ -92,9 +91,9 @@ def bad_sample_cases(tmp_path: Path) -> dict[str, tuple[list[tuple[str, bytes]],
         "pickled npy": ([("train-0000001.npy", npy(np.array([Unpickled(tmp_path / "pwned")], dtype=object), True)),
                          ("train-0000001.cls", b"1")], r"member train-0000001\.npy: undecodable"),
         "wrong shape": ([("train-0000001.npy", npy(np.zeros((3, 2), np.uint8))), ("train-0000001.cls", b"1")],
-                        r"sample train-0000001: image is uint8 \[3, 2\], the manifest declares uint8 \[2, 2\]"),
+                        r"member train-0000001\.npy: image is uint8 \[3, 2\], the manifest declares uint8 \[1, 2, 2\]"),
         "wrong dtype": ([("train-0000001.npy", npy(np.zeros((2, 2), np.float64))), ("train-0000001.cls", b"1")],
-                        r"sample train-0000001: image is float64 \[2, 2\]"),
+                        r"member train-0000001\.npy: image is float64 \[2, 2\]"),
         "missing label": ([("train-0000001.npy", npy(np.zeros((2, 2), np.uint8)))],
                           r"sample train-0000001: sample has no \.cls member"),
         "oversized member": ([("train-0000001.npy", b"\x93NUMPY" + b"\0" * (2 << 20)), ("train-0000001.cls", b"1")],
@@ -216,17 +215,18 @@ def test_refill_keeps_the_step_count_when_samples_are_skipped(tmp_path: Path) ->
         list(read_pieces(manifest, url, infos, pieces, on_corrupt="skip", fill_to=8))
 
 
-def test_epoch_through_the_stream_with_skip_set_for_the_process(tmp_path: Path) -> None:
-    """End to end through stream.train_batches: the policy set once per process reaches every read."""
+def test_epoch_through_the_stream_with_skip_in_the_read_options(tmp_path: Path) -> None:
+    """End to end through stream.train_batches: the policy passed in ReadOptions reaches every read."""
     bad = [("train-0000050.pyd", pickle.dumps(Unpickled(tmp_path / "pwned")))]
     shards = [tar_bytes(sum((good(i) for i in range(20)), []) + bad + good(21)),
               tar_bytes(sum((good(i) for i in range(30, 70)), []))]
     manifest, url, paths = dataset(tmp_path, shards, [22, 40])
-    kwargs = dict(epoch=0, seed=0, rank=0, world_size=1, batch_per_rank=6, shuffle_buffer=8, binarize="none")
+    kwargs = dict(epoch=0, seed=0, rank=0, world_size=1, batch_per_rank=6, shuffle_buffer=8)
     with pytest.raises(ShardError, match=f"shard {paths[0]}, member train-0000050.pyd"):
         list(train_batches(manifest, url, **kwargs))
-    set_read_options(ReadOptions(on_corrupt="skip"))
-    batches = list(train_batches(manifest, url, **kwargs))
+    batches = list(train_batches(manifest, url, **kwargs, options=ReadOptions(on_corrupt="skip")))
     assert len(batches) == 62 // 6
+    assert all(b.x.shape == (6, 1, 2, 2) and b.x.dtype == torch.uint8 for b in batches)
+    assert all(int(label) == GOOD_LABEL for b in batches for label in b.labels)
     assert data_health().skipped_samples == 1 and list(data_health().skipped_shards) == [paths[0]]
     assert not (tmp_path / "pwned").exists()

@@ -352,10 +352,12 @@ def read_shard_chunks(
 
                 def decoded() -> Iterator[Chunk]:
                     """The pending samples decoded (in the pool), in order; skips recorded, errors raised."""
-                    results = decoder.decode_many([(k, m) for _, k, m, p in pending if p is None], url)
+                    group = pending[:]
+                    pending.clear()  # first: a flush after an error never hands out a sample twice
+                    results = decoder.decode_many([(k, m) for _, k, m, p in group if p is None], url)
                     results.reverse()
                     keys, images, labels = [], [], []
-                    for position, key, _, problem in pending:
+                    for position, key, _, problem in group:
                         result = problem if problem is not None else results.pop()
                         if isinstance(result, ShardError):
                             if keys:  # the good samples before the bad one come first
@@ -370,17 +372,20 @@ def read_shard_chunks(
                         labels.append(result[1])
                     if keys:
                         yield keys, _stack(images), np.array(labels, np.int64)
-                    pending.clear()
 
-                with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    for key, members, problem in _groups(tar, url, spec, max_member):
-                        if index >= start:
-                            pending.append((index, key, members, problem))
-                            if len(pending) >= _DECODE_GROUP:
-                                yield from decoded()
-                        index += 1
-                        if index >= stop:
-                            break
+                try:
+                    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                        for key, members, problem in _groups(tar, url, spec, max_member):
+                            if index >= start:
+                                pending.append((index, key, members, problem))
+                                if len(pending) >= _DECODE_GROUP:
+                                    yield from decoded()
+                            index += 1
+                            if index >= stop:
+                                break
+                except Exception:
+                    yield from decoded()  # the samples read before the damage are good: not lost with the rest
+                    raise
                 yield from decoded()
                 if index < stop:  # tarfile ends quietly when a shard is cut at a member boundary
                     raise ShardError(url, f"truncated: ended after {index} samples, the manifest says {shard.samples}")

@@ -78,7 +78,7 @@ def test_an_epoch_over_a_faulty_server_completes_with_the_same_samples(s3, tmp_p
 
     def labels() -> list[int]:
         return [int(v) for _, y in eval_batches(manifest, url, split="train", rank=0, world_size=1, batch_size=64,
-                                                binarize="none", verify=True) for v in y]
+                                                verify=True) for v in y]
 
     clean = labels()
     assert clean == splits["train"].labels.tolist()

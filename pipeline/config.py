@@ -103,16 +103,24 @@ class LatentConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["mlp", "conv"] = Field("mlp", description="mlp: fully connected; conv: conv stack, then the hidden widths")
-    likelihood: Literal["bernoulli", "logistic"] = Field(
+    arch: Literal["mlp", "conv", "resnet"] = Field(
+        "mlp", description="mlp: fully connected; conv: conv stack, then the hidden widths; resnet: residual "
+        "encoder/decoder producing a grid latent of (H/f)x(W/f) categorical variables (latent.variables is derived)"
+    )
+    likelihood: Literal["bernoulli", "logistic", "logit-laplace"] = Field(
         "bernoulli", description="p(x|z): bernoulli (binary pixels, see data.binarize) or logistic (discretized "
-        "logistic over the 256 levels of each 8-bit channel: RGB/grey images, bits/dim)"
+        "logistic over the 256 levels of each 8-bit channel: RGB/grey images, bits/dim) or logit-laplace "
+        "(DALL-E's continuous density on pixels mapped into [0.1, 0.9])"
     )
     activation: Literal["relu", "tanh"] = Field("relu", description="Nonlinearity of encoder and decoder (Burda et al.: tanh)")
     hidden: list[int] = Field(default_factory=lambda: [512, 256], description="Encoder widths; the decoder mirrors them")
     channels: list[int] = Field(
-        default_factory=lambda: [32, 64], description="conv: channels of the stride-2 conv layers (decoder mirrors them)"
+        default_factory=lambda: [32, 64], description="conv: channels of the stride-2 conv layers (decoder mirrors them); "
+        "resnet: the width of each of the log2(downsample) + 1 stages"
     )
+    downsample: Literal[4, 8, 16] = Field(4, description="resnet: the grid is (H/f) x (W/f) for f = downsample")
+    blocks: int = Field(2, ge=1, description="resnet: residual blocks per stage")
+    codebook_dim: int = Field(64, ge=1, description="resnet: width d of the learned codebook embedding the K classes")
     latent: LatentConfig = Field(default_factory=LatentConfig)
 
     @model_validator(mode="after")
@@ -121,6 +129,18 @@ class ModelConfig(_Section):
             raise ValueError("model.hidden must be a non-empty list of positive widths")
         if not self.channels or any(c < 1 for c in self.channels):
             raise ValueError("model.channels must be a non-empty list of positive channel counts")
+        return self
+
+    @model_validator(mode="after")
+    def _resnet_grid(self) -> "ModelConfig":
+        # The grid latent is the categorical one (N = h*w positions); one width per resolution.
+        if self.arch == "resnet":
+            stages = int(math.log2(self.downsample)) + 1
+            if len(self.channels) != stages:
+                raise ValueError(f"arch resnet with model.downsample={self.downsample} needs model.channels with "
+                                 f"{stages} stage widths, got {self.channels}")
+            if self.latent.kind != "categorical":
+                raise ValueError(f"arch resnet needs model.latent.kind categorical (a grid), got {self.latent.kind}")
         return self
 
 

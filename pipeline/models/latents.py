@@ -205,7 +205,11 @@ class CategoricalLatent(Latent):
 
     def sample_and_kl(self, params: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         if self.kl_mode == "analytic":
-            return super().sample_and_kl(params, temperature)
+            # log q once for sample and KL (= rsample + kl): on a 32x32 grid of 8192-way codes every
+            # [B, N, K] copy autograd keeps costs 32 MiB per image (models/resnet.py, grid_batch_bytes).
+            log_q = self._log_q(params)
+            z = self._code_from_log_sample(self._relaxed_log_sample(log_q, temperature))
+            return z, (log_q.exp() * (log_q - self.log_prior())).sum(dim=-1)
         y = self._relaxed_log_sample(self._log_q(params), temperature)
         return self._code_from_log_sample(y), self.relaxed_kl(params, y, temperature)
 

@@ -12,6 +12,7 @@ here, in the Bernoulli likelihood, not in the data layer.
   (Salimans et al. 2017, PixelCNN++ without the mixture): per pixel and channel a logistic with
   mean mu and scale s, integrated over the level's bin of width 2/255 on [-1, 1], the edge
   levels taking the tails. Its -log-likelihood in bits per dimension is comparable across papers.
+- `LogitLaplace`: DALL-E's dVAE likelihood, a continuous density on pixels mapped into [0.1, 0.9].
 """
 
 from __future__ import annotations
@@ -117,12 +118,51 @@ class DiscretizedLogistic(Likelihood):
         return mu.clamp(-1.0, 1.0).add(1.0).div(2.0)
 
 
+class LogitLaplace(Likelihood):
+    """DALL-E's logit-Laplace (Ramesh et al. 2021, sec. A.3): pixels x in [0, 1] are mapped to
+    y = (1 - 2 eps) x + eps in [eps, 1 - eps] (eps = 0.1) so that the density, which vanishes or
+    blows up at 0 and 1, is never evaluated there; per pixel and channel, with location mu (in
+    logit space) and scale b = exp(log_b), y has the density on (0, 1)
+
+        f(y) = exp(-|logit(y) - mu| / b) / (2 b y (1 - y)),
+
+    a Laplace on logit(y) pushed through the sigmoid. log_prob scores the *pixels*: it adds the
+    change of variables log(1 - 2 eps) per dimension, so it is the log-density of x on [0, 1]
+    (which integrates to P(eps < y < 1 - eps) <= 1: the mass f puts outside the mapped range is lost).
+    A continuous density on 8-bit data: -log p is not a code length, so no bits/dim (eight_bit False).
+    """
+
+    params_per_channel = 2  # mu (logit space), log b
+    eps = 0.1
+
+    def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mapped = _as_unit(x).mul(1.0 - 2.0 * self.eps).add(self.eps)  # DALL-E's map_pixels; the encoder sees it too
+        return mapped, mapped
+
+    def split(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        channels = out.shape[-3] // 2
+        return out[..., :channels, :, :], out[..., channels:, :, :].clamp(min=_LOG_SCALE_MIN)
+
+    def log_prob(self, out: Tensor, target: Tensor) -> Tensor:
+        mu, log_b = self.split(out)
+        log_y, log_1my = torch.log(target), torch.log1p(-target)
+        log_f = -(log_y - log_1my - mu).abs() * torch.exp(-log_b) - log_b - math.log(2.0) - log_y - log_1my
+        return (log_f + math.log(1.0 - 2.0 * self.eps)).flatten(-3).sum(-1)
+
+    def mean(self, out: Tensor) -> Tensor:
+        # DALL-E's reconstruction: unmap_pixels(sigmoid(mu)), the median of y mapped back (not E[x]).
+        mu, _ = self.split(out)
+        return torch.sigmoid(mu).sub(self.eps).div(1.0 - 2.0 * self.eps).clamp(0.0, 1.0)
+
+
 def build_likelihood(kind: str, binarize: str = "dynamic") -> Likelihood:
     if kind == "bernoulli":
         return Bernoulli(binarize)
     if kind == "logistic":
         return DiscretizedLogistic()
-    raise ValueError(f"unknown model.likelihood {kind!r} (bernoulli or logistic)")
+    if kind == "logit-laplace":
+        return LogitLaplace()
+    raise ValueError(f"unknown model.likelihood {kind!r} (bernoulli, logistic or logit-laplace)")
 
 
 def bits_per_dim(nll_nats: float, dims: int) -> float:

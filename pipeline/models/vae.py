@@ -16,6 +16,7 @@ from pipeline.config import ModelConfig
 from pipeline.models.latents import Latent, build_latent
 from pipeline.models.likelihoods import Likelihood, build_likelihood
 from pipeline.models.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from pipeline.models.resnet import ResNetDecoder, ResNetEncoder, grid_shape
 
 
 @dataclass
@@ -36,7 +37,7 @@ class VAEOutput:
 class VAE(nn.Module):
     def __init__(self, image_shape: tuple[int, int, int], hidden: list[int], latent: Latent, *,
                  likelihood: Likelihood | None = None, arch: str = "mlp", channels: list[int] | None = None,
-                 activation: str = "relu") -> None:
+                 activation: str = "relu", downsample: int = 4, blocks: int = 2, codebook_dim: int = 64) -> None:
         super().__init__()
         image_shape = tuple(int(s) for s in image_shape)
         if len(image_shape) != 3 or min(image_shape) < 1 or not hidden:
@@ -54,8 +55,16 @@ class VAE(nn.Module):
             channels = list(channels or [32, 64])
             self.encoder = ConvEncoder(image_shape, channels, hidden, latent.param_size, activation)
             self.decoder = ConvDecoder(latent.decoder_size, hidden, channels, (h, w), activation, out_shape[0])
+        elif arch == "resnet":  # a grid latent: one categorical variable per position (models/resnet.py)
+            grid, k = grid_shape(image_shape, downsample), getattr(latent, "categories", None)
+            if getattr(latent, "variables", None) != grid[0] * grid[1] or latent.param_size != grid[0] * grid[1] * k:
+                raise ValueError(f"arch 'resnet' needs a categorical latent with {grid[0]}x{grid[1]} variables")
+            widths = list(channels or [32, 64, 128])
+            self.encoder = ResNetEncoder(image_shape, widths, k, downsample=downsample, blocks=blocks)
+            self.decoder = ResNetDecoder(grid, widths, k, out_shape[0], downsample=downsample, blocks=blocks,
+                                         codebook_dim=codebook_dim)
         else:
-            raise ValueError(f"unsupported model.arch {arch!r} (mlp or conv)")
+            raise ValueError(f"unsupported model.arch {arch!r} (mlp, conv or resnet)")
 
     @property
     def dims(self) -> int:
@@ -127,6 +136,11 @@ def build_vae(cfg: ModelConfig, input_dim: int | None = None, *, image_shape: tu
             image_shape = (1, 1, input_dim)
     if len(image_shape) == 2:
         image_shape = (1, *image_shape)
-    return VAE(tuple(image_shape), list(cfg.hidden), build_latent(cfg.latent),
+    latent_cfg = cfg.latent
+    if cfg.arch == "resnet":  # the grid: N = (H/f) * (W/f) variables, whatever latent.variables says
+        gh, gw = grid_shape(tuple(image_shape), cfg.downsample)
+        latent_cfg = cfg.latent.model_copy(update={"variables": gh * gw})
+    return VAE(tuple(image_shape), list(cfg.hidden), build_latent(latent_cfg),
                likelihood=build_likelihood(cfg.likelihood, binarize), arch=cfg.arch, channels=list(cfg.channels),
-               activation=cfg.activation)
+               activation=cfg.activation, downsample=cfg.downsample, blocks=cfg.blocks,
+               codebook_dim=cfg.codebook_dim)

@@ -1,0 +1,349 @@
+"""`pipeline data images`: shard a folder of images (ImageFolder convention) into WebDataset shards.
+
+- Classes: a sub-folder per class (``root/<class>/.../*.jpg``) gives integer labels in sorted
+  class-name order, written to ``classes.json`` beside the manifest; images straight in the
+  root (no sub-folders) give an unlabelled dataset. Hidden files and non-images are passed over.
+- Split: a seeded hash of each file's relative path picks its split, and a second hash its
+  place in the split, so the split of a file never depends on which other files exist, and
+  shards are not sorted by class.
+- Each image: decoded by Pillow (a whitelist of formats; the decompression-bomb limit on, and
+  its 1x-2x warning band refused too), EXIF orientation applied, converted to RGB (grey when
+  every image is grey), resized (``center-crop``: shorter side to S then the center S x S;
+  ``border``: fit inside S x S and pad with black; no --size: stored as it is), encoded by
+  `contract.encode_image`.
+- Writing works like `deformed.py`: shards are independent jobs over ``workers`` spawned
+  processes, each streaming one image at a time (bounded memory); a finished shard gets a
+  record in ``OUT/_progress/`` holding its recipe (settings plus its files' names, sizes and
+  modification stamps), and a re-run reuses every shard whose recipe still matches and whose
+  file is intact. ``manifest.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Literal, Sequence
+
+import fsspec
+import numpy as np
+
+from pipeline.data.contract import SampleSpec, encode_image
+from pipeline.data.errors import DataError
+from pipeline.data.shards import ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, write_shard
+
+RECIPE_VERSION = "images/1"
+PROGRESS_DIR = "_progress"
+CLASSES_NAME = "classes.json"
+# Source files we open, by extension, and the only Pillow decoders they may reach.
+SOURCE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "gif", "tif", "tiff"})
+SOURCE_FORMATS = ("JPEG", "PNG", "WEBP", "PPM", "BMP", "GIF", "TIFF")
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+MAX_SOURCE_BYTES = 256 << 20  # a source file larger than this is refused before it is read
+ResizeMode = Literal["center-crop", "border", "none"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How every image is turned into a stored sample (part of each shard's recipe)."""
+
+    size: int | None = None
+    resize: ResizeMode = "center-crop"
+    format: str = "jpg"
+    quality: int = 95
+    channels: int = 3
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # relative to the source root, '/'-separated
+    bytes: int
+    stamp: str  # modification time or ETag: a changed file changes its shard's recipe
+    label: int
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    number: int
+    first: int  # index of the shard's first sample within its split (sample keys)
+    files: tuple[SourceFile, ...]
+
+    @property
+    def path(self) -> str:
+        return f"{self.split}-{self.number:05d}.tar"
+
+    def recipe(self, settings: Settings) -> str:
+        recipe = {"version": RECIPE_VERSION, "settings": asdict(settings), "first": self.first,
+                  "files": [asdict(f) for f in self.files]}
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+# --- the source folder ---------------------------------------------------------------------------------
+
+
+def list_source(source: str) -> tuple[list[SourceFile], list[str]]:
+    """(image files, class names) of an image folder at any fsspec URL; labels are class indices or -1."""
+    fs, root = fsspec.core.url_to_fs(source)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise DataError(f"--source {source} is not a folder")
+    found = []
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        rel = path[len(root) + 1:]
+        if any(part.startswith(".") for part in rel.split("/")) or rel.rsplit(".", 1)[-1].lower() not in SOURCE_EXTENSIONS:
+            continue  # hidden files (.DS_Store) and non-images (captions, csv) are not samples
+        stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""
+        found.append((rel, int(info.get("size") or 0), str(stamp)))
+    if not found:
+        raise DataError(f"no images ({', '.join(sorted(SOURCE_EXTENSIONS))}) under {source}")
+    classes = sorted({rel.split("/", 1)[0] for rel, _, _ in found if "/" in rel})
+    loose = [rel for rel, _, _ in found if "/" not in rel]
+    if classes and loose:
+        raise DataError(f"{source}/{loose[0]} lies outside every class folder ({', '.join(classes[:5])}...): "
+                        "put every image in a class sub-folder, or none")
+    label = {name: i for i, name in enumerate(classes)}
+    files = [SourceFile(rel, size, stamp, label[rel.split("/", 1)[0]] if classes else -1) for rel, size, stamp in found]
+    return files, classes
+
+
+def _unit(*parts: object) -> float:
+    """A uniform number in [0, 1) that is a pure function of ``parts``."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def plan_jobs(files: Sequence[SourceFile], *, seed: int, val_fraction: float, test_fraction: float,
+              samples_per_shard: int) -> list[ShardJob]:
+    """Shard jobs per split; a file's split and place depend only on (seed, its relative path)."""
+    splits: dict[str, list[SourceFile]] = {"train": [], "val": [], "test": []}
+    for f in files:
+        u = _unit("split", seed, f.path)
+        splits["test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"].append(f)
+    if not splits["train"]:
+        raise DataError(f"no train images left: {len(files)} images, --val-fraction {val_fraction}, "
+                        f"--test-fraction {test_fraction}")
+    for name, fraction in (("val", val_fraction), ("test", test_fraction)):
+        if fraction > 0 and not splits[name]:
+            raise DataError(f"the {name} split is empty: {len(files)} images and --{name}-fraction {fraction} "
+                            f"give none; raise it (or 0 for no {name} split)")
+    jobs = []
+    for name, members in splits.items():
+        members.sort(key=lambda f: _unit("order", seed, f.path))
+        for number, first in enumerate(range(0, len(members), samples_per_shard)):
+            jobs.append(ShardJob(name, number, first, tuple(members[first: first + samples_per_shard])))
+    return jobs
+
+
+def all_grey(source: str, files: Sequence[SourceFile], pool: ProcessPoolExecutor | None = None) -> bool:
+    """True when every image is grey (header reads only; stops at the first colour image)."""
+    chunks = [[f.path for f in files[i: i + 256]] for i in range(0, len(files), 256)]
+    if pool is None or len(chunks) == 1:
+        return not any(_any_colour(source, chunk) for chunk in chunks)
+    futures = [pool.submit(_any_colour, source, chunk) for chunk in chunks]
+    for future in futures:
+        if future.result():
+            for pending in futures:
+                pending.cancel()
+            return False
+    return True
+
+
+def _any_colour(source: str, paths: Sequence[str]) -> bool:
+    from PIL import Image
+
+    fs, root = fsspec.core.url_to_fs(source)
+    for rel in paths:
+        try:
+            with fs.open(f"{root.rstrip('/')}/{rel}", "rb") as handle:
+                if Image.open(handle, formats=SOURCE_FORMATS).mode not in GREY_MODES:
+                    return True
+        except Exception as err:  # noqa: BLE001 - any decoder failure is the file's fault
+            raise _unreadable(f"{source.rstrip('/')}/{rel}", err) from None
+    return False
+
+
+def _unreadable(name: str, err: BaseException) -> DataError:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):  # its message is the repr of a file object: say it plainly
+        return DataError(f"{name}: unreadable image (not a {', '.join(SOURCE_FORMATS)} file Pillow can open)")
+    return DataError(f"{name}: unreadable image ({type(err).__name__}: {err})")
+
+
+# --- one image, one shard --------------------------------------------------------------------------------
+
+
+def load_image(raw: bytes, name: str, settings: Settings) -> np.ndarray:
+    """Bytes of a source image -> the uint8 [C, H, W] sample to store; DataError names the file."""
+    from PIL import Image, ImageOps
+
+    mode = "L" if settings.channels == 1 else "RGB"
+    try:
+        image = Image.open(io.BytesIO(raw), formats=SOURCE_FORMATS)
+        width, height = image.size
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise DataError(f"{name}: {width}x{height} pixels exceeds the decompression-bomb limit "
+                            f"({Image.MAX_IMAGE_PIXELS} pixels)")
+        if image.format == "JPEG" and settings.size:  # DCT-domain downscale, never below what the resize needs
+            scale = settings.size / (max if settings.resize == "border" else min)(width, height)
+            image.draft(mode, (int(width * scale) + 1, int(height * scale) + 1))
+        image = ImageOps.exif_transpose(image)
+        if image.mode != mode:
+            image = image.convert(mode)
+        if settings.size and settings.resize == "center-crop":
+            image = ImageOps.fit(image, (settings.size, settings.size), Image.Resampling.BICUBIC)
+        elif settings.size and settings.resize == "border":
+            image = ImageOps.pad(image, (settings.size, settings.size), Image.Resampling.BICUBIC, color=0)
+        array = np.asarray(image)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated/garbage files raise many types inside Pillow
+        raise _unreadable(name, err) from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _run_job(job: ShardJob, source: str, out_url: str, settings: Settings) -> tuple[ShardInfo, list[list[int]]]:
+    """Write one shard, then its progress record: (shard info, up to two distinct stored [H, W])."""
+    src_fs, src_root = fsspec.core.url_to_fs(source)
+    fs, root = fsspec.core.url_to_fs(out_url)
+    root = root.rstrip("/")
+    sizes: list[list[int]] = []
+
+    def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
+        for i, f in enumerate(job.files):
+            name = f"{source.rstrip('/')}/{f.path}"
+            if f.bytes > MAX_SOURCE_BYTES:
+                raise DataError(f"{name}: {f.bytes} bytes, larger than any image we accept ({MAX_SOURCE_BYTES})")
+            image = load_image(src_fs.cat_file(f"{src_root.rstrip('/')}/{f.path}"), name, settings)
+            if len(sizes) < 2 and list(image.shape[1:]) not in sizes:
+                sizes.append(list(image.shape[1:]))
+            members = {settings.format: encode_image(image, settings.format, settings.quality)}
+            if f.label >= 0:
+                members["cls"] = str(f.label).encode()
+            yield f"{job.split}-{job.first + i:09d}", members
+
+    count, size, sha256 = write_shard(fs, f"{root}/{job.path}", samples())
+    info = ShardInfo(path=job.path, samples=count, bytes=size, sha256=sha256)
+    # Written after the shard is complete: the record is what makes a shard "finished".
+    record = {"recipe": job.recipe(settings), "shard": info.model_dump(), "sizes": sizes}
+    fs.pipe_file(f"{root}/{PROGRESS_DIR}/{job.path}.json", json.dumps(record).encode())
+    return info, sizes
+
+
+def _finished(fs: fsspec.AbstractFileSystem, root: str, job: ShardJob, settings: Settings):
+    try:
+        record = json.loads(fs.cat_file(f"{root}/{PROGRESS_DIR}/{job.path}.json"))
+        info = ShardInfo.model_validate(record["shard"])
+        intact = fs.size(f"{root}/{job.path}") == info.bytes
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if record.get("recipe") != job.recipe(settings) or info.samples != len(job.files) or not intact:
+        return None
+    return info, record.get("sizes") or []
+
+
+# --- the command ------------------------------------------------------------------------------------------
+
+
+def shard_images(source: str, out_url: str, *, size: int | None = None, resize: ResizeMode = "center-crop",
+                 fmt: str = "jpg", quality: int = 95, channels: int | None = None, val_fraction: float = 0.05,
+                 test_fraction: float = 0.05, samples_per_shard: int = 1000, workers: int = 1, seed: int = 0,
+                 progress: bool = True, on_shard_done: Callable[[ShardInfo], None] | None = None,
+                 ) -> tuple[dict[str, SplitInfo], int, list[str]]:
+    """Shard the image folder ``source`` into ``out_url``: (split infos, shards reused, class names).
+
+    ``channels`` None: grey when every image is grey, else RGB. ``on_shard_done`` is called in
+    this process after each new shard is recorded (tests interrupt a run with it).
+    """
+    if resize == "none":
+        size = None
+    if size is not None and size < 1 or samples_per_shard < 1 or workers < 1 or not 1 <= quality <= 100:
+        raise DataError("--size, --samples-per-shard and --workers must be >= 1, --quality in 1..100")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1):
+        raise DataError("--val-fraction and --test-fraction must lie in [0, 1)")
+    if workers > 1 and any(url.startswith("memory://") for url in (source, out_url)):
+        workers = 1  # a spawned process has its own, empty memory:// filesystem
+    files, classes = list_source(source)
+    jobs = plan_jobs(files, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                     samples_per_shard=samples_per_shard)
+    with _pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        return _shard(source, out_url, files, classes, jobs, pool, size=size, resize=resize, fmt=fmt, quality=quality,
+                      channels=channels, seed=seed, workers=workers, progress=progress, on_shard_done=on_shard_done)
+
+
+def _shard(source: str, out_url: str, files: list[SourceFile], classes: list[str], jobs: list[ShardJob],
+           pool: ProcessPoolExecutor | None, *, size: int | None, resize: ResizeMode, fmt: str, quality: int,
+           channels: int | None, seed: int, workers: int, progress: bool, on_shard_done: Callable[[ShardInfo], None] | None,
+           ) -> tuple[dict[str, SplitInfo], int, list[str]]:
+    if channels is None:
+        channels = 1 if all_grey(source, files, pool) else 3
+    settings = Settings(size=size, resize=resize if size else "none", format=fmt, quality=quality, channels=channels)
+    fs, root, stale = begin_dataset(out_url)
+    fs.makedirs(f"{root}/{PROGRESS_DIR}", exist_ok=True)
+    done = {job: found for job in jobs if (found := _finished(fs, root, job, settings)) is not None}
+    reused = len(done)
+    todo = [job for job in jobs if job not in done]
+    with _progress_bar(progress, total=len(files)) as advance:
+        advance(sum(len(job.files) for job in done))
+
+        def finished(job: ShardJob, result: tuple[ShardInfo, list[list[int]]]) -> None:
+            done[job] = result
+            advance(result[0].samples)
+            if on_shard_done:
+                on_shard_done(result[0])
+
+        if pool is None or len(todo) <= 1:
+            for job in todo:
+                finished(job, _run_job(job, source, out_url, settings))
+        else:
+            _run_in_pool(todo, source, out_url, settings, pool, 2 * workers, finished)
+
+    split_infos = {}
+    for name in ("train", "val", "test"):
+        shards = [done[job][0] for job in jobs if job.split == name]
+        if shards:
+            split_infos[name] = SplitInfo(samples=sum(s.samples for s in shards), shards=shards)
+    seen = {tuple(s) for job in jobs for s in done[job][1]}  # stored sizes (with --size: just S x S)
+    stored = [size, size] if size else list(seen.pop()) if len(seen) == 1 else None
+    spec = SampleSpec(image=fmt, channels=channels, size=stored, label="cls" if classes else None)  # type: ignore[arg-type]
+    if classes:  # beside the manifest, written before it (the manifest is always last)
+        fs.pipe_file(f"{root}/{CLASSES_NAME}", json.dumps(classes, indent=1).encode())
+    elif fs.exists(f"{root}/{CLASSES_NAME}"):
+        fs.rm(f"{root}/{CLASSES_NAME}")
+    recipe = f"size={size} resize={settings.resize} format={fmt} quality={quality} seed={seed}"
+    finish_dataset(fs, root, stale, source=f"images {source} ({len(classes)} classes) {recipe}", spec=spec,
+                   split_infos=split_infos)
+    return split_infos, reused, classes
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the parent may hold fsspec/s3fs event-loop threads that a fork would copy broken.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _run_in_pool(todo: list[ShardJob], source: str, out_url: str, settings: Settings, pool: ProcessPoolExecutor,
+                 in_flight: int,
+                 finished: Callable[[ShardJob, tuple[ShardInfo, list[list[int]]]], None]) -> None:
+    pending = {}
+    queue = iter(todo)
+    # At most 2 jobs per worker in flight: results arrive in order of completion, memory stays flat.
+    for job in queue:
+        pending[pool.submit(_run_job, job, source, out_url, settings)] = job
+        if len(pending) >= in_flight:
+            break
+    try:
+        while pending:
+            complete, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in complete:
+                finished(pending.pop(future), future.result())
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending[pool.submit(_run_job, nxt, source, out_url, settings)] = nxt
+    finally:
+        for future in pending:  # a failed shard: the others still queued are not started
+            future.cancel()

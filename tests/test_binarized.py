@@ -14,6 +14,7 @@ from conftest import BINARIZED_MNIST_DIR
 from pipeline.cli import app
 from pipeline.data import DataError, eval_batches, load_binarized_mnist_splits, read_manifest
 from pipeline.data.binarized import BINARIZED_MNIST_FILES, read_amat
+from pipeline.models.likelihoods import Bernoulli
 
 
 def _amat(images: np.ndarray) -> bytes:
@@ -51,11 +52,16 @@ def test_shards_train_on_exactly_the_fixed_binarization(tiny_source, tmp_path) -
     assert result.exit_code == 0, result.output
     manifest = read_manifest(str(out))
     assert {k: v.samples for k, v in manifest.splits.items()} == {"train": 7, "val": 3, "test": 4}
-    for mode in ("threshold", "none"):
-        x, labels = next(iter(eval_batches(manifest, str(out), split="test", rank=0, world_size=1, batch_size=10,
-                                           binarize=mode)))
-        torch.testing.assert_close(x, torch.from_numpy(images["test"].reshape(4, -1)).float())
-        assert (labels == -1).all()
+    x, labels = next(iter(eval_batches(manifest, str(out), split="test", rank=0, world_size=1, batch_size=10)))
+    assert x.dtype == torch.uint8 and x.shape == (4, 1, 28, 28)
+    assert torch.equal(x, torch.from_numpy(images["test"] * 255).reshape(4, 1, 28, 28))
+    assert (labels == -1).all()
+    # Whatever binarization the model's likelihood is configured with, it sees exactly the fixed 0/1 images
+    # (a dynamic draw from probabilities 0 and 1 is those images too).
+    fixed = torch.from_numpy(images["test"]).float().reshape(4, 1, 28, 28)
+    for mode in ("threshold", "none", "dynamic"):
+        inputs, target = Bernoulli(mode).prepare(x)
+        assert torch.equal(inputs, fixed) and torch.equal(target, fixed), mode
 
 
 def test_missing_and_malformed_files_are_named(tmp_path) -> None:

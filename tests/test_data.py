@@ -30,6 +30,8 @@ from pipeline.data import (
     write_shards,
 )
 from pipeline.data import shards as shards_module
+from pipeline.data.contract import SampleSpec
+from pipeline.data.reader import ReadOptions
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"  # ../shared/data, per DESIGN.md
 
@@ -52,7 +54,10 @@ def mnist_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manif
 def test_mnist_shards_have_the_documented_splits(mnist_dataset: tuple[Path, Manifest]) -> None:
     out, manifest = mnist_dataset
     assert {name: split.samples for name, split in manifest.splits.items()} == {"train": 50_000, "val": 10_000, "test": 10_000}
-    assert manifest.image_shape == [28, 28] and manifest.dtype == "uint8" and manifest.keys == ["npy", "cls"]
+    # Format 2: the sample contract written out (grey uint8 28x28 .npy + ASCII .cls, plain tar).
+    assert manifest.format_version == 2 and manifest.image_shape == [1, 28, 28] and manifest.dtype == "uint8"
+    assert manifest.sample == SampleSpec(image="npy", channels=1, size=[28, 28], label="cls")
+    assert manifest.keys == ["cls", "npy"] and manifest.spec.fixed_npy
     assert [len(split.shards) for split in manifest.splits.values()] == [5, 1, 1]
     assert read_manifest(str(out)) == manifest
     # Every shard on disk matches the size and sha256 recorded while it was written.
@@ -67,8 +72,9 @@ def test_mnist_validation_is_the_last_10000_training_images(mnist_dataset: tuple
     train_images = read_idx_independently(MNIST_DIR / "train-images-idx3-ubyte.gz")
     train_labels = read_idx_independently(MNIST_DIR / "train-labels-idx1-ubyte.gz")
     images, labels = [], []
-    for x, y in eval_batches(manifest, str(out), split="val", rank=0, world_size=1, batch_size=1000, binarize="none", verify=True):
-        images.append((x * 255).round().to(torch.uint8).numpy())
+    for x, y in eval_batches(manifest, str(out), split="val", rank=0, world_size=1, batch_size=1000, verify=True):
+        assert x.dtype == torch.uint8 and x.shape[1:] == (1, 28, 28)
+        images.append(x.numpy())
         labels.append(y.numpy())
     streamed = np.concatenate(images).reshape(-1, 28, 28)
     assert len(streamed) == 10_000
@@ -102,9 +108,10 @@ def test_memory_round_trip_keeps_every_digits_sample() -> None:
     assert manifest == written and manifest.splits["train"].samples == 1297
     assert [shard.samples for shard in manifest.splits["train"].shards] == [400, 400, 400, 97]
     labels, images = [], []
-    for x, y in eval_batches(manifest, url, split="train", rank=0, world_size=1, batch_size=128, binarize="none"):
+    for x, y in eval_batches(manifest, url, split="train", rank=0, world_size=1, batch_size=128):
+        assert x.dtype == torch.uint8 and x.shape[1:] == (1, 8, 8)
         labels.extend(y.tolist())
-        images.append((x * 255).round().numpy().astype(np.uint8))
+        images.append(x.numpy())
     assert collections.Counter(labels) == collections.Counter(splits["train"].labels.tolist())
     assert np.array_equal(np.concatenate(images).reshape(-1, 8, 8), splits["train"].images)
 
@@ -118,7 +125,7 @@ def test_manifest_can_be_addressed_directly_and_through_file_urls(tmp_path: Path
     assert shard_url("memory://x", shard) == f"memory://x/{shard.path}"
     assert shard_url("s3://bucket/prefix/", shard) == f"s3://bucket/prefix/{shard.path}"
     counts = [len(y) for _, y in eval_batches(manifest, str(tmp_path / "manifest.json"), split="train", rank=0,
-                                              world_size=1, batch_size=1000, binarize="threshold")]
+                                              world_size=1, batch_size=1000)]
     assert counts == [1000, 297]
 
 
@@ -146,15 +153,15 @@ def test_interrupted_write_leaves_no_manifest(tmp_path: Path, monkeypatch: pytes
     write_shards(splits, str(tmp_path), source="digits", samples_per_shard=500, progress=False)
     calls = 0
 
-    def failing_encode(image: np.ndarray) -> bytes:
+    def failing_encode(image: np.ndarray, label: int) -> dict[str, bytes]:
         nonlocal calls
         calls += 1
         if calls > 700:
             raise KeyboardInterrupt  # the user pressed Ctrl-C half-way through
-        return original(image)
+        return original(image, label)
 
-    original = shards_module._encode_image
-    monkeypatch.setattr(shards_module, "_encode_image", failing_encode)
+    original = shards_module.npy_members
+    monkeypatch.setattr(shards_module, "npy_members", failing_encode)
     with pytest.raises(KeyboardInterrupt):
         write_shards(splits, str(tmp_path), source="digits", samples_per_shard=500, progress=False)
     with pytest.raises(DataError, match="no manifest.json"):
@@ -249,3 +256,39 @@ def test_shard_error_survives_pickling_with_its_message() -> None:
     assert str(copy) == str(error) == "shard s3://bucket/train-00003.tar, sample train-0000042: image is float64"
     assert isinstance(copy, DataError)
     assert ShardInfo(path="a/b.tar", samples=1, bytes=1, sha256="x").path == "a/b.tar"
+
+
+# A manifest exactly as the format-1 code (before the sample contract) wrote it, and the digest that code
+# computed for it (`Manifest.digest` of commit 00d6df0): runs tagged with it must keep matching their dataset.
+FORMAT_1_MANIFEST = (
+    '{"format_version":1,"source":"old digits","image_shape":[2,2],"dtype":"uint8","keys":["npy","cls"],'
+    '"splits":{"train":{"samples":3,"shards":[{"path":"train-00000.tar","samples":3,"bytes":10240,'
+    '"sha256":"b88cec5ff8a5b413cc77341b868ccefe3ac933c435e450eb2a979e23906937d3"}]}},'
+    '"created":"2025-06-01T12:00:00+00:00"}'
+)
+FORMAT_1_DIGEST = "1c7a7a52cbf9be2f53e1306771fa34f527f21f8452d7ba760196e83ef900dc09"
+
+
+def test_a_format_1_manifest_still_parses_reads_and_keeps_its_digest(tmp_path: Path) -> None:
+    from test_corrupt import npy, tar_bytes
+
+    images = [np.arange(4, dtype=np.uint8).reshape(2, 2) * (i + 1) * 10 for i in range(3)]
+    shard = tar_bytes(sum(([(f"train-{i:07d}.npy", npy(image)), (f"train-{i:07d}.cls", str(i).encode())]
+                           for i, image in enumerate(images)), []))
+    assert hashlib.sha256(shard).hexdigest() == json.loads(FORMAT_1_MANIFEST)["splits"]["train"]["shards"][0]["sha256"]
+    (tmp_path / "train-00000.tar").write_bytes(shard)
+    (tmp_path / "manifest.json").write_text(FORMAT_1_MANIFEST)
+
+    manifest = read_manifest(str(tmp_path))
+    assert manifest.format_version == 1 and manifest.sample is None and manifest.image_shape == [2, 2]
+    assert manifest.spec == SampleSpec(image="npy", channels=1, size=[2, 2], label="cls")
+    assert manifest.digest() == FORMAT_1_DIGEST
+    # Saved again by today's code and read back: still format 1, still the same tag.
+    again = Manifest.model_validate_json(manifest.model_dump_json())
+    assert again == manifest and again.digest() == FORMAT_1_DIGEST
+
+    for fast_path in (True, False):
+        (x, y), = eval_batches(manifest, str(tmp_path), split="train", rank=0, world_size=1, batch_size=3, verify=True,
+                               options=ReadOptions(fast_path=fast_path))
+        assert x.dtype == torch.uint8 and torch.equal(x, torch.from_numpy(np.stack(images)[:, None]))
+        assert y.tolist() == [0, 1, 2]

@@ -3,8 +3,8 @@
 The benches are not timed here: the machines are shared. What is checked is that each command
 runs end to end (bench train with a real local Ray cluster) and that its JSON carries the fields
 checks rely on; and that the numpy fast decode path and the prefetch thread give exactly the
-samples, order, labels and binarized pixels of the reference (tarfile) path, and the same
-errors and skips on damaged shards.
+samples, order, labels and pixels (uint8, after the position-seeded flips) of the reference
+(tarfile) path, and the same errors and skips on damaged shards.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch
 
 from pipeline.data import Manifest, ShardError, ShardInfo, SplitInfo, load_digits_splits, read_manifest, write_shards
 from pipeline.data import fasttar, reader
-from pipeline.data.reader import ReadOptions, data_health, read_shard, reset_data_health, set_read_options
+from pipeline.data.contract import ImageTarget, SampleDecoder
+from pipeline.data.reader import ReadOptions, data_health, read_shard, reset_data_health
 from pipeline.data.sources import Split
 from pipeline.data.stream import eval_batches, prefetch, train_batches
 
@@ -34,10 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def clean_reader():
     reset_data_health()
-    set_read_options(ReadOptions())
     yield
-    reader.FAST_PATH = True
-    set_read_options(ReadOptions())
     reset_data_health()
 
 
@@ -61,10 +59,11 @@ def digits(tmp_path_factory) -> str:
     return str(out)
 
 
-def _all_train(url: str, fast: bool, **kwargs) -> list:
-    reader.FAST_PATH = fast
+def _all_train(url: str, fast: bool, hflip: bool = False, **kwargs) -> list:
     manifest = read_manifest(url)
-    return list(train_batches(manifest, url, **kwargs))
+    spec = manifest.spec
+    decoder = SampleDecoder(spec, ImageTarget(spec.channels, tuple(spec.size), hflip=hflip))
+    return list(train_batches(manifest, url, options=ReadOptions(fast_path=fast), decoder=decoder, **kwargs))
 
 
 @pytest.mark.parametrize("dataset", ["mnist_like", "digits"])
@@ -72,11 +71,12 @@ def _all_train(url: str, fast: bool, **kwargs) -> list:
 def test_fast_path_equals_reference(request, dataset, world_size, rank, start_step):
     url = request.getfixturevalue(dataset)
     kwargs = dict(epoch=1, seed=7, rank=rank, world_size=world_size, batch_per_rank=40 // world_size,
-                  shuffle_buffer=50, binarize="dynamic", start_step=start_step, partitions=2, verify=True)
+                  shuffle_buffer=50, start_step=start_step, partitions=2, verify=True, hflip=start_step > 0)
     fast, slow = _all_train(url, True, **kwargs), _all_train(url, False, **kwargs)
     assert len(fast) == len(slow) > 0
     for a, b in zip(fast, slow):
         assert a.keys == b.keys
+        assert a.x.dtype == b.x.dtype == torch.uint8 and a.x.shape[1] == 1
         assert torch.equal(a.x, b.x) and torch.equal(a.labels, b.labels)
 
 
@@ -88,9 +88,9 @@ def test_fast_path_is_taken_and_eval_matches(mnist_like):
     assert found is not None and len(found[0]) == shard.samples
     outs = []
     for fast in (True, False):
-        reader.FAST_PATH = fast
         outs.append(list(eval_batches(manifest, mnist_like, split="val", rank=0, world_size=1, batch_size=64,
-                                      binarize="none")))
+                                      options=ReadOptions(fast_path=fast))))
+    assert len(outs[0]) == len(outs[1]) == 5
     for (x1, y1), (x2, y2) in zip(*outs):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
@@ -142,12 +142,11 @@ def test_damaged_shards_same_outcome_on_both_paths(tmp_path, mode, kind):
                             path="train-00000.tar", samples=6, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())])})
     outcomes = []
     for fast in (True, False):
-        reader.FAST_PATH = fast
         reset_data_health()
         got, error = [], None
         try:
             for key, image, label in read_shard(manifest, str(tmp_path), manifest.splits["train"].shards[0],
-                                                start=1, verify=True, on_corrupt=mode):
+                                                start=1, verify=True, options=ReadOptions(on_corrupt=mode, fast_path=fast)):
                 got.append((key, image.tobytes(), label))
         except ShardError as err:
             error = str(err)

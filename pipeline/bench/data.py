@@ -1,4 +1,8 @@
-"""`pipeline bench data`: the same shards read four ways, side by side in one process.
+"""`pipeline bench data`: the same shards read five ways, side by side in one process.
+
+An image dataset (encoded members: jpg, png, webp, ...) gets the image bench instead
+(`pipeline.bench.images`: our loader vs WebDataset's pipeline, Ray Data and a raw Pillow loop);
+``--make-images N`` writes a JPEG dataset to run it on. For .npy datasets (MNIST):
 
 - raw:      a sequential read of every train shard's bytes (open_for_reading, 1 MiB reads): the
             physical limit of this storage here;
@@ -9,7 +13,10 @@
 - memory:   a torch DataLoader over an in-memory TensorDataset of the same samples (shuffled),
             with the same per-batch work (uint8 -> float / 255 -> Bernoulli);
 - raydata:  Ray Data `read_webdataset` -> `select_columns` -> `iter_torch_batches`, same batch
-            and the same per-batch work (Ray started beforehand; its start is not counted).
+            and the same per-batch work (Ray started beforehand; its start is not counted);
+- webdataset: WebDataset's own pipeline as its docs write it, ``wds.WebDataset(urls,
+            shardshuffle=False).decode().to_tuple("npy", "cls")`` + ``DataLoader(num_workers=N,
+            batch_size=B)`` (``--processes``; at most one worker per shard), same per-batch work.
 
 Each is run ``--repeats`` times, interleaved, and the medians are reported (the machines are
 shared: absolute numbers move with the load; the ratios are what to read). MB/s is the shard
@@ -60,8 +67,8 @@ def read_loader(url: str, batch: int, shuffle_buffer: int, prefetch_depth: int =
     batches = prefetch(train_batches(manifest, url, epoch=0, seed=0, rank=0, world_size=1, batch_per_rank=batch,
                                      shuffle_buffer=shuffle_buffer, options=ReadOptions(fast_path=not reference)),
                        prefetch_depth)
-    for item in batches:
-        samples += len(item.x)
+    for step, item in enumerate(batches):
+        samples += len(_binarize(item.x, step))  # the per-batch work the other readers do (the likelihood's, in training)
         if limit and samples >= limit:
             batches.close()
             break
@@ -108,6 +115,23 @@ def read_raydata(url: str, batch: int) -> int:
     return samples
 
 
+def read_webdataset(url: str, batch: int, workers: int) -> int:
+    """WebDataset's pipeline as its README writes one: decode, to_tuple, DataLoader workers."""
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    from pipeline.data import read_manifest, shard_url
+
+    urls = [shard_url(url, s) for s in read_manifest(url).splits["train"].shards]
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode().to_tuple("npy", "cls")
+    # split_by_worker (the default) hands each worker whole shards: more workers than shards get none
+    loader = DataLoader(dataset, batch_size=batch, num_workers=min(workers, len(urls)))
+    samples = 0
+    for step, (x, _) in enumerate(loader):
+        samples += len(_binarize(x, step))
+    return samples
+
+
 def start_ray() -> float:
     import ray
 
@@ -122,7 +146,7 @@ def start_ray() -> float:
 
 
 def run_data_bench(url: str, *, batch: int = 100, shuffle_buffer: int = 1000, repeats: int = 3,
-                   raydata: bool = True, reference_limit: int = 10_000) -> dict[str, Any]:
+                   raydata: bool = True, reference_limit: int = 10_000, workers: int = 2) -> dict[str, Any]:
     import torch
 
     from pipeline.data import read_manifest
@@ -140,6 +164,7 @@ def run_data_bench(url: str, *, batch: int = 100, shuffle_buffer: int = 1000, re
         "loader": lambda: read_loader(url, batch, shuffle_buffer),
         "loader_inline": lambda: read_loader(url, batch, shuffle_buffer, prefetch_depth=0),
         "memory": lambda: read_memory(images, labels, batch),
+        "webdataset": lambda: read_webdataset(url, batch, workers),
     }
     if raydata:
         ways["raydata"] = lambda: read_raydata(url, batch)
@@ -166,6 +191,8 @@ def run_data_bench(url: str, *, batch: int = 100, shuffle_buffer: int = 1000, re
         "loader_vs_memory": ratio(loader, sps["memory"]),
         "loader_vs_raydata": ratio(loader, sps["raydata"]) if raydata else None,
         "loader_vs_reference": ratio(loader, sps.get("loader_reference", 0)),
+        "loader_vs_webdataset": ratio(loader, sps["webdataset"]),
+        "webdataset_workers": min(workers, len(train.shards)),
         "targets": {"loader_vs_memory>=0.9": (ratio(loader, sps["memory"]) or 0) >= 0.9,
                     "loader_vs_raydata>=2": (ratio(loader, sps["raydata"]) or 0) >= 2 if raydata else None},
         "ray_init_s": round(ray_init_s, 2) if ray_init_s is not None else None,
@@ -179,7 +206,9 @@ def data_markdown(report: dict[str, Any], command: str) -> str:
     names = {"raw": "(a) raw sequential read of the tar files", "loader": "(b) streaming loader (train_batches + prefetch)",
              "loader_inline": "(b') streaming loader, no prefetch thread",
              "loader_reference": "(b'') streaming loader, tarfile reference decode",
-             "memory": "(c) in-memory TensorDataset + DataLoader", "raydata": "(d) Ray Data read_webdataset"}
+             "memory": "(c) in-memory TensorDataset + DataLoader", "raydata": "(d) Ray Data read_webdataset",
+             "webdataset": f"(e) WebDataset .decode().to_tuple(\"npy\", \"cls\") + DataLoader("
+                           f"num_workers={report.get('webdataset_workers')})"}
     lines = [
         f"`{command}` — {m['cpus']} cores ({m['cpu']}), load average {m['loadavg_1m']} at the end; "
         f"{d['train_samples']} samples {d['image_shape']} in {d['shards']} shards, batch {report['batch']}, "
@@ -188,11 +217,12 @@ def data_markdown(report: dict[str, Any], command: str) -> str:
         "| reader | samples/s | MB/s |",
         "|---|---:|---:|",
     ]
-    for key in ("raw", "loader", "loader_inline", "loader_reference", "memory", "raydata"):
+    for key in ("raw", "loader", "loader_inline", "loader_reference", "memory", "raydata", "webdataset"):
         if key in s:
             lines.append(f"| {names[key]} | {s[key]:,} | {mb[key]:,} |")
     lines += ["", f"loader/raw **{report['loader_vs_raw']}**, loader/in-memory **{report['loader_vs_memory']}** "
               f"(target >= 0.9), loader/Ray Data **{report['loader_vs_raydata']}** (target >= 2), "
+              f"loader/WebDataset pipeline **{report['loader_vs_webdataset']}** (our loader: 1 process, 1 thread), "
               f"fast/reference decode {report['loader_vs_reference']}."]
     return "\n".join(lines)
 
@@ -205,13 +235,42 @@ def bench_data(
     shuffle_buffer: Annotated[int, typer.Option("--shuffle-buffer", min=0)] = 1000,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved runs per reader; medians reported")] = 3,
     raydata: Annotated[bool, typer.Option("--raydata/--no-raydata", help="Include Ray Data read_webdataset")] = True,
+    processes: Annotated[int, typer.Option("--processes", min=1, help="Processes (cores) every image reader uses; "
+                                           "the WebDataset row's DataLoader workers")] = 2,
+    image_size: Annotated[int, typer.Option("--image-size", min=1, help="Image datasets: every reader outputs "
+                                            "uint8 [3, S, S] (scaled to cover, center crop)")] = 64,
+    make_images: Annotated[int, typer.Option("--make-images", min=0, help="First write a JPEG dataset of N crops "
+                                             "(256-512 px) of scikit-learn's two sample photos into --source "
+                                             "(a new folder; default: a temporary one), then bench it")] = 0,
     as_json: JsonOption = False,
     readme: ReadmeOption = None,
 ) -> None:
-    """Samples/s and MB/s of raw tar reads, our streaming loader, an in-memory DataLoader and Ray Data."""
+    """Samples/s of raw tar reads, our streaming loader, an in-memory DataLoader, Ray Data and WebDataset.
+
+    On an image dataset (jpg/png/webp members; or --make-images N): our loader vs WebDataset's
+    pipeline, Ray Data and a raw Pillow decode loop, same shards, output size and processes.
+    """
+    from pipeline.bench.images import images_markdown, make_image_dataset, run_image_bench
+    from pipeline.data import read_manifest
+
     command = command_line()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
-        url, _ = prepare_dataset(source or default_source(), Path(tmp), samples)
-        report = run_data_bench(url, batch=batch, shuffle_buffer=shuffle_buffer, repeats=repeats, raydata=raydata)
+        if make_images:
+            url = source or str(Path(tmp) / "images")
+            if "://" not in url and (Path(url) / "manifest.json").exists():
+                raise typer.BadParameter(f"{url} already holds a dataset: --make-images writes a new one")
+            make_image_dataset(url, make_images)
+        else:
+            url, _ = prepare_dataset(source or default_source(), Path(tmp), samples)
+        if read_manifest(url).spec.image != "npy":
+            if batch % processes:
+                raise typer.BadParameter(f"--batch {batch} must be a multiple of --processes {processes}")
+            report = run_image_bench(url, side=image_size, processes=processes, batch=batch,
+                                     shuffle_buffer=shuffle_buffer, repeats=repeats, raydata=raydata)
+            markdown, section = images_markdown(report, command), "data-images"
+        else:
+            report = run_data_bench(url, batch=batch, shuffle_buffer=shuffle_buffer, repeats=repeats,
+                                    raydata=raydata, workers=processes)
+            markdown, section = data_markdown(report, command), "data"
     report["command"] = command
-    emit(report, as_json, data_markdown(report, command), readme, "data")
+    emit(report, as_json, markdown, readme, section)

@@ -1,0 +1,96 @@
+"""`pipeline bench data` on a JPEG dataset (issue 12 item 8): every reader runs end to end on the same
+shards and counts the same samples; the dataset maker is deterministic; the MNIST bench has the
+WebDataset-pipeline row. No timing assertions: the machines are shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.bench.images import ROWS, make_image_dataset, resize_center
+from pipeline.data import read_manifest, shard_url
+from pipeline.data.contract import ImageTarget, SampleDecoder
+from pipeline.data.reader import read_shard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args: str, timeout: int = 300) -> dict:
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "bench", "data", *args, "--json"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("jpegs") / "data"
+    make_image_dataset(str(out), 48, val_samples=4, samples_per_shard=12, sides=(40, 96), threads=2)
+    return str(out)
+
+
+def test_made_dataset_is_real_jpeg_crops_and_deterministic(jpegs, tmp_path):
+    manifest = read_manifest(jpegs)
+    spec = manifest.spec
+    assert (spec.image, spec.channels, spec.size, spec.label) == ("jpg", 3, None, "cls")
+    assert manifest.splits["train"].samples == 48 and len(manifest.splits["train"].shards) == 4
+    assert manifest.splits["val"].samples == 4
+    decoder = SampleDecoder(spec, ImageTarget(channels=3, size=(32, 32)))
+    samples = list(read_shard(manifest, jpegs, manifest.splits["train"].shards[0], decoder=decoder))
+    assert len(samples) == 12 and {label for _, _, label in samples} <= {0, 1}
+    assert all(image.shape == (3, 32, 32) and image.dtype == np.uint8 and image.std() > 5 for _, image, _ in samples)
+    again = make_image_dataset(str(tmp_path / "again"), 48, val_samples=4, samples_per_shard=12, sides=(40, 96))
+    assert [s.sha256 for s in again.splits["train"].shards] == [s.sha256 for s in manifest.splits["train"].shards]
+
+
+def test_resize_center_matches_the_contract_decoder(jpegs):
+    """The other rows' resize is the same cover + center crop as ours (draft mode aside: png-free check via npy)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(3, 50, 70), dtype=np.uint8)
+    ours = SampleDecoder(read_manifest(jpegs).spec, ImageTarget(channels=3, size=(32, 32))).prepare_array(image)
+    theirs = resize_center(Image.fromarray(image.transpose(1, 2, 0)), 32)
+    assert ours.shape == theirs.shape == (3, 32, 32)
+    assert np.array_equal(ours, theirs)
+
+
+def test_image_bench_end_to_end(jpegs, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- bench:data-images:start -->\nold\n<!-- bench:data-images:end -->\ny\n")
+    report = _bench("--source", jpegs, "--image-size", "32", "--processes", "2", "--batch", "8", "--repeats", "1",
+                    "--shuffle-buffer", "16", "--readme", str(readme))
+    assert report["bench"] == "data-images"
+    assert set(report["samples_per_s"]) == set(ROWS)
+    assert report["samples"] == {row: 48 for row in ROWS}  # every reader saw every train sample once
+    assert all(v > 0 for v in report["samples_per_s"].values())
+    assert all(v > 0 for v in report["samples_per_cpu_s"].values())
+    assert report["loader_vs_webdataset"] is not None and report["loader_vs_raw"] is not None
+    text = readme.read_text()
+    assert "old" not in text and "| (b) WebDataset" in text and "ours/WebDataset" in text
+
+
+def test_make_images_option_writes_the_dataset_it_benches(tmp_path):
+    out = tmp_path / "made"
+    report = _bench("--make-images", "12", "--source", str(out), "--image-size", "32", "--processes", "2",
+                    "--batch", "4", "--repeats", "1", "--no-raydata")
+    assert read_manifest(str(out)).splits["train"].samples == 12
+    assert set(report["samples"]) == set(ROWS) - {"raydata"}
+    assert set(report["samples"].values()) == {12}
+    assert all(Path(shard_url(str(out), s).removeprefix("file://")).exists()
+               for s in read_manifest(str(out)).splits["train"].shards)
+
+
+def test_mnist_bench_has_the_webdataset_row():
+    report = _bench("--source", "digits", "--samples", "0", "--repeats", "1", "--no-raydata")
+    assert report["samples_per_s"]["webdataset"] > 0
+    assert report["loader_vs_webdataset"] is not None and report["webdataset_workers"] == 1

@@ -320,7 +320,7 @@ def replay_metrics(
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="Deliver to this store instead")] = None,
 ) -> None:
     """Deliver metrics a run could not deliver to MLflow while it trained."""
-    from pipeline.train.tracking import replay_metrics as replay
+    from pipeline.train.run_logger import replay_metrics as replay
 
     count = replay(path, tracking_uri)
     console.print(f"delivered {count} metric values from {path}")

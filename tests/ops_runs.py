@@ -5,6 +5,7 @@ from __future__ import annotations
 from pipeline.config import RunConfig, parse_config
 from pipeline.models import build_vae
 from pipeline.train import tracking
+from pipeline.train.run_logger import RunLogger
 from pipeline.train.artifacts import Reconstructor
 
 
@@ -21,9 +22,10 @@ def make_run(uri: str, experiment: str, name: str, *, val_loss: float, digest: s
 
     config = tiny_config(experiment, name)
     run_id = tracking.start_run(config, tracking_uri=uri, manifest_digest=digest, trigger=trigger)
-    logger = tracking.RunLogger(uri, run_id)
+    logger = RunLogger(uri, run_id)
     logger.log_metrics({"val/loss": val_loss + 5.0, "perf/samples_per_s": 1000.0 + seed}, step=1)
     logger.log_metrics({"val/loss": val_loss, **(test_metrics or {})}, step=2)
+    logger.close()
     torch.manual_seed(seed)
     model = Reconstructor(build_vae(config.model, 64)).eval()
     _log_model_fast(uri, run_id, model, torch.rand(2, 64).numpy())

@@ -106,10 +106,10 @@ def spawn_ray_head(root: Path, num_cpus: int = 2) -> Service:
     return Service(proc, url, f"{url}/api/version", log, [temp_dir])
 
 
-def spawn_mlflow_server(root: Path) -> Service:
-    """A real `mlflow server` (sqlite backend, proxied artifacts, 1 worker)."""
+def spawn_mlflow_server(root: Path, port: int | None = None) -> Service:
+    """A real `mlflow server` (sqlite backend, proxied artifacts, 1 worker); `port` to bring one back."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", (root / "artifacts").as_uri(), "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]

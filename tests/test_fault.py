@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -130,6 +131,62 @@ def test_killed_worker_resumes_exactly(ray_cluster, mnist_dataset, tmp_path, tra
     assert len({r["pid"] for r in records if r["rank"] == 1}) >= 2  # rank 1 really was replaced
     duplicates, missing = _assert_each_sample_trained_once(records, epoch=0, steps=steps, global_batch=100)
     assert (duplicates, missing) == (0, 0)
+
+
+class _StoreLock:
+    """Holds an exclusive lock on the sqlite tracking store: for that long every MLflow write
+    fails (after sqlite's busy timeout), as in an outage, while training goes on."""
+
+    def __init__(self, uri: str) -> None:
+        self.path = uri.removeprefix("sqlite:///")
+        self.connection: sqlite3.Connection | None = None
+
+    def hold(self) -> None:
+        self.connection = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.connection.execute("BEGIN EXCLUSIVE")
+
+    def release(self) -> None:
+        if self.connection is not None:
+            self.connection.execute("ROLLBACK")
+            self.connection.close()
+            self.connection = None
+
+
+@pytest.mark.timeout(600)
+def test_killed_rank0_loses_no_metric_point(ray_cluster, digits_dataset, tmp_path, tracking_uri):
+    """Kill rank 0 just after an epoch-end checkpoint and just after a mid-epoch checkpoint, each
+    time with the metrics of the checkpointed steps still undelivered (the store locked): every
+    log step and every epoch's val/* is in the run exactly once."""
+    epochs, steps = 4, steps_per_epoch(1297, 2, 32)  # 20 steps per epoch
+    config = _config(digits_dataset, tracking_uri, tmp_path, f"train.epochs={epochs}", "train.log_every=5",
+                     "train.checkpoint_every_steps=5", "train.max_failures=3", "tracking.experiment=kill-rank0")
+    sample_log, lock = Path(config.train.sample_log), _StoreLock(tracking_uri)
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.setdefault("r", train(config)), daemon=True)
+    runner.start()
+    try:
+        # (locked from, killed after): the report after the checkpoint step has returned, so Ray
+        # has registered that checkpoint (a report waits for the previous one to be consumed).
+        for lock_at, checkpoint_step in ((steps - 3, steps), (2 * steps + 7, 2 * steps + 10)):
+            _wait_for_step(sample_log, rank=0, step=lock_at)
+            lock.hold()
+            victim = _wait_for_step(sample_log, rank=0, step=checkpoint_step + 6)
+            os.kill(victim["pid"], signal.SIGKILL)
+            lock.release()
+        runner.join(timeout=500)
+    finally:
+        lock.release()
+    assert "r" in result, "training did not finish after rank 0 was killed"
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result["r"].run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "2"
+    assert len({r["pid"] for r in _records(sample_log) if r["rank"] == 0}) == 3
+    _assert_history_clean(client, run.info.run_id)
+    total = epochs * steps
+    history = lambda key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key))  # noqa: E731
+    assert history("train/loss") == [1, *range(5, total + 1, 5)]
+    for key in ("val/loss", "val/recon", "val/kl"):
+        assert history(key) == list(range(steps, total + 1, steps)), key
 
 
 @pytest.mark.timeout(300)

@@ -14,7 +14,8 @@ from pipeline.models import build_vae
 from pipeline.ops import registry
 from pipeline.ops.retrain import prepare_run
 from pipeline.ops.warmstart import WarmStartError, load_initial_weights
-from pipeline.train import tracking
+from pipeline.ops import tracking
+from pipeline.train.tracking import get_run
 
 EXPERIMENT = "ops-registry"
 
@@ -53,7 +54,7 @@ def test_better_challenger_takes_champion_and_worse_does_not(store):
     assert (worse.challenger_val_loss, worse.champion_val_loss, worse.champion_version) == (95.0, 90.0, "2")
     # the alias still points at the better run (other_data was not comparable), and the figures are on the runs
     assert registry.champion_run_id(uri, EXPERIMENT) == runs["better"]
-    tags = tracking.get_run(uri, runs["worse"]).data.tags
+    tags = get_run(uri, runs["worse"]).data.tags
     assert tags["champion.decision"] == "kept"
     assert float(tags["champion.challenger_val_loss"]) == 95.0 and float(tags["champion.incumbent_val_loss"]) == 90.0
     assert tags["registry.version"] == "3"

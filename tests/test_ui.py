@@ -13,7 +13,7 @@ import pytest
 
 from ops_runs import make_run
 from ops_services import Service, free_port, running
-from pipeline.train import tracking
+from pipeline.ops import tracking
 
 EXPERIMENT = "ops-ui"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

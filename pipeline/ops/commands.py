@@ -219,11 +219,11 @@ def promote(
 ) -> None:
     """Register the run's model and make it champion if its val/loss is better (or with --force)."""
     from pipeline.ops.registry import register_and_decide
-    from pipeline.train import tracking
+    from pipeline.train.tracking import get_run, resolve_tracking_uri
 
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     try:
-        params = tracking.get_run(uri, run_id).data.params
+        params = get_run(uri, run_id).data.params
     except Exception as err:  # noqa: BLE001 - MLflow's message names the missing run
         _fail(f"run {run_id}: {err}")
     registered = params.get("tracking.registered_model")
@@ -246,10 +246,11 @@ def compare(
 ) -> None:
     """One row per run, best val/loss first: latent, epochs, losses, speed, duration, trigger, champion."""
     from pipeline.ops.compare import compare_rows, render_table
-    from pipeline.train import tracking
+    from pipeline.ops.tracking import latest_experiment_name
+    from pipeline.train.tracking import resolve_tracking_uri
 
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    experiment = experiment or tracking.latest_experiment_name(uri)
+    uri = resolve_tracking_uri(tracking_uri)
+    experiment = experiment or latest_experiment_name(uri)
     if experiment is None:
         _fail(f"no runs in {uri}")
     rows = compare_rows(uri, experiment, model)

@@ -7,7 +7,7 @@ from typing import Any
 
 from pipeline.ops.naming import latent_label
 from pipeline.ops.registry import champion_run_id
-from pipeline.train import tracking
+from pipeline.ops import tracking
 
 
 def _metric(metrics: dict[str, float], key: str) -> float | None:

@@ -13,7 +13,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.train import tracking
+from pipeline.ops import tracking
+from pipeline.train.tracking import get_run
 
 CHAMPION = "champion"
 
@@ -67,7 +68,7 @@ def _same_validation_data(a, b) -> tuple[bool, str]:
 
 def register_and_decide(tracking_uri: str, run_id: str, model: str, *, force: bool = False) -> Decision:
     """Register the run's model (once) and move `champion` to it if it beats the current champion."""
-    run = tracking.get_run(tracking_uri, run_id)
+    run = get_run(tracking_uri, run_id)
     existing = tracking.model_versions_of_run(tracking_uri, model, run_id)
     version = (existing[0] if existing else tracking.register_model_version(
         tracking_uri, model, run_id, tags={"val_loss": run.data.metrics.get("val/loss"),
@@ -79,7 +80,7 @@ def register_and_decide(tracking_uri: str, run_id: str, model: str, *, force: bo
     incumbent = tracking.model_version_by_alias(tracking_uri, model, CHAMPION)
 
     if incumbent is not None:
-        champ_run = tracking.get_run(tracking_uri, incumbent.run_id)
+        champ_run = get_run(tracking_uri, incumbent.run_id)
         decision.champion_version, decision.champion_run_id = str(incumbent.version), incumbent.run_id
         decision.champion_val_loss = _val_loss(champ_run)
     if incumbent is not None and incumbent.run_id == run_id:
@@ -110,9 +111,3 @@ def register_and_decide(tracking_uri: str, run_id: str, model: str, *, force: bo
 def champion_run_id(tracking_uri: str, model: str) -> str | None:
     incumbent = tracking.model_version_by_alias(tracking_uri, model, CHAMPION)
     return None if incumbent is None else incumbent.run_id
-
-
-def champion_model_uri(tracking_uri: str, model: str) -> str | None:
-    """models:/NAME/VERSION of the current champion (pinned, so the run records exactly what it started from)."""
-    incumbent = tracking.model_version_by_alias(tracking_uri, model, CHAMPION)
-    return None if incumbent is None else f"models:/{model}/{incumbent.version}"

@@ -11,7 +11,8 @@ from rich.console import Console
 from pipeline.config import RunConfig
 from pipeline.ops import registry
 from pipeline.ops.naming import default_run_name
-from pipeline.train import tracking
+from pipeline.ops import tracking
+from pipeline.train.tracking import get_run, param_value, resolve_tracking_uri
 
 console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
 SUBMISSION_ENV = "PIPELINE_SUBMISSION_ID"  # set by `pipeline submit` so the run names its Ray job
@@ -22,8 +23,8 @@ def model_name(config: RunConfig) -> str:
 
 
 def _same_architecture(tracking_uri: str, run_id: str, config: RunConfig) -> bool:
-    logged = tracking.get_run(tracking_uri, run_id).data.params
-    ours = {k: tracking._param_value(v) for k, v in config.flat().items() if k.startswith("model.")}
+    logged = get_run(tracking_uri, run_id).data.params
+    ours = {k: param_value(v) for k, v in config.flat().items() if k.startswith("model.")}
     return all(logged.get(k) == v for k, v in ours.items())
 
 
@@ -33,7 +34,7 @@ def prepare_run(config: RunConfig, *, warm_start: bool = False) -> RunConfig:
     if config.tracking.run_name is None:
         config.tracking.run_name = default_run_name(config)
     if warm_start and config.train.init_from is None:
-        uri = tracking.resolve_tracking_uri(config.tracking.uri)
+        uri = resolve_tracking_uri(config.tracking.uri)
         champion = tracking.model_version_by_alias(uri, model_name(config), registry.CHAMPION)
         if champion is None:
             console.print(f"warm start: no '{registry.CHAMPION}' of model '{model_name(config)}' yet; training from scratch")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.train import tracking
+from pipeline.ops import tracking
 
 
 class WarmStartError(RuntimeError):

@@ -31,7 +31,7 @@ from pipeline.data.reader import ReadOptions, data_health, set_read_options
 from pipeline.models import build_vae
 from pipeline.train.collectives import all_gather, all_reduce
 from pipeline.train.checkpoint import load_checkpoint, restore_ema, restore_rng, save_checkpoint, training_weights
-from pipeline.train.tracking import RunLogger, count_restart, log_data_health
+from pipeline.train.run_logger import RunLogger, load_pending, log_data_health
 from pipeline.train.schedules import kl_weight, learning_rate, set_learning_rate, temperature
 from pipeline.train.step import PrecisionStep, WeightEMA, build_optimizer
 from pipeline.train.validate import evaluate_split
@@ -123,13 +123,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     node_ids = _node_ids(world_size)
     logger = None
     if is_master:
+        # pending: what the checkpoint's rank 0 had not delivered yet, delivered first (train/run_logger.py)
         logger = RunLogger(args.tracking_uri, args.run_id, resumed=bool(checkpoint) or args.resumed_run,
-                           fallback_dir=args.fallback_dir)
+                           fallback_dir=args.fallback_dir, pending=load_pending(checkpoint))
         logger.set_tags({"cluster.nodes": len(set(node_ids)), "cluster.node_ids": ",".join(node_ids),
                          "cluster.resources_per_worker": json.dumps({"CPU": cfg.train.cpus_per_worker,
                                                                      "GPU": int(cfg.train.use_gpu)})})
         if checkpoint and not args.resumed_run:
-            count_restart(args.tracking_uri, args.run_id, f"worker group restarted at step {position.step}")
+            logger.count_restart(f"worker group restarted at step {position.step}")
         print(f"[rank 0] {world_size} workers x batch {global_batch // world_size} on {len(set(node_ids))} node(s), "
               f"{steps} steps/epoch, "
               f"from epoch {position.epoch + 1} step {position.step_in_epoch}")
@@ -201,7 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 window = _Window()
             every = cfg.train.checkpoint_every_steps
             if every and position.step % every == 0 and position.step_in_epoch < steps:
-                _report(is_master, {"epoch": epoch, "step": position.step}, model, optimizer, position, partitions,
+                _report(logger, {"epoch": epoch, "step": position.step}, model, optimizer, position, partitions,
                         args.config, precision, ema)
             tic = time.perf_counter()
 
@@ -217,7 +218,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report = {"epoch": epoch + 1, "step": position.step, **val}
         if epoch + 1 == cfg.train.epochs and logger:
             report |= {f"tracking/{k}": v for k, v in logger.close().items()}
-        _report(is_master, report, model, optimizer, position, partitions, args.config, precision, ema)
+        _report(logger, report, model, optimizer, position, partitions, args.config, precision, ema)
 
 
 def _node_ids(world_size: int) -> list[str]:
@@ -308,13 +309,16 @@ class _SampleRecorder:
                                     "node": self.node, "keys": keys}) + "\n")
 
 
-def _report(is_master: bool, metrics: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def _report(logger: RunLogger | None, metrics: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             position: Position, partitions: int, config: dict[str, Any], precision: PrecisionStep,
             ema: WeightEMA | None = None) -> None:
-    # ray.train.report is a barrier: every rank calls it at the same steps; only rank 0 uploads.
+    # ray.train.report is a barrier: every rank calls it at the same steps; only rank 0 (the one
+    # with a logger) uploads, with the metrics MLflow does not have yet: a checkpoint is never
+    # ahead of the metrics it covers.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if is_master:
+        if logger is not None:
+            logger.save_pending(tmp)
             save_checkpoint(Path(tmp), model=model, optimizer=optimizer, step=position.step, epoch=position.epoch,
                             step_in_epoch=position.step_in_epoch, partitions=partitions, config=config,
                             grad_scaler=precision.state_dict(), ema=ema)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,6 +17,7 @@ from pipeline.data import DataError, read_manifest
 from pipeline.data.reader import ReadOptions, set_read_options
 from pipeline.data.remote import local_checkpoint_dir, ray_storage_kwargs, storage_url
 from pipeline.train import tracking
+from pipeline.train.run_logger import replay_metrics
 from pipeline.train.loop import WorkerArgs, train_loop_per_worker
 
 console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
@@ -35,6 +36,7 @@ class TrainResult:
     steps: int
     checkpoint_path: str | None
     seconds: float
+    delivery: dict = field(default_factory=dict)  # rank 0's MLflow delivery report: late_batches, failed_attempts
 
 
 def absolute_url(url: str) -> str:
@@ -154,6 +156,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
         run_id=run_id, tracking_uri=tracking_uri, val_loss=float(metrics.get("val/loss", float("nan"))),
         epochs=int(metrics.get("epoch", 0)), steps=int(metrics.get("step", 0)), checkpoint_path=checkpoint_path,
         seconds=time.perf_counter() - started,
+        delivery={k.removeprefix("tracking/"): v for k, v in metrics.items() if k.startswith("tracking/")},
     )
 
 
@@ -191,7 +194,7 @@ def _warn_about_late_metrics(metrics: dict, tracking_uri: str, run_id: str) -> N
     fallback = metrics.get("tracking/fallback_file")
     if fallback:
         try:
-            count = tracking.replay_metrics(fallback, tracking_uri)
+            count = replay_metrics(fallback, tracking_uri)
             Path(fallback).unlink()
             console.print(f"[yellow]warning:[/] {count} metric values reached MLflow only after training ended")
         except Exception as err:  # noqa: BLE001 - still unreachable: keep the file, say how to deliver it

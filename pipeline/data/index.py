@@ -48,6 +48,7 @@ IMAGE_PREFERENCE = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "npy")
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 DEFAULT_VAL_FRACTION = 0.01  # of the shards, when the user names no val split
 _GLOB = re.compile(r"[*?\[]")
+_MISSING = "no such shard"
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
 
 
@@ -130,7 +131,7 @@ def scan_shard(url: str, label: str | None, policy: RetryPolicy = RetryPolicy())
     except ShardError:
         raise
     except FileNotFoundError:
-        raise ShardError(url, "no such shard") from None
+        raise ShardError(url, _MISSING) from None
     except _READ_ERRORS as err:
         detail = str(err).split(" @ ")[0]
         raise ShardError(url, f"damaged shard: not a readable tar ({type(err).__name__}: {detail})") from None
@@ -221,17 +222,28 @@ def scan_shards(urls: Sequence[str], label: str | None, workers: int = 8,
     """Scan every shard, ``workers`` at a time; results in the order of ``urls``. The first damaged
     shard stops the scan (pending ones are cancelled) and its error is raised."""
     results: dict[str, ShardScan] = {}
+    missing: list[str] = []  # collected, not fatal at once: a brace range with gaps is worth one full report
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="pipeline-index") as pool:
         futures = {pool.submit(scan_shard, url, label): url for url in urls}
         try:
             for future in as_completed(futures):
-                scan = future.result()
+                try:
+                    scan = future.result()
+                except ShardError as err:
+                    if err.problem != _MISSING:
+                        raise
+                    missing.append(err.shard)
+                    continue
                 results[scan.url] = scan
                 advance(scan)
         except BaseException:
             for pending in futures:
                 pending.cancel()
             raise
+    if missing:
+        missing.sort()
+        raise DataError(f"{len(missing)} of {len(urls)} shards do not exist: {', '.join(missing[:5])}"
+                        + (", ..." if len(missing) > 5 else ""))
     return [results[url] for url in urls]
 
 

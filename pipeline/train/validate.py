@@ -18,7 +18,7 @@ from pipeline.config import RunConfig
 from pipeline.data import eval_batches
 from pipeline.data.contract import SampleDecoder
 from pipeline.data.reader import ReadOptions
-from pipeline.models import active_units, bits_per_dim, perplexity_from_usage, temperature_at
+from pipeline.models import CategoricalLatent, active_units, bits_per_dim, perplexity_from_usage, temperature_at
 from pipeline.train.collectives import all_reduce
 
 # Labels 0..MAX_LABELS-1 enter the cluster-accuracy counts; others (e.g. -1 = unlabelled) do not.
@@ -68,11 +68,15 @@ def cluster_accuracy(counts: np.ndarray) -> float:
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, split: str, *, rank: int,
                    world_size: int, batch_size: int, cfg: RunConfig, step: int, options: ReadOptions = ReadOptions(),
-                   decoder: SampleDecoder | None = None) -> dict[str, float]:
+                   decoder: SampleDecoder | None = None, stats: dict[str, Any] | None = None) -> dict[str, float]:
     """-ELBO and latent statistics on a whole split: each rank sums over its share, one all_reduce combines them.
 
     Dynamic binarization (Bernoulli) is drawn from torch's RNG seeded by (seed, rank, batch index),
-    so with a fixed world size every epoch is scored on the same binary images."""
+    so with a fixed world size every epoch is scored on the same binary images.
+
+    ``stats``, when given, receives the all-reduced arrays behind the code-use plots
+    (train/code_plots.py): ``kl_per_variable`` [N] (mean KL per variable), ``code_counts`` [K]
+    (argmax uses per class over all positions, categorical latents) and ``grid`` ((h, w) or None)."""
     model.eval()
     device = next(model.parameters()).device
     latent = model.latent
@@ -92,6 +96,13 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
         shapes["usage"] = usage_shape
     if has_clusters:
         shapes["clusters"] = (getattr(latent, "components", 1), MAX_LABELS)
+    # Code use (issue 13): argmax uses per class pooled over positions, exact after the all_reduce;
+    # reconstruction error (sum of per-image MSE and PSNR) of the posterior mode's decoding.
+    categorical = isinstance(latent, CategoricalLatent)
+    grid = getattr(getattr(model, "encoder", None), "grid", None)  # (h, w) for arch resnet
+    if categorical:
+        shapes["code_counts"] = (latent.categories,)
+    shapes["pixel_error"] = (2,)
     sums = _Sums(**shapes)
     parts = sums.parts
     for index, (x, labels) in enumerate(eval_batches(manifest, dataset_url, split=split, rank=rank,
@@ -109,6 +120,14 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
         parts["square_sum"] += means.pow(2).sum(0)
         if usage_shape is not None:
             parts["usage"] += latent.usage(out.params).double().cpu()
+        if categorical:
+            codes = out.params.reshape(n, latent.variables, latent.categories).argmax(dim=-1)
+            parts["code_counts"] += torch.bincount(codes.flatten(), minlength=latent.categories).double().cpu()
+        pixels = x.to(device).float().div(255.0) if x.dtype == torch.uint8 else x.to(device).float()
+        recon = model.likelihood.mean(model.decode(latent.mode(out.params)))
+        mse = (recon - pixels.reshape(recon.shape)).pow(2).flatten(1).mean(dim=1).double()
+        psnr = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))  # a perfect image counts as 100 dB, not inf
+        parts["pixel_error"] += torch.stack([mse.sum(), psnr.sum()]).cpu()
         if has_clusters:
             components = latent.cluster(out.params).cpu()
             labels = labels.long().cpu()
@@ -122,7 +141,16 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
         raise RuntimeError(f"split {split!r} has no samples to evaluate")
     metrics = {f"{split}/loss": (recon_sum + kl_sum) / count, f"{split}/recon": recon_sum / count,
                f"{split}/kl": kl_sum / count}
-    metrics |= {f"{split}/kl_latent_{i}": float(v) for i, v in enumerate(total["kl_terms"] / count)}
+    if grid is None:  # a grid's per-position KL goes to the heat map (code_plots), not to h*w metrics
+        metrics |= {f"{split}/kl_latent_{i}": float(v) for i, v in enumerate(total["kl_terms"] / count)}
+    metrics[f"{split}/mse"], metrics[f"{split}/psnr"] = (total["pixel_error"] / count).tolist()
+    if categorical:
+        metrics["latent/dead_codes"] = float((total["code_counts"] == 0).double().mean())
+    if grid is not None and usage_shape is not None:  # positions share one codebook: its pooled use
+        metrics["latent/codebook_perplexity"] = perplexity_from_usage(total["usage"].sum(0, keepdim=True))
+    if stats is not None:
+        stats.update(grid=grid, kl_per_variable=(total["kl_terms"] / count).numpy(),
+                     code_counts=total["code_counts"].numpy() if categorical else None)
     metrics["latent/active_units"] = float(active_units(total["mean_sum"], total["square_sum"], count, latent.unit_size))
     if getattr(model, "likelihood", None) is not None and model.likelihood.eight_bit:
         metrics[f"{split}/bits_per_dim"] = bits_per_dim(metrics[f"{split}/loss"], model.dims)

@@ -126,7 +126,7 @@ def test_evaluate_split_reports_active_units_and_cluster_accuracy(tmp_path) -> N
                                       "model.latent.kind=mixture", "model.latent.variables=2",
                                       "model.latent.categories=3"])
     torch.manual_seed(0)
-    model = build_vae(cfg.model, image_shape=(4, 4))
+    model = build_vae(cfg.model, image_shape=(4, 4), binarize=cfg.data.binarize)
     metrics = evaluate_split(model, manifest, dataset, "val", rank=0, world_size=1, batch_size=10, cfg=cfg, step=0)
     assert {"val/loss", "val/kl_latent_0", "val/kl_latent_1", "latent/active_units", "latent/perplexity",
             "val/cluster_acc"} <= set(metrics)
@@ -135,9 +135,10 @@ def test_evaluate_split_reports_active_units_and_cluster_accuracy(tmp_path) -> N
     assert metrics["val/kl"] == pytest.approx(metrics["val/kl_latent_0"] + metrics["val/kl_latent_1"])
     # Recompute both monitors directly from the posterior over the same 45 inputs.
     x, labels = map(torch.cat, zip(*eval_batches(manifest, dataset, split="val", rank=0, world_size=1,
-                                                 batch_size=45, binarize="threshold")))
+                                                 batch_size=45)))
+    assert x.dtype == torch.uint8 and x.shape == (45, 1, 4, 4)
     with torch.no_grad():
-        params = model.encode(x)
+        params = model.encode(model.prepare(x)[0])  # threshold: deterministic, as in evaluate_split
     means = model.latent.posterior_mean(params)
     assert metrics["latent/active_units"] == float((means.var(0, unbiased=False) > 0.01).sum())
     counts = np.zeros((3, 3))

@@ -82,10 +82,13 @@ def is_shard(path: str) -> bool:
     return path.lower().endswith(SHARD_SUFFIXES)
 
 
-def _base_plus_ext(name: str) -> tuple[str | None, str | None]:
-    from webdataset.tariterators import base_plus_ext  # the reader's grouping rule, so both agree
+# webdataset's `base_plus_ext` (the reader's grouping rule, so both agree on what a sample is), compiled once.
+_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
-    return base_plus_ext(name)
+
+def _base_plus_ext(name: str) -> tuple[str | None, str | None]:
+    match = _KEY_SUFFIX.match(name)
+    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 # --- scanning one shard ----------------------------------------------------------------------------------

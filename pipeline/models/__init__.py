@@ -16,6 +16,8 @@ from pipeline.models.estimators import (
     log_importance_weights,
 )
 from pipeline.models.likelihoods import Bernoulli, DiscretizedLogistic, Likelihood, bits_per_dim, build_likelihood
+from pipeline.models.likelihoods import LogitLaplace
+from pipeline.models.resnet import ResNetDecoder, ResNetEncoder, grid_batch_bytes
 from pipeline.models.mixture import MixtureLatent
 from pipeline.models.vae import VAE, VAEOutput, build_vae
 
@@ -24,6 +26,10 @@ __all__ = [
     "CategoricalLatent",
     "DiscretizedLogistic",
     "Likelihood",
+    "LogitLaplace",
+    "ResNetDecoder",
+    "ResNetEncoder",
+    "grid_batch_bytes",
     "bits_per_dim",
     "build_likelihood",
     "GaussianLatent",

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from photos import crops, encode, write_image_folder
 from pipeline.data import DataError, ImageTarget, SampleDecoder, eval_batches, read_manifest
@@ -156,3 +155,21 @@ def test_killed_cli_run_resumes(tmp_path) -> None:
     text = " ".join(again.stderr.split())
     assert f"reused {finished} finished" in text and "2 classes (classes.json)" in text
     assert read_manifest(str(tmp_path / "out")).splits["train"].samples > 90
+
+
+def test_folder_in_a_bucket(tmp_path) -> None:
+    import fsspec
+
+    from moto_s3 import moto_server, s3_environment
+
+    write_image_folder(tmp_path / "src", classes=("cat", "dog"), per_class=6, formats=("jpg", "png"))
+    with moto_server() as endpoint, s3_environment(endpoint):
+        s3 = fsspec.filesystem("s3")
+        s3.mkdir("pics")
+        s3.put(str(tmp_path / "src"), "pics/src", recursive=True)
+        splits, _, classes = shard_images("s3://pics/src", "s3://pics/out", size=16, val_fraction=0.3, test_fraction=0,
+                                          progress=False)
+        assert classes == ["cat", "dog"] and sum(s.samples for s in splits.values()) == 12
+        assert json.loads(s3.cat_file("pics/out/classes.json")) == classes
+        images, labels = read_back("s3://pics/out", "train", (16, 16))
+        assert images.shape == (splits["train"].samples, 3, 16, 16) and set(labels.tolist()) <= {0, 1}

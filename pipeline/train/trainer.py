@@ -14,7 +14,6 @@ from rich.console import Console
 
 from pipeline.config import RunConfig
 from pipeline.data import DataError, read_manifest
-from pipeline.data.reader import ReadOptions, set_read_options
 from pipeline.data.remote import local_checkpoint_dir, ray_storage_kwargs, storage_url
 from pipeline.train import tracking
 from pipeline.train.run_logger import replay_metrics
@@ -81,13 +80,18 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
 
     started = time.perf_counter()
     dataset_url = absolute_url(config.data.url)
-    set_read_options(ReadOptions.from_config(config.data))  # the driver reads val for the final grids
     try:
         manifest = read_manifest(dataset_url)  # fail on a bad path before any worker starts
     except DataError as err:
         raise TrainingError(str(err)) from None
     if "train" not in manifest.splits or "val" not in manifest.splits:
         raise TrainingError(f"{dataset_url}: manifest needs 'train' and 'val' splits, has {sorted(manifest.splits)}")
+    from pipeline.data.contract import ImageTarget
+
+    try:  # what the model will be fed: a dataset whose image sizes vary needs data.image_size
+        ImageTarget.from_config(manifest.spec, config.data)
+    except ValueError as err:
+        raise TrainingError(f"{dataset_url}: {err}") from None
 
     from pipeline.data.stream import shard_layout_warning
 

@@ -66,7 +66,8 @@ def expand_shards(patterns: Sequence[str]) -> list[str]:
     for pattern in patterns:
         for one in braceexpand(pattern):
             fs, path = fsspec.core.url_to_fs(one)
-            if _GLOB.search(path) or fs.isdir(path):
+            # A path named like a shard is taken as one without asking the store (a request per shard).
+            if _GLOB.search(path) or (not is_shard(path) and fs.isdir(path)):
                 found = [p for p in fs.glob(path if _GLOB.search(path) else f"{path.rstrip('/')}/*") if is_shard(p)]
                 if not found:
                     raise DataError(f"{one} matches no shards (.tar, .tar.gz, .tgz)")
@@ -350,6 +351,8 @@ def index_shards(patterns: Sequence[str], out_url: str, *, val: Sequence[str] = 
                  label: str | None = "auto", image: str | None = None, workers: int = 8,
                  progress: bool = True) -> Manifest:
     """Scan the shards of ``patterns`` and write a manifest over them at ``out_url`` (see the module doc)."""
+    if label not in ("auto", "cls", None) and not (label.startswith("json:") and len(label) > 5):
+        raise DataError(f"--label must be auto, cls, json:FIELD or none, got {label!r}")
     urls = expand_shards(patterns)
     splits = assign_splits(urls, val=val, test=test, val_shards=val_shards, test_shards=test_shards, seed=seed,
                            require_val=require_val)

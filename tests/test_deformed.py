@@ -46,8 +46,11 @@ def test_each_sample_is_a_function_of_seed_and_index(mnist) -> None:
 
 
 def read_split(url: str, split: str) -> list[tuple[str, np.ndarray, int]]:
+    """(key, grey uint8 [H, W] image, label): the reader's [1, H, W] images without their channel axis."""
     manifest = read_manifest(url)
-    return [s for shard in manifest.splits[split].shards for s in read_shard(manifest, url, shard, verify=True)]
+    samples = [s for shard in manifest.splits[split].shards for s in read_shard(manifest, url, shard, verify=True)]
+    assert all(image.dtype == np.uint8 and image.shape[0] == 1 for _, image, _ in samples)
+    return [(key, image[0], label) for key, image, label in samples]
 
 
 def test_written_dataset_holds_the_deformed_train_and_untouched_val_test(tmp_path, small_source) -> None:
@@ -120,7 +123,8 @@ def test_killed_cli_run_resumes(tmp_path, mnist_dir) -> None:
     shard = manifest.splits["train"].shards[0]
     first = list(read_shard(manifest, str(out), shard, stop=3, verify=True))
     source = load_mnist_splits(str(mnist_dir))["train"]
-    assert all(np.array_equal(image, deformed_sample(source, 5, i)[0]) for i, (_, image, _) in enumerate(first))
+    assert len(first) == 3 and all(image.shape == (1, 28, 28) for _, image, _ in first)
+    assert all(np.array_equal(image[0], deformed_sample(source, 5, i)[0]) for i, (_, image, _) in enumerate(first))
 
 
 def test_writer_memory_does_not_grow_with_the_dataset(tmp_path, small_source) -> None:

@@ -166,7 +166,9 @@ class ResNetDecoder(nn.Module):
         """Code [B, h * w * K] (one-hot or relaxed) -> code vectors [B, d, h, w]; reads z as a view."""
         h, w = self.grid
         vectors = z.reshape(z.shape[0], h * w, self.categories) @ self.codebook  # [B, N, d]
-        return vectors.reshape(z.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        # contiguous: a channel-last input would make every conv below (and its weight gradients)
+        # channel-last, which DDP's gradient buckets then copy (its "grad strides" warning); d << K.
+        return vectors.reshape(z.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, z: Tensor) -> Tensor:
         return self.body(self.embed(z))
@@ -175,7 +177,7 @@ class ResNetDecoder(nn.Module):
         """Token grids [B, h, w] (class indices, e.g. `pipeline encode`'s uint16 tokens) -> decoder
         output, via an embedding lookup: no one-hot [B, N, K] is materialised."""
         vectors = F.embedding(indices.long(), self.codebook)  # [B, h, w, d]
-        return self.body(vectors.permute(0, 3, 1, 2))
+        return self.body(vectors.permute(0, 3, 1, 2).contiguous())
 
 
 def code_indices(params: Tensor, grid: tuple[int, int], categories: int) -> Tensor:

@@ -94,3 +94,18 @@ def test_mnist_bench_has_the_webdataset_row():
     report = _bench("--source", "digits", "--samples", "0", "--repeats", "1", "--no-raydata")
     assert report["samples_per_s"]["webdataset"] > 0
     assert report["loader_vs_webdataset"] is not None and report["webdataset_workers"] == 1
+
+
+def test_webdataset_and_raw_rows_read_fsspec_urls(jpegs):
+    """A dataset in a bucket: WebDataset has no s3:// opener of its own, the bench gives it fsspec's."""
+    import fsspec
+
+    from pipeline.bench.images import read_raw, read_webdataset
+
+    memory = fsspec.filesystem("memory")
+    urls = []
+    for shard in read_manifest(jpegs).splits["train"].shards[:2]:
+        memory.pipe(f"/bench-images/{shard.path}", Path(shard_url(jpegs, shard)).read_bytes())
+        urls.append(f"memory://bench-images/{shard.path}")
+    assert read_webdataset(urls, 32, processes=2, batch=5) == 24
+    assert read_raw(urls, 32, processes=1, suffix=".jpg") == 24

@@ -201,10 +201,28 @@ def read_loader_procs(url: str, side: int, processes: int, batch: int, shuffle_b
         return sum(f.result() for f in futures)
 
 
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+def _wds_openers(urls: list[str]) -> None:
+    """WebDataset opens local paths itself and has no s3:// opener: other fsspec URLs go through fsspec
+    (`webdataset.gopen.gopen_schemes`, inherited by the DataLoader's forked workers)."""
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")
+    for scheme in {u.split("://", 1)[0] for u in urls if "://" in u} - {"file"}:
+        gopen.gopen_schemes[scheme] = _fsspec_gopen
+
+
 def read_webdataset(urls: list[str], side: int, processes: int, batch: int) -> int:
     """WebDataset's pipeline, as its README writes one (decode, to_tuple, map, DataLoader workers)."""
     import webdataset as wds
     from torch.utils.data import DataLoader
+
+    _wds_openers(urls)
 
     dataset = (wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("jpg", "cls")
                .map_tuple(lambda image: resize_center(image, side)))
@@ -222,8 +240,16 @@ def read_raydata(urls: list[str], side: int, batch: int) -> int:
     def resize(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"image": np.stack([resize_center(image, side) for image in rows["jpg"]]), "cls": rows["cls"]}
 
+    filesystem = None
+    if any("://" in u and not u.startswith("file://") for u in urls):  # s3://, gs://: pyarrow over fsspec
+        import fsspec
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, _ = fsspec.core.url_to_fs(urls[0])
+        filesystem, urls = PyFileSystem(FSSpecHandler(fs)), [fsspec.core.url_to_fs(u)[1] for u in urls]
     # __key__/__url__ (strings) break torch batches: keep only what is trained on
-    dataset = ray.data.read_webdataset(urls).select_columns(["jpg", "cls"]).map_batches(resize, batch_format="numpy")
+    dataset = (ray.data.read_webdataset(urls, filesystem=filesystem).select_columns(["jpg", "cls"])
+               .map_batches(resize, batch_format="numpy"))
     samples = 0
     for item in dataset.iter_torch_batches(batch_size=batch):
         samples += len(item["image"])

@@ -169,3 +169,10 @@ def test_logit_laplace_mean_unmaps_pixels() -> None:
     _, target = lik.prepare(x)
     out = torch.cat([torch.logit(target), torch.zeros_like(target)], dim=1)
     torch.testing.assert_close(lik.mean(out), x)
+
+
+def test_weight_gradients_keep_the_parameters_layout() -> None:
+    # DDP's gradient buckets copy (and warn about) gradients whose strides differ from the parameter's.
+    model = build_vae(_cfg(4), image_shape=(3, 16, 16))
+    model(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), temperature=0.5).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()] == []

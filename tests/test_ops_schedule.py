@@ -111,6 +111,27 @@ def test_new_manifest_version_triggers_exactly_one_job(tmp_path):
     assert len(jobs.events) == 1
 
 
+def test_data_going_back_and_forth_gets_a_new_job_each_time(tmp_path):
+    """A -> B -> A -> B: four versions handled, three jobs, three ids (Ray refuses an id it has seen)."""
+    data, state, jobs = tmp_path / "data", tmp_path / "state.json", Recorder()
+    url = _dataset(data, 100)
+    s = scheduler(state, Clock(T0), jobs, data_url=url)
+    s.poll()  # A: the baseline
+    for train_samples in (150, 100, 150):  # B, A, B
+        _dataset(data, train_samples)
+        assert [e.kind for e in s.poll()] == ["new-data"]
+    a, b = jobs.events[0].previous_digest, jobs.events[0].digest
+    assert [(e.previous_digest, e.digest) for e in jobs.events] == [(a, b), (b, a), (a, b)]
+    assert len({e.submission_id for e in jobs.events}) == 3
+    # a crash after submitting the last job but before saving: the restarted scheduler derives the same id
+    saved = load_state(state)
+    saved.history.pop()
+    saved.last_digest = a
+    state.write_text(saved.model_dump_json())
+    again = Recorder()
+    assert [e.submission_id for e in scheduler(state, Clock(T0), again, data_url=url).poll()] == [jobs.events[-1].submission_id]
+
+
 def test_new_data_and_cron_together_make_one_job(tmp_path):
     data, jobs = tmp_path / "data", Recorder()
     url = _dataset(data, 100)

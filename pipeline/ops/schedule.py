@@ -101,15 +101,21 @@ class Scheduler:
             return None
         return digest if digest != self.state.last_digest else None
 
+    def _data_job_id(self, digest: str) -> str:
+        """Numbered by the data changes handled before this one, so data that goes back and forth
+        (A -> B -> A -> B) gets a new id each time; the number comes from the saved state, so a
+        crash before saving re-derives the same id (and Ray refuses the duplicate)."""
+        handled = sum(1 for entry in self.state.history if entry.get("trigger") == "new-data")
+        old = self.state.last_digest or "none"
+        return f"{self.prefix}-data-{handled + 1}-{old[:8]}-{digest[:8]}"
+
     def poll(self) -> list[TriggerEvent]:
         """One look at the clock and the data; submits at most one job and saves the state."""
         now = self.clock()
         tick, digest = self._due_tick(now), self._new_digest()
         events = []
         if digest is not None:  # new data wins the label when a tick falls due at the same time
-            old = self.state.last_digest or "none"
-            events.append(TriggerEvent("new-data", tick, digest, self.state.last_digest,
-                                       f"{self.prefix}-data-{old[:8]}-{digest[:8]}"))
+            events.append(TriggerEvent("new-data", tick, digest, self.state.last_digest, self._data_job_id(digest)))
         elif tick is not None:
             events.append(TriggerEvent("cron", tick, None, None,
                                        f"{self.prefix}-cron-{tick.astimezone(timezone.utc):%Y%m%dt%H%M%S}"))

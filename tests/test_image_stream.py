@@ -19,21 +19,13 @@ from pipeline.data.contract import ImageTarget, SampleDecoder, SampleSpec, encod
 from pipeline.data.errors import ShardError
 from pipeline.data.reader import ReadOptions, data_health, reset_data_health
 from pipeline.data.shards import ShardInfo, SplitInfo, begin_dataset, finish_dataset, write_shard
+from photos import crops
 
 
 def photo_crops(count: int, seed: int = 0, sizes: tuple[int, int] = (40, 72)) -> list[np.ndarray]:
-    """``count`` RGB crops [3, h, w] of the bundled photographs, sides drawn from ``sizes``."""
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images
-    rng = np.random.default_rng(seed)
-    crops = []
-    for _ in range(count):
-        photo = photos[int(rng.integers(len(photos)))]
-        h, w = (int(v) for v in rng.integers(*sizes, size=2))
-        top, left = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
-        crops.append(np.ascontiguousarray(photo[top: top + h, left: left + w].transpose(2, 0, 1)))
-    return crops
+    """``count`` RGB crops [3, h, w] of the bundled photographs, sides in [sizes[0], sizes[1])."""
+    return [np.ascontiguousarray(c.transpose(2, 0, 1)) for c in crops(count, min_side=sizes[0], max_side=sizes[1] - 1,
+                                                                       seed=seed)]
 
 
 def write_image_dataset(url: str, images: list[np.ndarray], *, fmt: str = "jpg", per_shard: int = 10,

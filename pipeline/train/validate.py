@@ -18,7 +18,8 @@ from pipeline.config import RunConfig
 from pipeline.data import eval_batches
 from pipeline.data.contract import SampleDecoder
 from pipeline.data.reader import ReadOptions
-from pipeline.models import CategoricalLatent, active_units, bits_per_dim, perplexity_from_usage, temperature_at
+from pipeline.models import CategoricalLatent, active_units, bits_per_dim, perplexity_from_usage
+from pipeline.train import schedules
 from pipeline.train.collectives import all_reduce
 
 # Labels 0..MAX_LABELS-1 enter the cluster-accuracy counts; others (e.g. -1 = unlabelled) do not.
@@ -80,8 +81,7 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
     model.eval()
     device = next(model.parameters()).device
     latent = model.latent
-    tau = temperature_at(step, cfg.model.latent.tau0, cfg.model.latent.tau_min,
-                         cfg.model.latent.anneal_rate, cfg.model.latent.anneal_every)
+    tau = schedules.temperature(step, cfg.model.latent)  # the schedule training used at this step
     probe = torch.zeros(1, latent.param_size, device=device)
     usage_shape = None if latent.usage(probe) is None else tuple(latent.usage(probe).shape)
     has_clusters = latent.cluster(probe) is not None

@@ -175,6 +175,11 @@ class TrainConfig(_Section):
     kl_weight: float = Field(1.0, ge=0, description="beta in loss = recon + beta * KL (after the warm-up)")
     kl_warmup_steps: int = Field(0, ge=0, description="beta rises from 0 to kl_weight over this many steps")
     kl_warmup: Literal["linear", "cosine"] = Field("linear", description="Shape of the beta warm-up")
+    kl_y_anneal_from: float = Field(
+        10.0, ge=1, description="Mixture: initial weight of KL(q(y|x) || p(y)), falling linearly to 1 over "
+        "kl_y_anneal_steps (deterministic annealing against the collapse onto one component)"
+    )
+    kl_y_anneal_steps: int = Field(0, ge=0, description="Mixture: steps of the KL(y) annealing (0: off, the plain ELBO)")
     seed: int = 0
     log_every: int = Field(20, ge=1, description="Log train/* metrics every this many steps")
     storage: str | None = Field(None, description="Ray Train storage_path for checkpoints (default: ./ray_results)")

@@ -4,27 +4,30 @@ Every latent maps encoder output ``params`` [B, param_size] to a code ``z`` [B, 
 that the decoder reads, and knows its KL to the prior. For evaluation every latent also
 draws un-relaxed samples from its posterior (the importance-sampling proposal), scores codes
 under posterior and prior (codes may carry leading sample dims: z [..., B, code_size]) and,
-when discrete and small, enumerates its whole code space. The Gaussian mixture is in mixture.py.
+when discrete and small, enumerates its whole code space. The interface is in latent_base.py, the
+Gaussian mixture in mixture.py.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import LatentConfig
-
-# Log-probabilities below this are "impossible" for relaxed densities: e^-100 is far below any
-# probability float32 can tell from 0, and the floor keeps (log a - tau * y) finite at tau = 0.1.
-RELAXED_LOG_FLOOR = -100.0
-# Gaussian log-variances are clamped to this range: exp() stays finite for any encoder output.
-LOGVAR_RANGE = (-30.0, 20.0)
-
+from pipeline.models.latent_base import (  # noqa: F401 - re-exported: the interface's historical home
+    LOGVAR_RANGE,
+    RELAXED_LOG_FLOOR,
+    Latent,
+    expected_over_codes,
+    gaussian_log_density,
+    gumbel_like,
+    pick_code,
+)
+from pipeline.models.mixture import MarginalMixtureLatent, MixtureLatent
 
 def temperature_at(step: int, tau0: float, tau_min: float, rate: float, every: int) -> float:
     """Gumbel-Softmax temperature at a global step (Jang et al. 2017 staircase schedule).
@@ -37,13 +40,6 @@ def temperature_at(step: int, tau0: float, tau_min: float, rate: float, every: i
     return max(tau_min, tau0 * math.exp(-rate * t))
 
 
-def gumbel_like(tensor: Tensor) -> Tensor:
-    """Standard Gumbel noise, finite: the uniform draw is kept inside (0, 1)."""
-    info = torch.finfo(tensor.dtype)
-    uniform = torch.rand_like(tensor).clamp_(min=info.tiny, max=1.0 - info.eps)
-    return -torch.log(-torch.log(uniform))
-
-
 def exp_concrete_log_density(y: Tensor, log_alpha: Tensor, tau: float) -> Tensor:
     """log density of the ExpConcrete (log-space Concrete) distribution at y, summed over the last dim.
 
@@ -54,77 +50,6 @@ def exp_concrete_log_density(y: Tensor, log_alpha: Tensor, tau: float) -> Tensor
     k = y.shape[-1]
     scores = log_alpha - tau * y
     return math.lgamma(k) + (k - 1) * math.log(tau) + scores.sum(-1) - k * torch.logsumexp(scores, dim=-1)
-
-
-class Latent(nn.Module, ABC):
-    """Common interface of a latent family; subclasses set the three sizes in __init__."""
-
-    param_size: int  # encoder output width
-    code_size: int  # width of a code z
-    num_kl_terms: int  # KL entries per sample (variables or dimensions)
-    unit_size: int = 1  # posterior-mean entries per unit, for the active-units count
-
-    def __init__(self) -> None:
-        super().__init__()
-        # Non-persistent anchor so prior samples land on the module's device without any parameters.
-        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
-
-    @property
-    def decoder_size(self) -> int:
-        """Width of what the decoder reads (``decoder_input`` of a code)."""
-        return self.code_size
-
-    def decoder_input(self, z: Tensor) -> Tensor:
-        """The part of a code the decoder reads (all of it, except for the mixture's z)."""
-        return z
-
-    @abstractmethod
-    def rsample(self, params: Tensor, temperature: float) -> Tensor:
-        """Reparameterised sample z [B, code_size]."""
-
-    @abstractmethod
-    def kl(self, params: Tensor) -> Tensor:
-        """Analytic KL(q(z|x) || p(z)) per variable, [B, num_kl_terms]."""
-
-    def sample_and_kl(self, params: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-        """The training pass: a reparameterised code and the KL terms [B, num_kl_terms] to optimise."""
-        return self.rsample(params, temperature), self.kl(params)
-
-    @abstractmethod
-    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n samples from the prior, [n, code_size]."""
-
-    @abstractmethod
-    def sample_posterior(self, params: Tensor, n: int) -> Tensor:
-        """n un-relaxed samples per input from q(z|x), [n, B, code_size] (the IS proposal)."""
-
-    @abstractmethod
-    def log_prob(self, params: Tensor, z: Tensor) -> Tensor:
-        """log q(z|x) for codes z [..., B, code_size], -> [..., B]."""
-
-    @abstractmethod
-    def prior_log_prob(self, z: Tensor) -> Tensor:
-        """log p(z) for codes z [..., code_size], -> [...]."""
-
-    @abstractmethod
-    def mode(self, params: Tensor) -> Tensor:
-        """Deterministic code for reconstruction: posterior mode (categorical) or mean (gaussian)."""
-
-    @abstractmethod
-    def posterior_mean(self, params: Tensor) -> Tensor:
-        """E_q[z] [B, units * unit_size]: what Burda et al.'s active-units criterion looks at."""
-
-    def enumerate_codes(self, limit: int) -> Tensor | None:
-        """Every code [M, code_size] when the latent is discrete with M <= limit codes, else None."""
-        return None
-
-    def usage(self, params: Tensor) -> Tensor | None:
-        """Posterior mass summed over the batch (for code-usage perplexity); None if not meaningful."""
-        return None
-
-    def cluster(self, params: Tensor) -> Tensor | None:
-        """Most probable mixture component per input [B] (for cluster accuracy); None if no components."""
-        return None
 
 
 class CategoricalLatent(Latent):
@@ -315,11 +240,6 @@ class GaussianLatent(Latent):
         return self.mode(params)
 
 
-def gaussian_log_density(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    """Elementwise log N(z; mu, exp(logvar)) (broadcasting)."""
-    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) * torch.exp(-logvar))
-
-
 def perplexity_from_usage(usage_sum: Tensor) -> float:
     """Mean over variables of exp(entropy) of each variable's aggregate posterior.
 
@@ -355,7 +275,7 @@ def build_latent(cfg: LatentConfig) -> Latent:
     if cfg.kind == "gaussian":
         return GaussianLatent(cfg.variables)
     if cfg.kind == "mixture":
-        from pipeline.models.mixture import MixtureLatent  # mixture.py builds on this module
-
-        return MixtureLatent(cfg.variables, cfg.categories, prior=cfg.prior)
+        if cfg.mixture_posterior == "mean_field":
+            return MixtureLatent(cfg.variables, cfg.categories, prior=cfg.prior)
+        return MarginalMixtureLatent(cfg.variables, cfg.categories, prior=cfg.prior)
     raise ValueError(f"unknown latent kind {cfg.kind!r}")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
-from pipeline.models.latents import Latent, build_latent
+from pipeline.models.latents import Latent, build_latent, expected_over_codes, pick_code
 from pipeline.models.likelihoods import Likelihood, build_likelihood
 from pipeline.models.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from pipeline.models.resnet import ResNetDecoder, ResNetEncoder, grid_shape
@@ -87,9 +87,13 @@ class VAE(nn.Module):
     def forward(self, x: Tensor, temperature: float = 1.0) -> VAEOutput:
         inputs, target = self.prepare(x)
         params = self.encode(inputs)
-        z, kl_terms = self.latent.sample_and_kl(params, temperature)
-        decoded = self.decode(z)
-        recon_per_sample = -self.likelihood.log_prob(decoded, target)
+        # Hook for latents that sum a discrete variable out exactly (the mixture's y, models/mixture.py):
+        # S codes per input with weights; S = 1 and no weights for every other latent (same result as
+        # one sample_and_kl code). The reconstruction term is the weighted sum over the S codes.
+        codes, weights, kl_terms = self.latent.sample_codes(params, temperature)
+        decoded = self.decode(codes.flatten(0, 1)).unflatten(0, codes.shape[:2])  # [S, B, ...]
+        recon_per_sample = expected_over_codes(-self.likelihood.log_prob(decoded, target), weights)
+        z, decoded = pick_code(codes, weights), pick_code(decoded, weights)  # the most probable code's
         kl_per_sample = kl_terms.sum(dim=-1)
         recon = recon_per_sample.mean()
         kl = kl_per_sample.mean()

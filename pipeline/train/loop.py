@@ -32,7 +32,7 @@ from pipeline.models import build_vae
 from pipeline.train.collectives import all_gather, all_reduce
 from pipeline.train.checkpoint import load_checkpoint, restore_ema, restore_rng, save_checkpoint, training_weights
 from pipeline.train.run_logger import RunLogger, load_pending, log_data_health
-from pipeline.train.schedules import kl_weight, learning_rate, set_learning_rate, temperature
+from pipeline.train.schedules import kl_weight, kl_y_weight, learning_rate, set_learning_rate, temperature
 from pipeline.train.step import PrecisionStep, WeightEMA, build_optimizer
 from pipeline.train.validate import evaluate_split
 
@@ -159,10 +159,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 x = x * float("nan")  # testing aid: a corrupt batch at a chosen step
             # Schedules: pure functions of the global step (train/schedules.py), so a resume continues them.
             tau, beta = temperature(position.step, latent), kl_weight(position.step, cfg.train)
+            beta_y = kl_y_weight(position.step, cfg.train) if latent.kind == "mixture" else 1.0
             set_learning_rate(optimizer, learning_rate(position.step, cfg.train, total_steps))
             with precision.autocast():
                 out = _forward_by_partition(ddp_model, x, my_partitions, tau, cfg.train.seed, position.step)
-            objective = out.loss if beta == 1.0 else out.recon + beta * out.kl  # out.loss is the -ELBO (beta = 1)
+            # out.loss is the -ELBO; a mixture's KL of y (term 0) may weigh more early on (deterministic annealing).
+            objective = (out.loss if beta == beta_y == 1.0
+                         else out.recon + beta * (out.kl + (beta_y - 1.0) * out.kl_terms[0]))
             result = precision.backward_and_step(objective, ddp_model, optimizer)
             grad_norm = result.grad_norm
             if result.nonfinite:  # the same verdict on every rank (see train/step.py)
@@ -241,6 +244,7 @@ class _StepOutput:
     loss: torch.Tensor
     recon: torch.Tensor
     kl: torch.Tensor
+    kl_terms: torch.Tensor  # [num_kl_terms], batch means
 
 
 def _forward_by_partition(model: torch.nn.Module, x: torch.Tensor, partitions: range, temperature: float,
@@ -257,9 +261,9 @@ def _forward_by_partition(model: torch.nn.Module, x: torch.Tensor, partitions: r
         _seed_noise(hash((seed, step, partition)) & 0x7FFF_FFFF_FFFF_FFFF, x.device)
         outputs.append(model(chunk, temperature=temperature))
     if len(outputs) == 1:
-        return _StepOutput(outputs[0].loss, outputs[0].recon, outputs[0].kl)
-    mean = lambda name: torch.stack([getattr(o, name) for o in outputs]).mean()  # noqa: E731 - equal chunk sizes
-    return _StepOutput(mean("loss"), mean("recon"), mean("kl"))
+        return _StepOutput(outputs[0].loss, outputs[0].recon, outputs[0].kl, outputs[0].kl_per_variable)
+    mean = lambda name: torch.stack([getattr(o, name) for o in outputs]).mean(0)  # noqa: E731 - equal chunk sizes
+    return _StepOutput(mean("loss"), mean("recon"), mean("kl"), mean("kl_per_variable"))
 
 
 def _seed_noise(value: int, device: torch.device) -> None:

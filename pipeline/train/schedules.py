@@ -10,6 +10,8 @@ interrupted one was. The loop sets them at the start of each step, before the fo
   linear warm-up over `lr_warmup_steps`.
 - KL weight beta (`train.kl_weight`): warmed up from 0 over `kl_warmup_steps`, linearly or along a
   half cosine (DALL-E: 0 -> 6.6 over 5k updates).
+- a mixture's KL of y (`train.kl_y_anneal_from`, `kl_y_anneal_steps`): deterministic annealing,
+  a weight above 1 falling to 1.
 - Gumbel-Softmax temperature (`model.latent.tau_schedule`): `exponential` = Jang's staircase
   (`pipeline.models.latents.temperature_at`), `cosine` = DALL-E's anneal tau0 -> tau_min over `tau_steps`.
 """
@@ -54,6 +56,20 @@ def kl_weight(step: int, cfg: TrainConfig) -> float:
     if cfg.kl_warmup == "cosine":
         return cfg.kl_weight * (1.0 - _cosine(progress))
     raise ValueError(f"unknown train.kl_warmup {cfg.kl_warmup!r}")
+
+
+def kl_y_weight(step: int, cfg: TrainConfig) -> float:
+    """Weight of a mixture's KL(q(y|x) || p(y)) relative to its other KL term, at global step `step`.
+
+    Deterministic annealing (Ueda & Nakano 1998, the classic cure for mixtures' bad local optima):
+    from `kl_y_anneal_from` down to 1 (the ELBO) over `kl_y_anneal_steps`. A heavy weight holds
+    q(y|x) near p(y) while every component is trained on every input; without it, the component
+    that is cheapest for all inputs in the first ~100 steps takes all of them (perplexity 1).
+    """
+    if cfg.kl_y_anneal_steps <= 0:
+        return 1.0
+    progress = min(max(step, 0) / cfg.kl_y_anneal_steps, 1.0)
+    return cfg.kl_y_anneal_from + (1.0 - cfg.kl_y_anneal_from) * progress
 
 
 def temperature(step: int, cfg: LatentConfig) -> float:

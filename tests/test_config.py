@@ -7,6 +7,7 @@ import pytest
 from pipeline.config import ConfigError, load_config, parse_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+DEFAULT = Path(__file__).parent.parent / "configs" / "digits-categorical.yaml"
 
 
 def test_configs_are_shipped():
@@ -24,7 +25,7 @@ def test_every_shipped_config_loads_and_names_its_command(path):
 
 def test_required_keys_exist_and_overrides_apply():
     config = load_config(
-        CONFIGS[0],
+        DEFAULT,
         ["train.epochs=3", "model.latent.categories=10", "train.lr=1e-4", "data.url=s3://bucket/ds",
          "model.hidden=[64, 32]", "model.latent.kind=gaussian", "tracking.experiment=x", "train.seed=7"],
     )
@@ -43,25 +44,25 @@ def test_required_keys_exist_and_overrides_apply():
 
 def test_unknown_key_is_named_with_allowed_keys():
     with pytest.raises(ConfigError) as err:
-        load_config(CONFIGS[0], ["train.epoch=3"])
+        load_config(DEFAULT, ["train.epoch=3"])
     message = str(err.value)
     assert "train.epoch" in message and "epochs" in message and "batch_size" in message
 
 
 def test_unknown_section_is_named():
     with pytest.raises(ConfigError, match="trian"):
-        load_config(CONFIGS[0], ["trian.epochs=3"])
+        load_config(DEFAULT, ["trian.epochs=3"])
 
 
 def test_wrong_type_is_named():
     with pytest.raises(ConfigError) as err:
-        load_config(CONFIGS[0], ["train.epochs=many"])
+        load_config(DEFAULT, ["train.epochs=many"])
     assert "train.epochs" in str(err.value) and "many" in str(err.value)
 
 
 def test_bad_choice_is_named():
     with pytest.raises(ConfigError, match="model.latent.kind"):
-        load_config(CONFIGS[0], ["model.latent.kind=dirichlet"])
+        load_config(DEFAULT, ["model.latent.kind=dirichlet"])
 
 
 def test_batch_must_split_across_workers():
@@ -76,7 +77,7 @@ def test_missing_data_url_is_named():
 
 def test_malformed_override_and_file(tmp_path):
     with pytest.raises(ConfigError, match="key.path=value"):
-        load_config(CONFIGS[0], ["train.epochs"])
+        load_config(DEFAULT, ["train.epochs"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
@@ -87,22 +88,22 @@ def test_malformed_override_and_file(tmp_path):
 
 def test_readme_documents_every_config_key():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    config = load_config(CONFIGS[0])
+    config = load_config(DEFAULT)
     missing = [key for key in config.flat() if f"`{key}`" not in readme]
     assert missing == [], f"README config reference lacks {missing}"
 
 
 def test_worker_range_makes_training_elastic_with_a_partition_count_every_size_divides():
-    config = load_config(CONFIGS[0], ["train.workers=2..4", "train.batch_size=120"])
+    config = load_config(DEFAULT, ["train.workers=2..4", "train.batch_size=120"])
     assert (config.train.min_workers, config.train.workers, config.train.elastic) == (2, 4, True)
     assert config.partitions == 12  # lcm(2, 3, 4): 2, 3 or 4 workers all serve whole partitions
     assert config.flat()["train.min_workers"] == 2 and config.flat()["train.workers"] == 4
-    assert load_config(CONFIGS[0], ["train.workers=4"]).train.elastic is False
+    assert load_config(DEFAULT, ["train.workers=4"]).train.elastic is False
     logged = parse_config(config.model_dump(mode="json"), ["train.workers=2"])  # e.g. --resume RUN -o train.workers=2
     assert (logged.train.min_workers, logged.train.workers) == (None, 2)
     with pytest.raises(ConfigError, match="MIN must not exceed MAX"):
-        load_config(CONFIGS[0], ["train.workers=4..2"])
+        load_config(DEFAULT, ["train.workers=4..2"])
     with pytest.raises(ConfigError, match=r"train.workers=3 \(each worker"):
-        load_config(CONFIGS[0], ["train.workers=2..4", "train.batch_size=64"])  # 3 workers cannot split 64
+        load_config(DEFAULT, ["train.workers=2..4", "train.batch_size=64"])  # 3 workers cannot split 64
     with pytest.raises(ConfigError, match="every worker count in train.workers=1..2"):
-        load_config(CONFIGS[0], ["train.workers=1..2", "data.partitions=1"])
+        load_config(DEFAULT, ["train.workers=1..2", "data.partitions=1"])

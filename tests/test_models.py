@@ -188,11 +188,11 @@ def test_usage_sums_posterior_over_batch() -> None:
 @pytest.mark.parametrize("kind", ["categorical", "gaussian"])
 def test_vae_forward_shapes_and_loss_decomposition(kind: str) -> None:
     cfg = ModelConfig(hidden=[32, 16], latent=LatentConfig(kind=kind, variables=4, categories=5))
-    model = build_vae(cfg, input_dim=20)
-    x = torch.rand(7, 20).bernoulli()
+    model = build_vae(cfg, image_shape=(4, 5))  # grey 4x5 images, Bernoulli likelihood without binarization
+    x = (torch.rand(7, 1, 4, 5) < 0.5).to(torch.uint8) * 255  # the loader's uint8 [B, C, H, W] batches
     out = model(x, temperature=0.7)
     latent = model.latent
-    assert out.logits.shape == (7, 20)
+    assert out.decoded.shape == (7, 1, 4, 5)
     assert out.params.shape == (7, latent.param_size) and out.params.requires_grad
     assert out.z.shape == (7, latent.code_size)
     assert out.kl_per_variable.shape == (latent.num_kl_terms,)
@@ -201,19 +201,25 @@ def test_vae_forward_shapes_and_loss_decomposition(kind: str) -> None:
     torch.testing.assert_close(out.loss, out.recon + out.kl)
     torch.testing.assert_close(out.kl, out.kl_per_variable.sum())
 
-    # Bernoulli NLL by hand: -sum_d [x log p + (1-x) log(1-p)], averaged over the batch.
-    log_p, log_1mp = F.logsigmoid(out.logits), F.logsigmoid(-out.logits)
-    by_hand = -(x * log_p + (1 - x) * log_1mp).sum(-1)
+    # Bernoulli NLL by hand: -sum_d [x log p + (1-x) log(1-p)] over the pixels x = level / 255, averaged over the batch.
+    unit = x.float().div(255).flatten(1)
+    log_p, log_1mp = F.logsigmoid(out.decoded.flatten(1)), F.logsigmoid(-out.decoded.flatten(1))
+    by_hand = -(unit * log_p + (1 - unit) * log_1mp).sum(-1)
     torch.testing.assert_close(out.recon_per_sample, by_hand)
     torch.testing.assert_close(out.recon, by_hand.mean())
+    # Floats in [0, 1] (of any layout with C*H*W values per sample) are the same images to the model.
+    torch.manual_seed(5)
+    as_floats = model(unit, temperature=0.7)
+    torch.manual_seed(5)
+    torch.testing.assert_close(as_floats.recon_per_sample, model(x, temperature=0.7).recon_per_sample)
 
-    assert model.sample(3, generator=torch.Generator().manual_seed(1)).shape == (3, 20)
+    assert model.sample(3, generator=torch.Generator().manual_seed(1)).shape == (3, 1, 4, 5)
     recon = model.reconstruct(x)
-    assert recon.shape == (7, 20) and ((recon >= 0) & (recon <= 1)).all()
+    assert recon.shape == (7, 1, 4, 5) and ((recon >= 0) & (recon <= 1)).all()
 
 
 def test_encoder_and_decoder_mirror_hidden_widths() -> None:
-    model = VAE(12, [10, 6], build_latent(LatentConfig(variables=2, categories=3)))
+    model = VAE((1, 3, 4), [10, 6], build_latent(LatentConfig(variables=2, categories=3)))
     enc = [m.out_features for m in model.encoder if isinstance(m, torch.nn.Linear)]
     dec = [m.out_features for m in model.decoder if isinstance(m, torch.nn.Linear)]
     assert enc == [10, 6, 6] and dec == [6, 10, 12]
@@ -222,7 +228,7 @@ def test_encoder_and_decoder_mirror_hidden_widths() -> None:
 
 @pytest.mark.parametrize("kind", ["categorical", "gaussian"])
 def test_training_reduces_loss_on_fixed_batch(kind: str) -> None:
-    model = VAE(32, [64], build_latent(LatentConfig(kind=kind, variables=8, categories=4)))
+    model = VAE((1, 1, 32), [64], build_latent(LatentConfig(kind=kind, variables=8, categories=4)))
     x = (torch.rand(64, 32) < 0.3).float()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 
@@ -394,6 +400,12 @@ def _tiny_model(seed: int = 0) -> VAE:
     return model.eval()
 
 
+def _log_weights(model: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
+    """log w [k, B] for k proposals per input: the model prepares x (its likelihood's inputs and targets)."""
+    inputs, target = model.prepare(x)
+    return log_importance_weights(model, target, model.encode(inputs), k)
+
+
 def test_exact_enumeration_matches_brute_force() -> None:
     model = _tiny_model()
     x = torch.rand(4, 6).bernoulli()
@@ -403,7 +415,7 @@ def test_exact_enumeration_matches_brute_force() -> None:
     params = model.encode(x)
     with torch.no_grad():
         joint = torch.stack([
-            -F.binary_cross_entropy_with_logits(model.decode(c[None].expand(4, -1)), x, reduction="none").sum(-1)
+            -F.binary_cross_entropy_with_logits(model.decode(c[None].expand(4, -1)).flatten(1), x, reduction="none").sum(-1)
             + model.latent.prior_log_prob(c[None]) for c in codes])  # [9, B]
         log_q = torch.stack([model.latent.log_prob(params, c[None].expand(4, -1)) for c in codes])
     torch.testing.assert_close(log_px, torch.logsumexp(joint, 0))
@@ -419,12 +431,12 @@ def test_importance_estimate_converges_to_exact_and_bounds_are_ordered() -> None
     torch.manual_seed(1)
     estimate = importance_log_px(model, x, 20_000)
     # Tolerance from the spread of the weights: relative standard error of the p(x) estimate ~0.011 here.
-    rel_se = (log_importance_weights(model, x, 20_000) - log_px).exp().std(0) / math.sqrt(20_000)
+    rel_se = (_log_weights(model, x, 20_000) - log_px).exp().std(0) / math.sqrt(20_000)
     assert ((estimate - log_px).abs() < 4 * rel_se).all(), (estimate, log_px, rel_se)
     assert (log_px - elbo > 0.05).all()  # the test would be vacuous if q were the exact posterior
     # E[L_k] over repetitions: ELBO = E[L_1] <= E[L_k] <= E[L_k'] (k <= k') <= log p(x).
     reps, ks = 4000, [1, 2, 5, 20, 100]
-    log_w = log_importance_weights(model, x.repeat(reps, 1), max(ks)).reshape(max(ks), reps, 5)
+    log_w = _log_weights(model, x.repeat(reps, 1), max(ks)).reshape(max(ks), reps, 5)
     bounds = [(torch.logsumexp(log_w[:k], 0) - math.log(k)).mean(0) for k in ks]  # each [B]
     torch.testing.assert_close(bounds[0], elbo, atol=0.05, rtol=0)
     for lower, upper in zip(bounds, bounds[1:]):
@@ -443,7 +455,7 @@ def test_importance_weights_agree_with_elbo_for_continuous_latents(kind: str) ->
     x = torch.rand(3, 10).bernoulli()
     reps = 20_000
     # E_q[log w] is the ELBO: the mean log-weight matches reconstruction minus the analytic KL.
-    log_w = log_importance_weights(model, x, reps)
+    log_w = _log_weights(model, x, reps)
     recon, kl = discrete_elbo(model, x.repeat(reps, 1))
     torch.testing.assert_close(log_w.mean(0), (recon - kl).reshape(reps, 3).mean(0), atol=0.05, rtol=0)
     assert (importance_log_px(model, x, 2000) >= log_w.mean(0) - 1e-3).all()
@@ -474,23 +486,24 @@ def test_mixture_cluster_and_usage() -> None:
 
 # ---------------------------------------------------------------- architectures and shipped configs
 
-@pytest.mark.parametrize("shape", [(28, 28), (8, 8), (5, 7)])
+@pytest.mark.parametrize("shape", [(28, 28), (8, 8), (5, 7), (3, 9, 6)])
 @pytest.mark.parametrize("kind", ["categorical", "gaussian", "mixture"])
-def test_conv_vae_shapes_and_gradients(shape: tuple[int, int], kind: str) -> None:
+def test_conv_vae_shapes_and_gradients(shape: tuple[int, ...], kind: str) -> None:
     cfg = ModelConfig(arch="conv", hidden=[32], channels=[4, 8], latent=LatentConfig(kind=kind, variables=3, categories=4))
-    model = build_vae(cfg, image_shape=shape)
-    d = shape[0] * shape[1]
-    x = torch.rand(5, d).bernoulli()
+    model = build_vae(cfg, image_shape=shape, binarize="dynamic")
+    full = shape if len(shape) == 3 else (1, *shape)  # (H, W) means one grey channel
+    assert model.image_shape == full and model.dims == math.prod(full)
+    x = torch.randint(0, 256, (5, *full), dtype=torch.uint8)
     out = model(x, temperature=0.5)
-    assert out.logits.shape == (5, d)
+    assert out.decoded.shape == (5, *full)
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder.parameters())
-    assert model.sample(2).shape == (2, d) and model.reconstruct(x).shape == (5, d)
+    assert model.sample(2).shape == (2, *full) and model.reconstruct(x).shape == (5, *full)
 
 
 def test_conv_without_image_shape_assumes_square_and_refuses_otherwise() -> None:
     cfg = ModelConfig(arch="conv", hidden=[16], channels=[4], latent=LatentConfig(variables=2, categories=3))
-    assert build_vae(cfg, input_dim=64).encoder.image_shape == (8, 8)
+    assert build_vae(cfg, input_dim=64).encoder.image_shape == (1, 8, 8)
     with pytest.raises(ValueError, match="square"):
         build_vae(cfg, input_dim=60)
 
@@ -498,10 +511,17 @@ def test_conv_without_image_shape_assumes_square_and_refuses_otherwise() -> None
 @pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.stem)
 def test_each_shipped_config_trains_a_few_steps(config_path: Path) -> None:
     cfg = load_config(config_path)
-    shape = (8, 8) if "digits" in config_path.stem else (28, 28)
-    model = build_vae(cfg.model, image_shape=shape)
+    if cfg.data.image_size and max(cfg.data.image_size) > 64:
+        # A GPU-cluster config (e.g. DALL-E's 256x256, 2048 channels: ~45 s a step here): its architecture,
+        # latent and likelihood, at CPU-test widths and the smallest image its downsampling allows.
+        side = 2 * cfg.model.downsample
+        cfg = load_config(config_path, [f"data.image_size=[{side},{side}]",
+                                        f"model.channels=[{','.join(str(8 << i) for i in range(len(cfg.model.channels)))}]"])
+    size = cfg.data.image_size or ((8, 8) if "digits" in config_path.stem else (28, 28))
+    shape = (cfg.data.channels or 1, *size)
+    model = build_vae(cfg.model, image_shape=shape, binarize=cfg.data.binarize)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    x = (torch.rand(32, shape[0] * shape[1]) < 0.2).float()
+    x = (torch.rand(32, *shape) < 0.2).to(torch.uint8) * 255  # 0/255: every binarization gives the same images
     losses = []
     for step in range(5):
         tau = temperature_at(step, cfg.model.latent.tau0, cfg.model.latent.tau_min, cfg.model.latent.anneal_rate,

@@ -152,3 +152,33 @@ def test_cluster_accuracy_uses_best_one_to_one_mapping() -> None:
     assert math.isnan(cluster_accuracy(np.zeros((2, 2))))
     # More components than labels: the extra component's samples count as errors.
     assert cluster_accuracy(np.array([[5, 0], [0, 5], [5, 0]])) == pytest.approx(10 / 15)
+
+
+def test_evaluate_reads_with_the_runs_read_options(tmp_path, tracking_uri, digits_dataset) -> None:
+    """The run's data.on_corrupt (and retries, cache) apply to `pipeline evaluate` too: with skip, a
+    damaged test shard is skipped and the rest evaluated; with error, the shard is named."""
+    import shutil
+
+    from pipeline.train import tracking
+
+    dataset = tmp_path / "digits"
+    shutil.copytree(digits_dataset, dataset)
+    manifest = read_manifest(str(dataset))
+    victim = dataset / manifest.splits["test"].shards[0].path
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # ~half of the 250 test samples survive
+
+    results = {}
+    for policy in ("skip", "error"):
+        config = _digits_config(str(dataset), tracking_uri, tmp_path, f"data.on_corrupt={policy}",
+                                f"data.cache_dir={tmp_path / 'cache'}", "model.latent.variables=2")
+        run_id = tracking.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest())
+        weights = tmp_path / policy / "model.pt"
+        weights.parent.mkdir()
+        torch.save(build_vae(config.model, image_shape=(1, 8, 8)).state_dict(), weights)
+        tracking.log_artifact_files(tracking_uri, run_id, [weights], artifact_path="checkpoint")
+        results[policy] = CliRunner().invoke(app, ["evaluate", run_id, "-k", "2", "--json", "--tracking-uri",
+                                                   tracking_uri])
+    skipped = results["skip"]
+    assert skipped.exit_code == 0, skipped.output
+    assert 0 < json.loads(skipped.stdout[skipped.stdout.index("{"):])["samples"] < 250
+    assert results["error"].exit_code == 1 and victim.name in results["error"].output

@@ -27,7 +27,8 @@ import ray.train.torch
 from pipeline.config import RunConfig
 from pipeline.data import partitions_of_rank, read_manifest, steps_per_epoch, train_batches
 from pipeline.data.stream import prefetch
-from pipeline.data.reader import ReadOptions, data_health, set_read_options
+from pipeline.data.contract import ImageTarget, SampleDecoder
+from pipeline.data.reader import ReadOptions, data_health
 from pipeline.models import build_vae
 from pipeline.train.collectives import all_gather, all_reduce
 from pipeline.train.checkpoint import load_checkpoint, restore_ema, restore_rng, save_checkpoint, training_weights
@@ -90,9 +91,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
 
-    set_read_options(ReadOptions.from_config(cfg.data))  # retries, cache, on_corrupt for this process
+    options = ReadOptions.from_config(cfg.data)  # retries, cache, on_corrupt
     manifest = read_manifest(args.dataset_url)
-    model = build_vae(cfg.model, int(np.prod(manifest.image_shape)), image_shape=tuple(manifest.image_shape))
+    target = ImageTarget.from_config(manifest.spec, cfg.data)  # what the model is fed: [C, H, W]
+    decoder = SampleDecoder(manifest.spec, target, cfg.data.decode_workers)
+    model = build_vae(cfg.model, image_shape=target.shape, binarize=cfg.data.binarize)
     optimizer = build_optimizer(model.parameters(), cfg.train)
     position, partitions = Position(), cfg.partitions
     checkpoint = ray.train.get_checkpoint()
@@ -144,7 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = prefetch(train_batches(  # same batches, same order, prepared ahead in a background thread
             manifest, args.dataset_url, epoch=epoch, seed=cfg.train.seed, rank=rank, world_size=world_size,
             batch_per_rank=global_batch // world_size, shuffle_buffer=cfg.data.shuffle_buffer,
-            binarize=cfg.data.binarize, verify=cfg.data.verify, start_step=position.step_in_epoch,
+            verify=cfg.data.verify, start_step=position.step_in_epoch, options=options, decoder=decoder,
             partitions=partitions,
         ), cfg.data.prefetch_batches, pin_memory=device.type == "cuda")
         tic = time.perf_counter()
@@ -211,7 +214,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         position.epoch, position.step_in_epoch = epoch + 1, 0
         val = evaluate_split(ema.module if ema else model, manifest, args.dataset_url, "val", rank=rank,
-                             world_size=world_size, batch_size=global_batch // world_size, cfg=cfg, step=position.step)
+                             world_size=world_size, batch_size=global_batch // world_size, cfg=cfg, step=position.step,
+                             options=options, decoder=decoder)
         data_health = _data_health_across_ranks(world_size)  # a collective: every rank, same point
         if logger:
             log_data_health(logger, position.step, *data_health)

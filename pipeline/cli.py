@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from typing import Annotated, Optional
 
@@ -259,7 +258,8 @@ def ui(
     host: Annotated[str, typer.Option(help="Bind address; keep 127.0.0.1 unless you mean to expose it")] = "127.0.0.1",
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="Store to serve (default as for train)")] = None,
 ) -> None:
-    """Serve the MLflow UI for the configured store (default: ./mlflow.db) on 127.0.0.1."""
+    """Serve the MLflow UI for the configured store (default: ./mlflow.db) on 127.0.0.1; stopping it
+    (Ctrl-C, SIGTERM) stops every process of the server."""
     from pipeline.train.tracking import resolve_tracking_uri
 
     store = resolve_tracking_uri(tracking_uri)
@@ -268,7 +268,9 @@ def ui(
     console.print(f"MLflow UI for {store} on http://{host}:{port} (Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", host,
            "--port", str(port), "--workers", "1"]
-    raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+    from pipeline.ops.ui import serve
+
+    raise typer.Exit(serve(cmd))  # its own process group, ended with us (pipeline/ops/ui.py)
 
 
 @app.command("plan")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ops_runs import make_run
-from ops_services import Service, free_port, running
+from ops_services import Service, free_port, running, wait_http
 from pipeline.ops import tracking
 
 EXPERIMENT = "ops-ui"
@@ -62,3 +64,58 @@ def test_mlflow_ui_lists_the_runs(tmp_path):
         browse(page, tmp_path / "profile-shot", f"--screenshot={screenshot}")
         assert screenshot.is_file() and screenshot.stat().st_size > 10_000
         print(f"screenshot: {screenshot}")
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (by parent links in /proc), whatever its session."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_ui_stopped_by_a_signal_to_its_pid_ends_every_server_process(tmp_path, sig):
+    """SIGTERM (or SIGINT) to `pipeline ui`'s pid alone: the mlflow server and all its workers end
+    and the port is free again."""
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port), "--tracking-uri",
+                                 f"sqlite:///{tmp_path / 'mlflow.db'}"], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=tmp_path, start_new_session=True)
+    server = []
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 240, log)
+        server = sorted(_descendants(proc.pid))
+        assert len(server) >= 3, server  # mlflow server, its uvicorn worker, huey consumers...
+        os.kill(proc.pid, sig)
+        code = proc.wait(timeout=60)
+        time.sleep(1)
+        left = [pid for pid in server if _alive(pid)]
+        assert left == [], f"left running after {sig.name}: {left}"
+        assert code == 0, log.read_text()[-2000:]
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # nothing holds the port
+    finally:
+        for pid in [proc.pid, *server]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

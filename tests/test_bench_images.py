@@ -109,3 +109,56 @@ def test_webdataset_and_raw_rows_read_fsspec_urls(jpegs):
         urls.append(f"memory://bench-images/{shard.path}")
     assert read_webdataset(urls, 32, processes=2, batch=5) == 24
     assert read_raw(urls, 32, processes=1, suffix=".jpg") == 24
+
+
+def _batches(url: str, workers: int, **kwargs) -> list:
+    from pipeline.data.reader import ReadOptions
+    from pipeline.data.stream import train_batches
+
+    manifest = read_manifest(url)
+    decoder = SampleDecoder(manifest.spec, ImageTarget(channels=3, size=(24, 24), resize="random-crop", hflip=True),
+                            workers=workers)
+    return list(train_batches(manifest, url, epoch=1, seed=3, rank=0, world_size=1, batch_per_rank=8,
+                              shuffle_buffer=16, decoder=decoder, options=ReadOptions(**kwargs)))
+
+
+def test_loader_row_decodes_the_same_with_any_number_of_threads(jpegs):
+    """The image bench's loader row (decoding threads reading ahead of the tar) gives training's exact batches."""
+    one = _batches(jpegs, 1)
+    for workers in (2, 3):
+        many = _batches(jpegs, workers)
+        assert [b.keys for b in many] == [b.keys for b in one]
+        assert all(np.array_equal(a.x.numpy(), b.x.numpy()) and np.array_equal(a.labels.numpy(), b.labels.numpy())
+                   for a, b in zip(one, many))
+
+
+def test_corrupt_jpeg_with_decoding_threads(jpegs, tmp_path):
+    """A corrupt JPEG among threaded decoding: named in error mode, skipped and counted once in skip mode."""
+    import shutil
+    import tarfile
+
+    from pipeline.data import ShardError
+    from pipeline.data.reader import data_health, reset_data_health
+    from pipeline.data.shards import write_shard
+
+    copy = tmp_path / "data"
+    shutil.copytree(jpegs, copy)
+    shard = read_manifest(str(copy)).splits["train"].shards[1]
+    with tarfile.open(copy / shard.path) as tar:
+        samples: dict[str, dict[str, bytes]] = {}
+        for info in tar.getmembers():
+            key, suffix = info.name.rsplit(".", 1)
+            samples.setdefault(key, {})[suffix] = tar.extractfile(info).read()
+    bad = sorted(samples)[5]
+    samples[bad]["jpg"] = samples[bad]["jpg"][:200] + b"\x00" * 50  # a header, then garbage
+    import fsspec
+
+    write_shard(fsspec.filesystem("file"), str(copy / shard.path), list(samples.items()))
+    for workers in (1, 2):
+        with pytest.raises(ShardError, match=f"{bad}.jpg"):
+            _batches(str(copy), workers)
+        reset_data_health()
+        batches = _batches(str(copy), workers, on_corrupt="skip")
+        assert data_health().skipped_samples == 1
+        assert sum(len(b.keys) for b in batches) == 48  # the refill keeps every step
+        assert bad not in {k for b in batches for k in b.keys}

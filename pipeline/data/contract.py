@@ -30,7 +30,7 @@ import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -210,16 +210,24 @@ class SampleDecoder:
 
     def decode_many(self, groups: list[tuple[str, dict[str, bytes]]], url: str) -> list[tuple[np.ndarray, int] | ShardError]:
         """`decode` over many samples, in order, in the pool; a failure is returned in its place."""
+        return self.start_decoding(groups, url)()
+
+    def start_decoding(self, groups: list[tuple[str, dict[str, bytes]]],
+                       url: str) -> Callable[[], list[tuple[np.ndarray, int] | ShardError]]:
+        """`decode_many` handed to the pool now; the returned function waits for its results. Meanwhile the
+        caller reads the next samples (with one thread, the decoding happens here, before returning)."""
         def one(group: tuple[str, dict[str, bytes]]) -> tuple[np.ndarray, int] | ShardError:
             try:
                 return self.decode(group[1], url, group[0])
             except ShardError as err:
                 return err
         if self.workers == 1 or len(groups) < 2:
-            return [one(g) for g in groups]
+            results = [one(g) for g in groups]
+            return lambda: results
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="pipeline-decode")
-        return list(self._pool.map(one, groups))
+        futures = [self._pool.submit(one, g) for g in groups]
+        return lambda: [future.result() for future in futures]
 
     def _load_npy(self, raw: bytes, url: str, member: str) -> np.ndarray:
         if not raw.startswith(_NPY_MAGIC):  # np.load would otherwise also accept zip (npz) archives

@@ -30,7 +30,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext
@@ -349,12 +349,26 @@ def read_shard_chunks(
             stream = _HashingReader(raw) if check_hash else raw
             if start < stop:
                 pending: list[tuple[int, str, dict, ShardError | None]] = []
+                # Groups handed to the decoding pool, oldest first: with a pool, at most two, so it decodes one
+                # group while this thread reads the next from the tar (else the pool idles during every read).
+                in_flight: list[tuple[list, Callable[[], list]]] = []
 
-                def decoded() -> Iterator[Chunk]:
-                    """The pending samples decoded (in the pool), in order; skips recorded, errors raised."""
+                def submit() -> None:
                     group = pending[:]
                     pending.clear()  # first: a flush after an error never hands out a sample twice
-                    results = decoder.decode_many([(k, m) for _, k, m, p in group if p is None], url)
+                    in_flight.append((group, decoder.start_decoding([(k, m) for _, k, m, p in group if p is None], url)))
+
+                def flushed() -> Iterator[Chunk]:
+                    """Every sample read so far, decoded, in order."""
+                    if pending:
+                        submit()
+                    while in_flight:
+                        yield from decoded()
+
+                def decoded() -> Iterator[Chunk]:
+                    """The oldest submitted group decoded (in the pool), in order; skips recorded, errors raised."""
+                    group, collect = in_flight.pop(0)
+                    results = collect()
                     results.reverse()
                     keys, images, labels = [], [], []
                     for position, key, _, problem in group:
@@ -379,14 +393,16 @@ def read_shard_chunks(
                             if index >= start:
                                 pending.append((index, key, members, problem))
                                 if len(pending) >= _DECODE_GROUP:
-                                    yield from decoded()
+                                    submit()
+                                    if len(in_flight) > (decoder.workers > 1):  # one thread: no lookahead
+                                        yield from decoded()
                             index += 1
                             if index >= stop:
                                 break
                 except Exception:
-                    yield from decoded()  # the samples read before the damage are good: not lost with the rest
+                    yield from flushed()  # the samples read before the damage are good: not lost with the rest
                     raise
-                yield from decoded()
+                yield from flushed()
                 if index < stop:  # tarfile ends quietly when a shard is cut at a member boundary
                     raise ShardError(url, f"truncated: ended after {index} samples, the manifest says {shard.samples}")
             if check_hash:

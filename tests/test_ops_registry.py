@@ -120,3 +120,43 @@ def test_warm_start_resolves_the_champion_and_loads_its_weights(store):
     # a config with another architecture does not warm-start from an incompatible champion
     changed = prepare_run(tiny_config(EXPERIMENT, "y", **{"tracking.uri": uri, "model.hidden": "[16]"}), warm_start=True)
     assert changed.train.init_from is None
+
+
+@pytest.mark.timeout(600)
+def test_real_runs_on_shared_validation_shards_compare_and_a_registry_failure_shows(
+        ray_cluster, digits_dataset, tmp_path, tracking_uri, capsys):
+    """Two trained runs: the same validation shards, other training shards. They are compared on
+    `dataset.val_sha256` (not refused as other data); a registry that refuses the model leaves
+    a warning and a tag, and the run stays FINISHED."""
+    from dataclasses import replace
+
+    from pipeline.config import load_config
+    from pipeline.data import load_digits_splits, read_manifest, write_shards
+    from pipeline.ops.retrain import after_training
+    from pipeline.train.trainer import train
+
+    splits = load_digits_splits()
+    fewer = tmp_path / "digits-fewer"  # 1000 of the 1297 training samples; val and test as before
+    splits["train"] = replace(splits["train"], images=splits["train"].images[:1000], labels=splits["train"].labels[:1000])
+    write_shards(splits, str(fewer), source="sklearn digits, fewer", samples_per_shard=500, progress=False)
+    first, second = read_manifest(digits_dataset), read_manifest(str(fewer))
+    assert first.digest() != second.digest() and registry.val_data_id(first) == registry.val_data_id(second)
+
+    results, decisions = [], []
+    for name, data in (("all", digits_dataset), ("fewer", str(fewer))):
+        config = load_config("configs/digits-categorical.yaml", [
+            f"data.url={data}", f"tracking.uri={tracking_uri}", f"train.storage={tmp_path / 'ray'}",
+            "train.epochs=1", "tracking.experiment=shared-val", f"tracking.run_name={name}"])
+        results.append(train(config))
+        decisions.append(after_training(config, results[-1]))
+    assert decisions[0].decision == "first"
+    assert decisions[1].decision in ("promoted", "kept"), decisions[1].reason  # compared, not "not-comparable"
+    assert decisions[1].champion_run_id == results[0].run_id
+
+    refused = config.model_copy(deep=True)
+    refused.tracking.registered_model = "team/digits"  # MLflow refuses '/' in a model name
+    assert after_training(refused, results[1]) is None
+    assert "warning: model registry step failed, champion unchanged" in capsys.readouterr().err
+    run = get_run(tracking_uri, results[1].run_id)
+    assert run.data.tags["champion.decision"] == "registry-failed" and "team/digits" in run.data.tags["champion.reason"]
+    assert run.info.status == "FINISHED"

@@ -25,7 +25,9 @@ class Decision:
     version: str
     run_id: str
     promoted: bool
-    decision: str  # first | promoted | kept | not-comparable | forced | already-champion | no-metric
+    # first | promoted | kept | not-comparable | forced | already-champion | no-metric
+    # (after_training tags `registry-failed` when this step raised)
+    decision: str
     reason: str
     challenger_val_loss: float | None
     champion_val_loss: float | None = None

@@ -47,7 +47,9 @@ def prepare_run(config: RunConfig, *, warm_start: bool = False) -> RunConfig:
 
 
 def after_training(config: RunConfig, result: Any) -> registry.Decision | None:
-    """Tag the run (validation data, job), register its model, decide on `champion`; never fails the run."""
+    """Tag the run (validation data, job), register its model, decide on `champion`. Never fails the
+    run: a step that fails is a warning on the console and, where MLflow can take it, on the run
+    (`champion.decision=registry-failed`, `champion.reason`), so a promotion that did not happen is seen."""
     from pipeline.data import read_manifest
     from pipeline.train.trainer import absolute_url
 
@@ -57,13 +59,20 @@ def after_training(config: RunConfig, result: Any) -> registry.Decision | None:
     if config.train.init_from:
         tags["warm_start.from"] = config.train.init_from
     try:
+        # the champion comparison key: runs validated on the same shards compare, whatever they trained on
         tags["dataset.val_sha256"] = registry.val_data_id(read_manifest(absolute_url(config.data.url)))
         tracking.set_run_tags(result.tracking_uri, result.run_id, tags)
         if not config.tracking.register_model:
             return None
         decision = registry.register_and_decide(result.tracking_uri, result.run_id, model_name(config))
-    except Exception as err:  # noqa: BLE001 - the run itself succeeded; say what went wrong
-        console.print(f"[yellow]warning:[/] model registry step failed: {err}")
+    except Exception as err:  # noqa: BLE001 - the run itself succeeded; say what went wrong, and where
+        reason = f"model registry step failed, champion unchanged: {err}"
+        console.print(f"[yellow]warning:[/] {reason}")
+        try:
+            tracking.set_run_tags(result.tracking_uri, result.run_id,
+                                  {"champion.decision": "registry-failed", "champion.reason": reason[:5000]})
+        except Exception as tag_err:  # noqa: BLE001 - MLflow itself is unreachable: the warning is all we have
+            console.print(f"[yellow]warning:[/] could not tag run {result.run_id} either: {tag_err}")
         return None
     print(f"champion: {decision.decision} — {decision.model} v{decision.version}: {decision.reason}")
     return decision

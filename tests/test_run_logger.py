@@ -119,3 +119,27 @@ def test_replay_metrics_delivers_a_fallback_file_once(tmp_path):
     tags = MlflowClient(uri).get_run(run_id).data.tags
     assert tags["cluster.nodes"] == "2" and tags["restarts"] == "1"
     assert tags["last_restart"] == "worker group restarted at step 10"
+
+
+def test_images_at_their_steps_and_a_restored_rank_0_logs_none_twice(tmp_path):
+    """Per-epoch images (reconstruction grids, code-use plots) go through the same rows: at their
+    steps in MLflow's image store; pending image rows a restored rank 0 delivers again are not duplicated."""
+    from PIL import Image
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = _new_run(uri)
+    logger = RunLogger(uri, run_id, min_interval_s=0.0)
+    logger.log_image("reconstructions", Image.new("RGB", (8, 4), (200, 10, 10)), step=10)
+    logger.log_image("reconstructions", Image.new("RGB", (8, 4), (10, 200, 10)), step=20)
+    pending = logger.pending()
+    logger.close()
+    # a rank 0 restored from a checkpoint saved while both images were still pending
+    RunLogger(uri, run_id, resumed=True, pending=pending, min_interval_s=0.0).close()
+
+    def logged() -> list[str]:
+        return sorted(a.path for a in MlflowClient(uri).list_artifacts(run_id, "images") if a.path.endswith(".png"))
+
+    names = logged()
+    assert [int(name.split("+step+")[1].split("+")[0]) for name in names] == [10, 20]
+    image = Image.open(MlflowClient(uri).download_artifacts(run_id, names[1], str(tmp_path)))
+    assert image.size == (8, 4) and image.getpixel((0, 0)) == (10, 200, 10)

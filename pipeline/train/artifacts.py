@@ -57,6 +57,20 @@ def load_vae(config: RunConfig, checkpoint_dir: str, image_shape: tuple[int, int
     return model.eval()
 
 
+@torch.no_grad()
+def reconstruction_grid(model: VAE, images: torch.Tensor, seed: int, columns: int = 16) -> Image.Image:
+    """Inputs (as the model saw them: binarized for Bernoulli) beside their reconstructions from the
+    posterior mode, alternating, for uint8 images [n, C, H, W]; binarization drawn from ``seed``."""
+    device = next(model.parameters()).device
+    x = images.to(device).float().div(255)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        inputs, _ = model.prepare(x)
+    shown = inputs if isinstance(model.likelihood, Bernoulli) else x  # binarized as trained on, else the pixels
+    recon = model.reconstruct(shown)
+    return image_grid(torch.stack([shown, recon], 1).flatten(0, 1).float().cpu().numpy(), columns=columns)
+
+
 def log_final_artifacts(config: RunConfig, tracking_uri: str, run_id: str, checkpoint_dir: str | None,
                         dataset_url: str, manifest: Any) -> None:
     if checkpoint_dir is None:
@@ -68,16 +82,10 @@ def log_final_artifacts(config: RunConfig, tracking_uri: str, run_id: str, check
                                        decoder=SampleDecoder(manifest.spec, target))))
     x = images.float().div(255)  # the logged model's input: pixels in [0, 1]
     with torch.no_grad():
-        torch.manual_seed(config.train.seed)  # dynamic binarization of the inputs, reproducibly
-        inputs, _ = model.prepare(x)
-        recon = model.reconstruct(inputs if isinstance(model.likelihood, Bernoulli) else x)
         samples = model.sample(32, generator=torch.Generator().manual_seed(config.train.seed))
-    # Reconstruction grid: columns alternate input (as the model saw it) / reconstruction.
-    shown = inputs if isinstance(model.likelihood, Bernoulli) else x  # binarized as trained on, else the pixels
-    pairs = torch.stack([shown, recon], 1)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / "reconstructions.png", Path(tmp) / "prior_samples.png"]
-        image_grid(pairs.flatten(0, 1).numpy(), columns=16).save(paths[0])
+        reconstruction_grid(model, images, config.train.seed).save(paths[0])
         image_grid(samples.numpy()).save(paths[1])
         tracking.log_artifact_files(tracking_uri, run_id, paths, artifact_path="images")
         weights = Path(tmp) / WEIGHTS_FILE

@@ -138,6 +138,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"{steps} steps/epoch, "
               f"from epoch {position.epoch + 1} step {position.step_in_epoch}")
     my_partitions = partitions_of_rank(partitions, world_size, rank)
+    # Rank 0 shows the same validation images every epoch (reconstruction grids at their step).
+    preview = _preview_images(manifest, args.dataset_url, options, decoder) if is_master else None
     recorder = _SampleRecorder(cfg.train.sample_log, rank) if cfg.train.sample_log else None
     latent, skipped_nonfinite, setup_logged = cfg.model.latent, 0, False
 
@@ -213,19 +215,43 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tic = time.perf_counter()
 
         position.epoch, position.step_in_epoch = epoch + 1, 0
+        stats: dict[str, Any] = {}  # the all-reduced arrays behind the code-use plots
         val = evaluate_split(ema.module if ema else model, manifest, args.dataset_url, "val", rank=rank,
                              world_size=world_size, batch_size=global_batch // world_size, cfg=cfg, step=position.step,
-                             options=options, decoder=decoder)
+                             options=options, decoder=decoder, stats=stats)
         data_health = _data_health_across_ranks(world_size)  # a collective: every rank, same point
         if logger:
             log_data_health(logger, position.step, *data_health)
             logger.log_metrics(val, position.step)
+            _log_epoch_images(logger, ema.module if ema else model, preview, stats, cfg.train.seed, position.step)
             print(f"[rank 0] epoch {epoch + 1}/{cfg.train.epochs} step {position.step}: val -ELBO "
                   f"{val['val/loss']:.3f} (recon {val['val/recon']:.3f}, kl {val['val/kl']:.3f})")
         report = {"epoch": epoch + 1, "step": position.step, **val}
         if epoch + 1 == cfg.train.epochs and logger:
             report |= {f"tracking/{k}": v for k, v in logger.close().items()}
         _report(logger, report, model, optimizer, position, partitions, args.config, precision, ema)
+
+
+def _preview_images(manifest: Any, url: str, options: ReadOptions, decoder: SampleDecoder) -> torch.Tensor:
+    """The first 16 validation images, uint8 [16, C, H, W]."""
+    from pipeline.data import eval_batches
+
+    images, _ = next(iter(eval_batches(manifest, url, split="val", rank=0, world_size=1, batch_size=16,
+                                       options=options, decoder=decoder)))
+    return images
+
+
+def _log_epoch_images(logger: RunLogger, model: torch.nn.Module, preview: torch.Tensor | None, stats: dict[str, Any],
+                      seed: int, step: int) -> None:
+    """Per epoch, at its step (MLflow's image slider shows progress): the reconstruction grid of the
+    preview images and, for categorical latents, the code-use plots (KL heat map, code usage)."""
+    from pipeline.train.artifacts import reconstruction_grid
+    from pipeline.train.code_plots import code_use_images
+
+    if preview is not None:
+        logger.log_image("reconstructions", reconstruction_grid(model, preview, seed), step)
+    for name, image in code_use_images(stats).items():
+        logger.log_image(name, image, step)
 
 
 def _node_ids(world_size: int) -> list[str]:

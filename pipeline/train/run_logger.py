@@ -18,8 +18,11 @@ both values): the thread reads each metric's last step from the run before its f
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -34,7 +37,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponen
 PENDING_FILE = "mlflow-pending.jsonl"  # inside a checkpoint folder
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limits per log_batch request
 MAX_TAGS_PER_BATCH = 100
-Row = dict[str, Any]  # {"key", "value", "timestamp", "step"} | {"tag", "value"} | {"restart": reason, "id"}
+# {"key", "value", "timestamp", "step"} | {"tag", "value"} | {"restart": reason, "id"} | {"image": key, "step", "png"}
+Row = dict[str, Any]
 
 
 def retry_policy(*, stop: Any = stop_never, max_backoff_s: float = 10.0, on_retry: Any = None) -> Retrying:
@@ -55,6 +59,7 @@ class _Store:
     def __init__(self, client: MlflowClient, run_id: str, *, resumed: bool) -> None:
         self.client, self.run_id = client, run_id
         self.held: dict[str, int] | None = None if resumed else {}  # None: read from the run first
+        self.held_images: set[tuple[str, int]] = set()  # (key, step) of images the run has
 
     def _read_held(self) -> dict[str, int]:
         run = self.client.get_run(self.run_id)
@@ -66,9 +71,13 @@ class _Store:
         are recorded after each request, so a retry after a partial write sends no step twice."""
         if self.held is None:
             self.held = self._read_held()
+            self.held_images = self._read_held_images()
         for segment in segments(rows):
             if "restart" in segment[0]:
                 self._count_restart(segment[0])
+                continue
+            if "image" in segment[0]:
+                self._log_image(segment[0])
                 continue
             tags = [RunTag(row["tag"], str(row["value"])) for row in segment if "tag" in row]
             for start in range(0, len(tags), MAX_TAGS_PER_BATCH):  # tags are idempotent: resending is harmless
@@ -84,6 +93,25 @@ class _Store:
                 for metric in chunk:
                     self.held[metric.key] = metric.step
 
+    def _read_held_images(self) -> set[tuple[str, int]]:
+        # MLflow names a stepped image images/<key, '/' as '~'>+step+<step>+timestamp+...
+        held = set()
+        for artifact in self.client.list_artifacts(self.run_id, "images"):
+            found = re.match(r"images/(.+?)\+step\+(\d+)\+", artifact.path)
+            if found:
+                held.add((found.group(1).replace("~", "/"), int(found.group(2))))
+        return held
+
+    def _log_image(self, row: Row) -> None:
+        """One image at its step (MLflow's image slider); a restored rank 0 does not log it twice."""
+        from PIL import Image
+
+        if (row["image"], row["step"]) in self.held_images:
+            return
+        image = Image.open(io.BytesIO(base64.b64decode(row["png"])))
+        self.client.log_image(self.run_id, image, key=row["image"], step=row["step"], synchronous=True)
+        self.held_images.add((row["image"], row["step"]))
+
     def _count_restart(self, row: Row) -> None:
         tags = self.client.get_run(self.run_id).data.tags
         if tags.get("last_restart.id") == row["id"]:  # counted already (a retry, or a fallback file replayed twice)
@@ -94,11 +122,11 @@ class _Store:
 
 
 def segments(rows: list[Row]) -> list[list[Row]]:
-    """Rows cut at restart rows: a restart count is one request of its own and never resent
-    after it succeeded (the sender drops each segment once delivered)."""
+    """Rows cut at restart and image rows: each is a request of its own, never resent after it
+    succeeded (the sender drops each segment once delivered)."""
     out: list[list[Row]] = []
     for row in rows:
-        if "restart" in row or not out or "restart" in out[-1][0]:
+        if "restart" in row or "image" in row or not out or "restart" in out[-1][0] or "image" in out[-1][0]:
             out.append([row])
         else:
             out[-1].append(row)
@@ -131,6 +159,12 @@ class RunLogger:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._append([{"tag": key, "value": str(value)} for key, value in tags.items()])
+
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        """A PIL image under ``key`` at ``step`` (e.g. a reconstruction grid per epoch), PNG-encoded now."""
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        self._append([{"image": key, "step": int(step), "png": base64.b64encode(buffer.getvalue()).decode("ascii")}])
 
     def count_restart(self, reason: str) -> None:
         """Increment the run's `restarts` tag (and set `last_restart`) when MLflow can be reached."""

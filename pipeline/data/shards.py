@@ -70,13 +70,28 @@ class SplitInfo(_Model):
         return self
 
 
+class TokenInfo(_Model):
+    """A token dataset's provenance and layout (`pipeline encode`, pipeline/encode.py): each sample's
+    ``.npy`` is the posterior mode of a categorical latent as uint16 class indices in [0, categories)."""
+
+    run_id: str  # the MLflow run whose model wrote the tokens
+    model_version: str  # "models:/<name>/<version>" when the run's model is registered, else "runs:/<run_id>"
+    source: str  # URL of the encoded dataset
+    source_sha256: str  # its manifest's digest()
+    categories: int  # K
+    grid: list[int] | None = None  # [h, w] of a grid latent (arch resnet); None: N flat variables
+    shape: list[int]  # the stored array: [h, w] for a grid, [N] otherwise
+    image_shape: list[int]  # [C, H, W] the model reads and its decoder renders
+
+
 class Manifest(_Model):
     format_version: Literal[1, 2] = 2
     source: str
     image_shape: list[int] | None = None  # format 1: [H, W]; format 2: stored [C, H, W] (None: varies)
-    dtype: Literal["uint8"] = "uint8"
+    dtype: Literal["uint8", "uint16"] = "uint8"  # uint16: token shards only (``tokens`` set)
     keys: list[str] = ["npy", "cls"]  # every member suffix a sample may carry
     sample: SampleSpec | None = None  # format 2: the sample contract
+    tokens: TokenInfo | None = None  # token datasets (`pipeline encode`) only
     splits: dict[str, SplitInfo]
     created: str  # ISO 8601, UTC
 
@@ -100,6 +115,13 @@ class Manifest(_Model):
             unsafe = sorted(set(self.keys) - self.sample.declared | set(self.keys) & UNSAFE)
         if unsafe:
             raise ValueError(f"keys {unsafe} are not allowed (declared: {sorted(self.spec.declared)}; never pickles)")
+        return self
+
+    @model_validator(mode="after")
+    def _tokens_are_uint16(self) -> "Manifest":
+        # uint16 arrays are token grids, never images: image readers refuse them (contract: uint8 npy).
+        if (self.dtype == "uint16") != (self.tokens is not None) or (self.tokens and self.spec.image != "npy"):
+            raise ValueError("dtype uint16 is for token datasets: it needs a 'tokens' section and .npy samples")
         return self
 
     @property
@@ -188,13 +210,16 @@ def begin_dataset(out_url: str) -> tuple[fsspec.AbstractFileSystem, str, set[str
 
 
 def finish_dataset(fs: fsspec.AbstractFileSystem, root: str, stale: set[str], *, source: str,
-                   spec: SampleSpec, split_infos: dict[str, SplitInfo]) -> Manifest:
-    """Write the manifest (last), then delete shards of an older, larger write it no longer names."""
+                   spec: SampleSpec, split_infos: dict[str, SplitInfo], tokens: TokenInfo | None = None) -> Manifest:
+    """Write the manifest (last), then delete shards of an older, larger write it no longer names.
+    ``tokens``: a token dataset (`pipeline encode`): dtype uint16 and its provenance."""
     manifest = Manifest(
         source=source,
         image_shape=list(spec.shape) if spec.shape else None,
+        dtype="uint16" if tokens is not None else "uint8",
         keys=sorted(spec.declared),
         sample=spec,
+        tokens=tokens,
         splits=split_infos,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

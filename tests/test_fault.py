@@ -228,6 +228,7 @@ def test_killed_driver_resumes_the_same_run(mnist_dataset, tmp_path):
                              capture_output=True, text=True, timeout=500)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"run_id: {run_id}" in resumed.stdout
+    assert "Traceback" not in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]  # no teardown noise
     runs = client.search_runs([client.get_experiment_by_name("driver-kill").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert int(runs[0].data.tags["restarts"]) == 1

@@ -43,12 +43,13 @@ def absolute_url(url: str) -> str:
     return url if "://" in url else str(Path(url).expanduser().resolve())
 
 
-def connect_ray(address: str | None, config: RunConfig) -> None:
-    """Join RAY_ADDRESS/--address if given, else start a local cluster sized to this machine."""
+def connect_ray(address: str | None, config: RunConfig) -> bool:
+    """Join RAY_ADDRESS/--address if given, else start a local cluster sized to this machine;
+    True when this call started a local cluster (so it is ours to shut down)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
@@ -56,7 +57,7 @@ def connect_ray(address: str | None, config: RunConfig) -> None:
         except (ConnectionError, RuntimeError) as err:
             raise TrainingError(f"cannot join the Ray cluster at {address}: {_root_cause(err)} (is it up, and does "
                                 "this machine have its token: RAY_AUTH_TOKEN or ~/.ray/auth_token?)") from None
-        return
+        return False
     cpus = os.cpu_count() or 1
     needed = config.train.workers * config.train.cpus_per_worker
     if needed > cpus:
@@ -68,8 +69,42 @@ def connect_ray(address: str | None, config: RunConfig) -> None:
     # was seen to pick an unreachable node address and hang otherwise. The dashboard (127.0.0.1
     # only, ~1 GiB) serves the state API that Ray Train's placement-group cleaner polls; without
     # it that actor logs a warning every few seconds.
+    # The dashboard's address, fixed here and inherited by every Ray process through the
+    # environment: Ray Train's placement-group cleaner otherwise looks for "the" cluster of this
+    # machine and dies on "Found multiple active Ray instances" when another one runs.
+    dashboard_port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+             dashboard_port=dashboard_port, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shutdown_local_ray_quietly() -> None:
+    """Shut down the local cluster we started, after a run that finished, without its teardown noise.
+
+    While the cluster goes away its actors print tracebacks that mean nothing after a success
+    (PlacementGroupCleaner: "Timed out while waiting for GCS"; TrainController: GetTimeoutError;
+    a raylet abort), and Ray echoes them on our console, where they read as a failure. So the echo of worker logs stops first. Ray has no
+    public switch for that after `ray.init`: the handler name is Ray's own (ray/_private/worker.py).
+    """
+    import contextlib
+    import io
+
+    import ray
+    from ray._private import worker as ray_worker
+
+    with contextlib.suppress(Exception):
+        ray_worker.global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ray.shutdown()  # also flushes Ray's de-duplicated log lines: they go nowhere
 
 
 def train(config: RunConfig, *, address: str | None = None, trigger: str = "manual",
@@ -103,7 +138,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     storage = absolute_url(config.train.storage or "ray_results")
     # Ray first: a cluster that cannot take this run refuses it before an MLflow run exists.
     with console.status("starting Ray"):
-        connect_ray(address, config)
+        own_cluster = connect_ray(address, config)
     check_shared_storage(storage=storage, dataset_url=dataset_url, tracking_uri=tracking_uri)
     if resume_run_id:
         run_id = resume_run_id
@@ -156,6 +191,8 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
         tracking.end_run(tracking_uri, run_id, failed=True, reason=f"final artifacts: {err}")
         raise
     tracking.end_run(tracking_uri, run_id)
+    if own_cluster:
+        shutdown_local_ray_quietly()
     return TrainResult(
         run_id=run_id, tracking_uri=tracking_uri, val_loss=float(metrics.get("val/loss", float("nan"))),
         epochs=int(metrics.get("epoch", 0)), steps=int(metrics.get("step", 0)), checkpoint_path=checkpoint_path,

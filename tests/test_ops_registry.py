@@ -156,7 +156,7 @@ def test_real_runs_on_shared_validation_shards_compare_and_a_registry_failure_sh
     refused = config.model_copy(deep=True)
     refused.tracking.registered_model = "team/digits"  # MLflow refuses '/' in a model name
     assert after_training(refused, results[1]) is None
-    assert "warning: model registry step failed, champion unchanged" in capsys.readouterr().err
     run = get_run(tracking_uri, results[1].run_id)
-    assert run.data.tags["champion.decision"] == "registry-failed" and "team/digits" in run.data.tags["champion.reason"]
+    assert run.data.tags.get("champion.decision") == "registry-failed" and "team/digits" in run.data.tags["champion.reason"]
+    assert "warning: model registry step failed, champion unchanged" in capsys.readouterr().err
     assert run.info.status == "FINISHED"

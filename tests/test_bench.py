@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,11 +225,17 @@ def test_prefetch_same_order_errors_in_place_and_close():
             yield i
             i += 1
 
+    before = set(threading.enumerate())
     stream = prefetch(endless(), 2)
     assert next(stream) == 0
     stream.close()
+    deadline = time.monotonic() + 5
+    while (producers := [t for t in set(threading.enumerate()) - before if t.is_alive()]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert producers == []  # the producer thread stopped (it notices within its 0.1 s put timeout)
     count = len(produced)
-    assert count <= 5 and len(produced) == count  # the producer stopped
+    time.sleep(0.3)
+    assert len(produced) == count <= 5  # nothing produced after it stopped; at most depth + 3 before
 
 
 def _bench(*args: str, timeout: int) -> dict:

@@ -36,6 +36,7 @@ def test_dvae_on_two_workers_lands_schedules_code_use_and_per_epoch_images(ray_c
                 "train/kl_weight", "train/lr", "train/temperature"):
         assert key in metrics, key
     assert 0 <= metrics["latent/dead_codes"] <= 1 and metrics["val/psnr"] > 0
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
     beta = [m.value for m in sorted(client.get_metric_history(result.run_id, "train/kl_weight"), key=lambda m: m.step)]
     assert beta[0] < beta[-1] == pytest.approx(1.0)  # warmed up from ~0 to beta
     tau = [m.value for m in sorted(client.get_metric_history(result.run_id, "train/temperature"), key=lambda m: m.step)]

@@ -10,13 +10,14 @@ Ray workers; inside the workers only rank 0 logs, through a `RunLogger`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 from mlflow.entities import RunStatus, RunTag
@@ -192,3 +193,24 @@ def end_run(tracking_uri: str, run_id: str, *, failed: bool = False, reason: str
 
 def get_run(tracking_uri: str, run_id: str):
     return MlflowClient(tracking_uri).get_run(run_id)
+
+
+@contextlib.contextmanager
+def system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0) -> Iterator[None]:
+    """MLflow's system metrics (``system/*``: CPU, memory, disk, network; GPU when NVML answers)
+    of the driver's machine, sampled every ``interval_s`` while the block runs (the training).
+    A resumed run continues its system-metric steps. Monitoring problems never fail training."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "started monitoring" lines
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                       tracking_uri=tracking_uri)
+        monitor.start()
+    except Exception:  # noqa: BLE001 - e.g. psutil missing: training goes on without them
+        monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()

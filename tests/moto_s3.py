@@ -82,9 +82,12 @@ class FaultyProxy:
 
     KINDS = ("500", "reset", "truncate")
 
-    def __init__(self, upstream: str, every: int = 3, max_faults: int = 1000) -> None:
+    def __init__(self, upstream: str, every: int = 3, max_faults: int = 1000, *, ranged_gets_only: bool = False) -> None:
         self.upstream = upstream.removeprefix("http://")
         self.every, self.max_faults = every, max_faults
+        # only GETs of byte ranges (the body reads): each fault is then exactly one failed read
+        # attempt, where a HEAD or listing may be one of several requests inside a single attempt
+        self.ranged_gets_only = ranged_gets_only
         self.requests = self.faults = 0
         self.by_kind = {kind: 0 for kind in self.KINDS}
         self._lock = threading.Lock()
@@ -100,9 +103,9 @@ class FaultyProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def _next_fault(self, method: str) -> str | None:
+    def _next_fault(self, method: str, ranged: bool = False) -> str | None:
         with self._lock:
-            if method not in ("GET", "HEAD"):
+            if method not in ("GET", "HEAD") or (self.ranged_gets_only and not (method == "GET" and ranged)):
                 return None
             self.requests += 1
             if self.requests % self.every or self.faults >= self.max_faults:
@@ -131,7 +134,7 @@ class FaultyProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                fault = proxy._next_fault(self.command)
+                fault = proxy._next_fault(self.command, ranged="Range" in self.headers)
                 if fault == "reset":
                     self._reset()
                     return

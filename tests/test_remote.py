@@ -62,7 +62,27 @@ def test_reads_survive_a_faulty_server_and_count_retries(s3) -> None:
         got = b"".join(iter(lambda: reader.read(64_000), b""))
     assert got == data
     assert proxy.faults >= 4 and all(proxy.by_kind.values())  # 500s, resets and cut-off bodies all happened
-    assert 1 <= data_health().read_retries <= proxy.faults
+    assert 1 <= data_health().read_retries <= proxy.faults  # exact per kind of fault: the next test
+
+
+class _OneKind(FaultyProxy):
+    def __init__(self, kind: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.KINDS = (kind,)
+
+
+@pytest.mark.parametrize("kind", ["500", "truncate", pytest.param("reset", marks=pytest.mark.xfail(
+    strict=True, reason="a connection reset during a ranged GET is retried once below us (aiobotocore/aiohttp) "
+                        "without being counted: pipeline/data/remote.py does not yet see or count it"))])
+def test_every_failed_read_is_counted_exactly_once(s3, kind) -> None:
+    """The README's claim: no silent retry below our counted one, so data/read_retries is the truth."""
+    data = os.urandom(1_500_000)
+    fsspec.filesystem("s3").pipe("remote-tests/exact.bin", data)
+    with _OneKind(kind, s3, every=3, ranged_gets_only=True) as proxy, s3_environment(proxy.endpoint):
+        reader = RetryingReader("s3://remote-tests/exact.bin", FAST, block_size=150_000)
+        got = b"".join(iter(lambda: reader.read(64_000), b""))
+    assert got == data and proxy.faults >= 2
+    assert data_health().read_retries == proxy.faults  # each fault is one failed read attempt, counted once
 
 
 def digits_like(n: int, seed: int) -> Split:
@@ -92,10 +112,10 @@ def test_persistent_failure_gives_up_naming_the_shard(s3) -> None:
     url = "s3://remote-tests/down"
     write_shards(splits, url, source="random", samples_per_shard=20, progress=False)
     manifest = read_manifest(url)
-    with FaultyProxy(s3, every=1) as proxy, s3_environment(proxy.endpoint):
+    with _OneKind("500", s3, every=1, ranged_gets_only=True) as proxy, s3_environment(proxy.endpoint):
         with pytest.raises(ShardError, match=r"^shard s3://remote-tests/down/train-00000\.tar: unreadable shard"):
             list(read_shard(manifest, url, manifest.splits["train"].shards[0], options=ReadOptions(retries=2, retry_backoff_s=0.01)))
-    assert proxy.faults >= 3
+    assert (proxy.faults, data_health().read_retries) == (3, 2)  # the first attempt and exactly 2 retries
 
 
 # --- cache ------------------------------------------------------------------------------------------

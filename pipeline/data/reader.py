@@ -25,21 +25,21 @@ import hashlib
 import io
 import lzma
 import tarfile
-import threading
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.data.cache import ShardCache, cache_stats
+from pipeline.data.cache import ShardCache
 from pipeline.data.contract import SampleDecoder, SampleSpec
 from pipeline.data.errors import DataError, ShardError
+from pipeline.data.health import DataHealth, data_health, record_skip, reset_data_health  # noqa: F401 - the reader's counts
 from pipeline.data.fasttar import _fast_samples, _Recorded
-from pipeline.data.remote import RetryPolicy, is_local, is_transient, open_for_reading, retry_count
+from pipeline.data.remote import RetryPolicy, is_local, is_transient, open_for_reading
 from pipeline.data.shards import Manifest, ShardInfo, shard_url
 
 OnCorrupt = Literal["error", "skip"]
@@ -83,68 +83,6 @@ class ReadOptions:
 @lru_cache(maxsize=8)
 def _cache(directory: str, max_bytes: int) -> ShardCache:
     return ShardCache(directory, max_bytes)
-
-
-# --- what was skipped --------------------------------------------------------------------------------
-
-
-@dataclass
-class DataHealth:
-    """Snapshot of this process's read problems (cumulative since start or `reset_data_health`)."""
-
-    skipped_samples: int = 0
-    skipped_shards: dict[str, str] = field(default_factory=dict)  # shard URL -> first problem
-    read_retries: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-
-    def metrics(self) -> dict[str, float]:
-        """MLflow metric names -> values."""
-        return {"data/skipped_samples": float(self.skipped_samples), "data/read_retries": float(self.read_retries),
-                "data/cache_hits": float(self.cache_hits), "data/cache_misses": float(self.cache_misses)}
-
-
-class _SkipLedger:
-    """Which sample positions of which shards were skipped: a bitmap per damaged shard, so a
-    sample skipped again in a later epoch (or a refill pass) is counted once."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._skipped: dict[str, np.ndarray] = {}
-        self._problems: dict[str, str] = {}
-
-    def record(self, url: str, shard_samples: int, first: int, stop: int, problem: str) -> None:
-        with self._lock:
-            bitmap = self._skipped.setdefault(url, np.zeros(max(shard_samples, stop), dtype=bool))
-            bitmap[first:stop] = True
-            self._problems.setdefault(url, problem)
-
-    def snapshot(self) -> tuple[int, dict[str, str]]:
-        with self._lock:
-            return int(sum(int(b.sum()) for b in self._skipped.values())), dict(self._problems)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._skipped.clear()
-            self._problems.clear()
-
-
-_LEDGER = _SkipLedger()
-
-
-def data_health() -> DataHealth:
-    """Skipped samples and shards, read retries and cache hits of this process so far."""
-    skipped, shards = _LEDGER.snapshot()
-    cache = cache_stats()
-    return DataHealth(skipped, shards, retry_count(), cache.hits, cache.misses)
-
-
-def reset_data_health() -> None:
-    from pipeline.data import cache, remote
-
-    _LEDGER.clear()
-    remote.reset_retry_count()
-    cache._STATS.hits = cache._STATS.misses = cache._STATS.evicted = 0
 
 
 # --- decoding ------------------------------------------------------------------------------------------
@@ -379,7 +317,7 @@ def read_shard_chunks(
                                 keys, images, labels = [], [], []
                             if not skip:
                                 raise result
-                            _LEDGER.record(url, shard.samples, position, position + 1, str(result))
+                            record_skip(url, shard.samples, position, position + 1, str(result))
                             continue
                         keys.append(key)
                         images.append(result[0])
@@ -418,7 +356,7 @@ def read_shard_chunks(
             if error is err:
                 raise
             raise error from err
-        _LEDGER.record(url, shard.samples, max(index, start), stop, str(error))
+        record_skip(url, shard.samples, max(index, start), stop, str(error))
 
 
 def read_pieces(manifest: Manifest, dataset_url: str, shards: Sequence[ShardInfo], pieces: Sequence[Piece],

@@ -28,7 +28,8 @@ from pipeline.config import RunConfig
 from pipeline.data import partitions_of_rank, read_manifest, steps_per_epoch, train_batches
 from pipeline.data.stream import prefetch
 from pipeline.data.contract import ImageTarget, SampleDecoder
-from pipeline.data.reader import ReadOptions, data_health
+from pipeline.data.health import data_health
+from pipeline.data.reader import ReadOptions
 from pipeline.models import build_vae
 from pipeline.train.collectives import all_gather, all_reduce
 from pipeline.train.checkpoint import load_checkpoint, restore_ema, restore_rng, save_checkpoint, training_weights
@@ -59,6 +60,9 @@ class WorkerArgs:
     run_id: str
     resumed_run: bool = False  # the driver resumed an existing run (`pipeline train --resume`)
     fallback_dir: str | None = None  # where undeliverable metrics are written
+    # Testing aids, from the driver's environment (trainer.testing_aids), never from the user's config:
+    sample_log: str | None = None  # PIPELINE_SAMPLE_LOG: each rank appends the keys of every batch it trained
+    debug_nan_step: int | None = None  # PIPELINE_DEBUG_NAN_STEP: the batch of this global step is made NaN
 
 
 @dataclass
@@ -140,7 +144,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     my_partitions = partitions_of_rank(partitions, world_size, rank)
     # Rank 0 shows the same validation images every epoch (reconstruction grids at their step).
     preview = _preview_images(manifest, args.dataset_url, options, decoder) if is_master else None
-    recorder = _SampleRecorder(cfg.train.sample_log, rank) if cfg.train.sample_log else None
+    recorder = _SampleRecorder(args.sample_log, rank) if args.sample_log else None
     latent, skipped_nonfinite, setup_logged = cfg.model.latent, 0, False
 
     for epoch in range(position.epoch, cfg.train.epochs):
@@ -160,7 +164,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     logger.log_metrics({"perf/worker_setup_s": time.perf_counter() - entered}, position.step + 1)
                 setup_logged = True
             x = batch.x.to(device, non_blocking=True)
-            if cfg.train.debug_nan_step == position.step:
+            if args.debug_nan_step == position.step:
                 x = x * float("nan")  # testing aid: a corrupt batch at a chosen step
             # Schedules: pure functions of the global step (train/schedules.py), so a resume continues them.
             tau, beta = temperature(position.step, latent), kl_weight(position.step, cfg.train)

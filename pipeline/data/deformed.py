@@ -31,13 +31,13 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 
 from pipeline.data.errors import DataError
 from pipeline.data.contract import SampleSpec
+from pipeline.data.progress import PROGRESS_DIR, read_finished, record_finished
 from pipeline.data.shards import (
     ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, npy_members, write_shard,
 )
 from pipeline.data.sources import Split, load_mnist_splits
 
 RECIPE_VERSION = "deformed-mnist/1"
-PROGRESS_DIR = "_progress"
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def _run_job(job: ShardJob, out_url: str, recipe: str, splits: dict[str, Split],
     count, size, sha256 = write_shard(fs, f"{root}/{job.path}", _job_samples(job, splits, seed, params))
     info = ShardInfo(path=job.path, samples=count, bytes=size, sha256=sha256)
     # The record is written after the shard is complete: it is what makes a shard "finished".
-    fs.pipe_file(f"{root}/{PROGRESS_DIR}/{job.path}.json", json.dumps({"recipe": recipe, "shard": info.model_dump()}).encode())
+    record_finished(fs, root, info, recipe)
     return info
 
 
@@ -150,15 +150,8 @@ def recipe_digest(splits: dict[str, Split], seed: int, samples_per_shard: int, p
 
 
 def _finished(fs: fsspec.AbstractFileSystem, root: str, job: ShardJob, recipe: str) -> ShardInfo | None:
-    try:
-        record = json.loads(fs.cat_file(f"{root}/{PROGRESS_DIR}/{job.path}.json"))
-        info = ShardInfo.model_validate(record["shard"])
-        intact = fs.size(f"{root}/{job.path}") == info.bytes
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if record.get("recipe") != recipe or info.samples != job.last - job.first or not intact:
-        return None
-    return info
+    found = read_finished(fs, root, job.path, recipe, samples=job.last - job.first)
+    return None if found is None else found[0]
 
 
 def generate_deformed_mnist(

@@ -34,10 +34,10 @@ import numpy as np
 
 from pipeline.data.contract import SampleSpec, encode_image
 from pipeline.data.errors import DataError
+from pipeline.data.progress import PROGRESS_DIR, read_finished, record_finished
 from pipeline.data.shards import ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, write_shard
 
 RECIPE_VERSION = "images/1"
-PROGRESS_DIR = "_progress"
 CLASSES_NAME = "classes.json"
 # Source files we open, by extension, and the only Pillow decoders they may reach.
 SOURCE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "gif", "tif", "tiff"})
@@ -230,21 +230,13 @@ def _run_job(job: ShardJob, source: str, out_url: str, settings: Settings) -> tu
     count, size, sha256 = write_shard(fs, f"{root}/{job.path}", samples())
     info = ShardInfo(path=job.path, samples=count, bytes=size, sha256=sha256)
     # Written after the shard is complete: the record is what makes a shard "finished".
-    record = {"recipe": job.recipe(settings), "shard": info.model_dump(), "sizes": sizes}
-    fs.pipe_file(f"{root}/{PROGRESS_DIR}/{job.path}.json", json.dumps(record).encode())
+    record_finished(fs, root, info, job.recipe(settings), sizes=sizes)
     return info, sizes
 
 
 def _finished(fs: fsspec.AbstractFileSystem, root: str, job: ShardJob, settings: Settings):
-    try:
-        record = json.loads(fs.cat_file(f"{root}/{PROGRESS_DIR}/{job.path}.json"))
-        info = ShardInfo.model_validate(record["shard"])
-        intact = fs.size(f"{root}/{job.path}") == info.bytes
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if record.get("recipe") != job.recipe(settings) or info.samples != len(job.files) or not intact:
-        return None
-    return info, record.get("sizes") or []
+    found = read_finished(fs, root, job.path, job.recipe(settings), samples=len(job.files))
+    return None if found is None else (found[0], found[1].get("sizes") or [])
 
 
 # --- the command ------------------------------------------------------------------------------------------

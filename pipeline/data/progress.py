@@ -1,0 +1,40 @@
+"""Finished-shard records: what makes a long shard-writing job resumable.
+
+A job that writes many shards (`deformed-mnist`, `data images`, `encode`) records each shard
+in ``OUT/_progress/<shard>.json`` *after* the shard is complete, with the recipe that made it
+(a digest of every setting and input that decides its bytes). A re-run with the same recipe
+reuses a recorded shard whose file is still intact (same size) and redoes everything else, so
+an interrupted run resumes and a changed recipe never reuses a stale shard.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+
+from pipeline.data.shards import ShardInfo
+
+PROGRESS_DIR = "_progress"
+
+
+def record_finished(fs: fsspec.AbstractFileSystem, root: str, info: ShardInfo, recipe: str, **extra: Any) -> None:
+    """Record shard ``info`` (written under ``root``) as finished by ``recipe``; call it after the shard is complete."""
+    record = {"recipe": recipe, "shard": info.model_dump(), **extra}
+    fs.pipe_file(f"{root}/{PROGRESS_DIR}/{info.path}.json", json.dumps(record).encode())
+
+
+def read_finished(fs: fsspec.AbstractFileSystem, root: str, path: str, recipe: str,
+                  samples: int | None = None) -> tuple[ShardInfo, dict[str, Any]] | None:
+    """(the shard's info, its whole record) when ``path`` was finished by ``recipe`` (with ``samples``
+    samples, when given) and its file is intact; None: (re)write it."""
+    try:
+        record = json.loads(fs.cat_file(f"{root}/{PROGRESS_DIR}/{path}.json"))
+        info = ShardInfo.model_validate(record["shard"])
+        intact = fs.size(f"{root}/{path}") == info.bytes
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if record.get("recipe") != recipe or (samples is not None and info.samples != samples) or not intact:
+        return None
+    return info, record

@@ -40,7 +40,6 @@ from pipeline.data.errors import ShardError
 ImageFormat = Literal["npy", "png", "jpg", "jpeg", "webp", "ppm", "pgm"]
 ENCODED_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "ppm": "PPM", "pgm": "PPM"}
 IMAGE_FORMATS = frozenset(ENCODED_FORMATS) | {"npy"}
-LABEL_MEMBERS = frozenset({"cls", "json"})
 # Members a sample may carry without being read (captions, metadata); pickles never qualify.
 IGNORABLE = frozenset({"txt", "json", "cls", "caption", "url", "id", "key"}) | IMAGE_FORMATS
 UNSAFE = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "npz", "mp", "msgpack"})
@@ -113,10 +112,6 @@ def v1_spec(image_shape: Sequence[int]) -> SampleSpec:
     shape = list(image_shape)
     channels = 1 if len(shape) == 2 else shape[0]
     return SampleSpec(image="npy", channels=channels, size=shape[-2:], label="cls")
-
-
-def suffix_of(ext: str) -> str:
-    return ext.lower()
 
 
 # --- labels -------------------------------------------------------------------------------------------

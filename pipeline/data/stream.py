@@ -51,10 +51,6 @@ def _entropy(*parts: int) -> list[int]:
     return [int(p) % 2**64 for p in parts]
 
 
-def _torch_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(_entropy(*parts)).generate_state(1, np.uint64)[0])
-
-
 def partition_pieces(sizes: Sequence[int], order: Sequence[int], partitions: int,
                      which: Iterable[int] | None = None) -> dict[int, list[Piece]]:
     """Partition v's contiguous share [v*N//P, (v+1)*N//P) of the shards concatenated in ``order``.

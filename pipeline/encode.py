@@ -57,7 +57,7 @@ from pipeline.data.contract import ImageTarget, SampleDecoder, SampleSpec, encod
 from pipeline.data.errors import DataError
 from pipeline.data.reader import ReadOptions
 from pipeline.data.shards import (
-    Manifest, ShardInfo, SplitInfo, TokenInfo, begin_dataset, finish_dataset, read_manifest, shard_url, write_shard,
+    Manifest, ShardInfo, SplitInfo, TokenInfo, begin_dataset, finish_dataset, read_manifest, shard_url,
 )
 from pipeline.models import VAE
 
@@ -257,12 +257,56 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header `shards.write_shard` (tarfile) writes for a member: mode 0444, mtime 0,
+    uid/gid 0, no user names — built directly (tarfile's TarInfo costs ~0.15 ms a member, more than the
+    model: tests/test_encode.py checks the bytes are tarfile's)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100:  # tarfile splits long names into prefix + name
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o444, 0
+        return info.tobuf(tarfile.USTAR_FORMAT)
+    head = b"".join([raw.ljust(100, b"\0"), b"0000444\0", b"0000000\0", b"0000000\0", b"%011o\0" % size,
+                     b"00000000000\0", b" " * 8, b"0", bytes(100), b"ustar\x0000", bytes(32 + 32 + 8 + 8 + 155)])
+    head = head.ljust(512, b"\0")
+    return head[:148] + b"%06o\0" % sum(head) + head[155:]
+
+
+def write_tar(fs: fsspec.AbstractFileSystem, path: str,
+              samples: Iterator[tuple[str, dict[str, bytes]]]) -> tuple[int, int, str]:
+    """`shards.write_shard` (plain tar, the same bytes), ~5x faster per member: (samples, bytes, sha256)."""
+    digest, count, total = hashlib.sha256(), 0, 0
+    buffer = bytearray()
+    with fs.open(path, "wb") as out:
+        def flush() -> None:
+            nonlocal total
+            digest.update(buffer)
+            out.write(bytes(buffer))
+            total += len(buffer)
+            buffer.clear()
+
+        for key, members in samples:
+            for suffix, data in members.items():
+                buffer += _ustar_header(f"{key}.{suffix}", len(data))
+                buffer += data
+                buffer += bytes(-len(data) % 512)
+            count += 1
+            if len(buffer) >= 1 << 20:
+                flush()
+        buffer += bytes(1024)  # two zero blocks end the archive, then tarfile's 10240-byte record padding
+        buffer += bytes(-(total + len(buffer)) % tarfile.RECORDSIZE)
+        flush()
+    return count, total, digest.hexdigest()
+
+
 def _token_samples(ctx: EncodeContext, job: ShardJob, model: VAE, manifest: Manifest,
                    device: torch.device) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(source key, {npy, cls}) of every sample of the job's source shard, in order."""
     from pipeline.data.reader import read_shard_chunks
 
     decoder = SampleDecoder(manifest.spec, ctx.target, ctx.decode_workers)
+    empty = _npy(np.zeros(ctx.layout.shape, np.uint16))
+    npy_header = empty[: len(empty) - 2 * int(np.prod(ctx.layout.shape))]  # np.save's, for this shape and dtype
     torch.manual_seed(_shard_seed(ctx.seed, job))  # dynamic binarization: reproducible per shard
     pending_keys: list[str] = []
     pending_images: list[np.ndarray] = []
@@ -274,9 +318,9 @@ def _token_samples(ctx: EncodeContext, job: ShardJob, model: VAE, manifest: Mani
             images = np.concatenate(pending_images) if len(pending_images) > 1 else pending_images[0]
             labels = np.concatenate(pending_labels) if len(pending_labels) > 1 else pending_labels[0]
             x = torch.from_numpy(np.ascontiguousarray(decoder.finish(images[:n], None))).to(device)
-            tokens = tokens_of(model, x, ctx.layout).cpu().numpy().astype(np.uint16)
+            tokens = tokens_of(model, x, ctx.layout).cpu().numpy().astype("<u2")
             for key, grid, label in zip(pending_keys[:n], tokens, labels[:n]):
-                members = {"npy": _npy(grid)}
+                members = {"npy": npy_header + grid.tobytes()}  # = np.save(grid)
                 if ctx.with_labels:
                     members["cls"] = str(int(label)).encode("ascii")
                 yield key, members
@@ -306,7 +350,7 @@ def encode_shard(ctx: EncodeContext, job: ShardJob) -> dict:
     fs.makedirs(f"{root}/{PROGRESS_DIR}", exist_ok=True)
     source = shard_url(ctx.data_url, job.source)
     try:
-        count, size, sha256 = write_shard(fs, tmp, _token_samples(ctx, job, model, manifest, device))
+        count, size, sha256 = write_tar(fs, tmp, _token_samples(ctx, job, model, manifest, device))
         if count != job.source.samples:
             raise EncodeError(f"{source}: read {count} samples, its manifest says {job.source.samples}")
         fs.mv(tmp, f"{root}/{job.path}")  # the final name appears complete, or not at all

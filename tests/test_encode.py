@@ -290,6 +290,19 @@ def test_token_manifests_and_shards_are_checked(tmp_path) -> None:
     assert safe_name("../a/b c") == "_.._a_b_c" and safe_name("x-1.y") == "x-1.y"
 
 
+def test_token_tar_writer_writes_write_shards_bytes() -> None:
+    import fsspec
+
+    from pipeline.data.shards import write_shard
+    from pipeline.encode import write_tar
+
+    fs = fsspec.filesystem("memory")
+    samples = [(("long-folder/" * 11 if i == 3 else "") + f"k{i:05d}",
+                {"npy": _npy(np.full((2, 3), i, np.uint16)), "cls": str(i).encode()}) for i in range(37)]
+    assert write_tar(fs, "/fast.tar", iter(samples)) == write_shard(fs, "/ref.tar", iter(samples))
+    assert fs.cat_file("/fast.tar") == fs.cat_file("/ref.tar")
+
+
 def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)

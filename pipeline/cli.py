@@ -361,6 +361,55 @@ def evaluate(
             print(line)
 
 
+@app.command()
+def encode(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a trained categorical VAE (e.g. a grid dVAE)")],
+    data: Annotated[str, typer.Option("--data", help="Dataset to encode: a folder/URL with manifest.json")],
+    out: OutUrl,
+    splits: Annotated[Optional[str], typer.Option("--splits", help="Comma-separated splits (default: all)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass")] = 256,
+    address: Annotated[
+        Optional[str], typer.Option("--address", help="Ray cluster to use (default $RAY_ADDRESS, else a local cluster)")
+    ] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default as for train)")] = None,
+) -> None:
+    """Token shards of a dataset: per sample the posterior mode's codes as uint16 (a grid model's h x w
+    code grid) under the source key, one shard per input shard, as Ray tasks; a re-run resumes."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        from pipeline.ops.ray_jobs import enable_token_auth
+
+        enable_token_auth()
+    from pipeline.encode import EncodeError, encode_dataset
+
+    try:
+        result = encode_dataset(run_id, data, out, splits=[s.strip() for s in splits.split(",") if s.strip()]
+                                if splits else None, batch_size=batch_size, address=address, tracking_uri=tracking_uri)
+    except EncodeError as err:
+        _fail(str(err))
+    counts = ", ".join(f"{name} {info.samples}" for name, info in result.manifest.splits.items())
+    rate = f", {result.samples_per_s:.0f} samples/s" if result.encoded_samples else ""
+    console.print(f"encoded {result.written} shards, reused {result.reused} finished ({counts}{rate}) + "
+                  f"manifest.json to {out}")
+
+
+@app.command()
+def decode(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id whose model wrote the tokens")],
+    tokens: Annotated[str, typer.Option("--tokens", help="Token dataset written by `pipeline encode`")],
+    out: Annotated[str, typer.Option("--out", help="Directory (or fsspec URL) for <key>.png")],
+    limit: Annotated[Optional[int], typer.Option("--limit", min=0, help="Render at most N samples")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default as for train)")] = None,
+) -> None:
+    """Render token shards as images (PNG, named by sample key) through the run's decoder."""
+    from pipeline.encode import EncodeError, decode_tokens
+
+    try:
+        result = decode_tokens(run_id, tokens, out, limit=limit, tracking_uri=tracking_uri)
+    except EncodeError as err:
+        _fail(str(err))
+    console.print(f"rendered {result.images} images to {out}")
+
+
 @app.command("config")
 def show_config(config: str, override: Overrides = None) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""

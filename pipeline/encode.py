@@ -432,6 +432,10 @@ def encode_dataset(run_id: str, data_url: str, out_url: str, *, splits: list[str
     if batch_size < 1:
         raise EncodeError(f"batch size must be >= 1, got {batch_size}")
     data_url, out_url = _absolute(data_url), _absolute(out_url)
+    from pipeline.data.shards import manifest_location
+
+    if manifest_location(data_url)[0].rstrip("/") == out_url.rstrip("/"):
+        raise EncodeError(f"--out {out_url} is the dataset's own folder: token shards would replace its shards")
     try:
         source = read_manifest(data_url)
     except DataError as err:

@@ -239,6 +239,8 @@ def test_clear_errors_name_the_run_and_the_shard(ray_cluster, digits_dataset, st
     gaussian = _logged_run(store, tmp_path, digits_dataset, "model.latent.kind=gaussian", "model.latent.variables=4")
     with pytest.raises(EncodeError, match=f"run {gaussian}.*not categorical"):
         encode_dataset(gaussian, digits_dataset, str(tmp_path / "g"), tracking_uri=store, progress=False)
+    with pytest.raises(EncodeError, match="the dataset's own folder"):
+        encode_dataset(gaussian, digits_dataset, digits_dataset + "/", tracking_uri=store, progress=False)
     with pytest.raises(EncodeError, match="no MLflow run"):
         encode_dataset("f" * 32, digits_dataset, str(tmp_path / "g"), tracking_uri=store, progress=False)
 

@@ -196,10 +196,16 @@ class TrainConfig(_Section):
     on_nonfinite: Literal["stop", "skip_batch"] = Field(
         "stop", description="NaN/inf loss or gradient: stop (run FAILED) or skip that batch's update (counted)"
     )
-    debug_nan_step: int | None = Field(None, ge=0, description="Testing aid: make the batch of this step NaN")
-    sample_log: str | None = Field(
-        None, description="Testing aid: a directory where each rank appends the keys of every batch it trained on"
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_testing_aids(cls, values: Any) -> Any:
+        """train.sample_log and train.debug_nan_step were testing aids in the user's schema (now the
+        environment variables PIPELINE_SAMPLE_LOG, PIPELINE_DEBUG_NAN_STEP): a config logged with them
+        unset still loads (`pipeline train --resume` of an older run); set, they are refused as unknown."""
+        if isinstance(values, dict) and values.get("sample_log") is None and values.get("debug_nan_step") is None:
+            values = {k: v for k, v in values.items() if k not in ("sample_log", "debug_nan_step")}
+        return values
 
     @model_validator(mode="before")
     @classmethod

@@ -40,8 +40,8 @@ def cluster(tmp_path_factory):
             yield nodes
 
 
-def _train(cluster, tmp_path: Path, *overrides: str, timeout: float = 500, wait: bool = True):
-    env = dict(cluster.env)
+def _train(cluster, tmp_path: Path, *overrides: str, timeout: float = 500, wait: bool = True, env: dict | None = None):
+    env = dict(cluster.env) | (env or {})
     env.pop("RAY_AUTH_MODE")  # the CLI must turn token auth on by itself for --address
     env |= {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
     cmd = [sys.executable, "-m", "pipeline", "train", str(DIGITS_CONFIG), "--address", cluster.address,
@@ -119,7 +119,7 @@ def test_losing_a_worker_node_continues_on_the_rest(cluster, tmp_path):
     sample_log = tmp_path / "samples"
     proc = _train(cluster, tmp_path, "train.workers=1..2", f"train.epochs={epochs}", f"train.batch_size={batch}",
                   "train.checkpoint_every_steps=10", "train.log_every=5", f"train.storage=s3://{BUCKET}/elastic",
-                  f"train.sample_log={sample_log}", "tracking.experiment=node-loss", wait=False)
+                  "tracking.experiment=node-loss", wait=False, env={"PIPELINE_SAMPLE_LOG": str(sample_log)})
     try:
         victim = _wait_for_step(sample_log, rank=1, step=55, proc=proc)
         lost = next(node for node in cluster.workers if node.owns(victim["pid"]))

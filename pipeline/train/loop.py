@@ -164,14 +164,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     logger.log_metrics({"perf/worker_setup_s": time.perf_counter() - entered}, position.step + 1)
                 setup_logged = True
             x = batch.x.to(device, non_blocking=True)
-            if args.debug_nan_step == position.step:
-                x = x * float("nan")  # testing aid: a corrupt batch at a chosen step
             # Schedules: pure functions of the global step (train/schedules.py), so a resume continues them.
             tau, beta = temperature(position.step, latent), kl_weight(position.step, cfg.train)
             beta_y = kl_y_weight(position.step, cfg.train) if latent.kind == "mixture" else 1.0
             set_learning_rate(optimizer, learning_rate(position.step, cfg.train, total_steps))
             with precision.autocast():
                 out = _forward_by_partition(ddp_model, x, my_partitions, tau, cfg.train.seed, position.step)
+            if args.debug_nan_step == position.step:  # testing aid: a batch whose loss is NaN at a chosen step
+                out = _StepOutput(out.loss * float("nan"), out.recon * float("nan"), out.kl, out.kl_terms)
             # out.loss is the -ELBO; a mixture's KL of y (term 0) may weigh more early on (deterministic annealing).
             objective = (out.loss if beta == beta_y == 1.0
                          else out.recon + beta * (out.kl + (beta_y - 1.0) * out.kl_terms[0]))

@@ -153,7 +153,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     try:
         worker_args = WorkerArgs(config.model_dump(mode="json"), dataset_url, tracking_uri, run_id,
                                  resumed_run=bool(resume_run_id), fallback_dir=str(Path(storage) / ray_run_name)
-                                 if "://" not in storage else None)
+                                 if "://" not in storage else None, **testing_aids())
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=asdict(worker_args),
@@ -241,6 +241,17 @@ def _warn_about_late_metrics(metrics: dict, tracking_uri: str, run_id: str) -> N
         except Exception as err:  # noqa: BLE001 - still unreachable: keep the file, say how to deliver it
             console.print(f"[yellow]warning:[/] metrics not yet in MLflow run {run_id} are kept in {fallback}: "
                           f"deliver them with `pipeline replay-metrics {fallback}` ({err})")
+
+
+def testing_aids() -> dict:
+    """Switches for the tests, read from the driver's environment and handed to every worker in
+    WorkerArgs (Ray workers do not see the driver's environment); never part of the user's config,
+    so never logged as params. PIPELINE_SAMPLE_LOG=DIR: each rank appends the keys of every batch
+    it trained to DIR/rank<r>.jsonl. PIPELINE_DEBUG_NAN_STEP=N: the batch of global step N is NaN."""
+    nan_step = os.environ.get("PIPELINE_DEBUG_NAN_STEP")
+    sample_log = os.environ.get("PIPELINE_SAMPLE_LOG")
+    return {"sample_log": str(Path(sample_log).resolve()) if sample_log else None,
+            "debug_nan_step": int(nan_step) if nan_step else None}
 
 
 def _placement_strategy(config: RunConfig) -> str:

@@ -6,10 +6,11 @@ import os
 import re
 import secrets
 import shlex
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_fixed
 
 import pipeline
 from pipeline.config import load_config
@@ -113,13 +114,13 @@ def build_submission(req: JobRequest) -> JobSubmission:
     return JobSubmission(kwargs=kwargs, passed_env=sorted(env), experiment=config.tracking.experiment)
 
 
+def _no_agent_yet(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and "No available agent" in str(err)
+
+
 def submit(client, submission: JobSubmission, *, agent_wait_s: float = 60.0) -> str:
-    """Submit; a head that has just started answers "No available agent" for a few seconds: retry that."""
-    deadline = time.monotonic() + agent_wait_s
-    while True:
-        try:
-            return client.submit_job(**submission.kwargs)
-        except RuntimeError as err:
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(2.0)
+    """Submit; a head that has just started answers "No available agent" for a few seconds: retry
+    that (every 2 s, for up to ``agent_wait_s``); any other error is raised at once."""
+    retrying = Retrying(retry=retry_if_exception(_no_agent_yet), wait=wait_fixed(2.0),
+                        stop=stop_after_delay(agent_wait_s), reraise=True)
+    return retrying(client.submit_job, **submission.kwargs)

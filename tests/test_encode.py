@@ -20,12 +20,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.config import load_config, parse_config
+from pipeline.config import load_config
 from pipeline.data import read_manifest
 from pipeline.data.contract import ImageTarget, SampleDecoder
-from pipeline.data.reader import ReadOptions, read_shard_chunks
-from pipeline.data.shards import Manifest, shard_url
-from pipeline.data.stream import eval_batches
+from pipeline.data.reader import read_shard_chunks
+from pipeline.data.shards import Manifest
 from pipeline.encode import (
     HANG_ENV, PROGRESS_DIR, EncodeError, decode_tokens, encode_dataset, load_run_model, pixels_of, read_tokens,
     safe_name, token_layout, tokens_of,
@@ -146,6 +145,16 @@ def test_encode_writes_every_sample_once_in_source_order(grid_run, digits_datase
 
 def test_killed_run_resumes_redoing_only_unfinished_shards(ray_cluster, grid_run, digits_dataset, store, reference,
                                                           tmp_path) -> None:
+    import psutil
+
+    def hung_tasks() -> list[int]:
+        """Processes running an encode task (Ray titles a worker by its task)."""
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            if any("ray::encode_shard" in part for part in proc.info["cmdline"] or []):
+                found.append(proc.pid)
+        return found
+
     out = tmp_path / "tokens"
     gcs = ray_cluster.get_runtime_context().gcs_address
     env = os.environ | {HANG_ENV: "train-00001.tar"}
@@ -157,13 +166,19 @@ def test_killed_run_resumes_redoing_only_unfinished_shards(ray_cluster, grid_run
     progress = out / PROGRESS_DIR
     deadline = time.monotonic() + 150
     try:
-        while len(list(progress.glob("*.json"))) < 4:  # all but the hanging shard
+        # all but the hanging shard finished, and its task in flight (it may be scheduled last)
+        while len(list(progress.glob("*.json"))) < 4 or not hung_tasks():
             assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the other shards did not finish"
+            assert time.monotonic() < deadline, "the other shards did not finish, or the hanging task did not start"
             time.sleep(0.5)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the run dies with train-00001 in flight
         driver.wait()
+    # The killed run's task ends with it: Ray stops a dead driver's workers (no sleeping task left behind).
+    deadline = time.monotonic() + 60
+    while hung_tasks():
+        assert time.monotonic() < deadline, f"encode tasks still running after their driver was killed: {hung_tasks()}"
+        time.sleep(0.5)
     assert not (out / "train-00001.tar").exists()  # never under its final name before it is complete
     assert not (out / "manifest.json").exists()
     finished = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("*.tar")}

@@ -113,12 +113,16 @@ class _Store:
         self.held_images.add((row["image"], row["step"]))
 
     def _count_restart(self, row: Row) -> None:
+        """+1 on `restarts`, once per restart row: the ids counted so far are kept in the tag
+        `restarts.ids`, so a row sent again (a retry, a checkpoint's pending rows delivered by the
+        next rank 0, a fallback file replayed twice) is not counted twice."""
         tags = self.client.get_run(self.run_id).data.tags
-        if tags.get("last_restart.id") == row["id"]:  # counted already (a retry, or a fallback file replayed twice)
+        counted = [i for i in tags.get("restarts.ids", "").split(",") if i]
+        if row["id"] in counted:
             return
-        count = int(tags.get("restarts", "0")) + 1
-        self.client.log_batch(self.run_id, tags=[RunTag("restarts", str(count)), RunTag("last_restart", row["restart"]),
-                                                 RunTag("last_restart.id", row["id"])])
+        ids = ",".join([*counted, row["id"]])[-5000:]  # MLflow's tag limit: the oldest ids go first
+        self.client.log_batch(self.run_id, tags=[RunTag("restarts", str(int(tags.get("restarts", "0")) + 1)),
+                                                 RunTag("last_restart", row["restart"]), RunTag("restarts.ids", ids)])
 
 
 def segments(rows: list[Row]) -> list[list[Row]]:
@@ -168,7 +172,7 @@ class RunLogger:
 
     def count_restart(self, reason: str) -> None:
         """Increment the run's `restarts` tag (and set `last_restart`) when MLflow can be reached."""
-        self._append([{"restart": reason, "id": uuid.uuid4().hex}])
+        self._append([{"restart": reason, "id": uuid.uuid4().hex[:12]}])
 
     def _append(self, rows: list[Row]) -> None:
         with self._changed:
@@ -176,10 +180,9 @@ class RunLogger:
             self._changed.notify()
 
     def pending(self) -> list[Row]:
-        """What MLflow does not have yet (rows being sent included: a resend is deduplicated).
-        Restart rows stay out: counting one twice would be worse than not persisting it."""
+        """What MLflow does not have yet (rows being sent included: a resend is deduplicated)."""
         with self._changed:
-            return [row for row in self._rows if "restart" not in row]
+            return list(self._rows)
 
     def save_pending(self, directory: str | Path) -> None:
         """Into a checkpoint folder, before the checkpoint is reported (see the module docstring)."""

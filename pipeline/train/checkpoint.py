@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -48,10 +47,6 @@ def save_checkpoint(
         "partitions": partitions,
         "grad_scaler": grad_scaler or {},
         "config": config,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "numpy": _numpy_state_as_tensors(),
-        },
     }
     if ema is not None:
         state["online_model"] = weights
@@ -78,15 +73,3 @@ def restore_ema(ema: Any, state: dict[str, Any]) -> None:
         ema.load_state_dict(state["model"], state.get("ema", {}))
     else:
         ema.load_state_dict(state["model"], {"updates": 0})
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    keys, pos = rng["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos)))
-
-
-def _numpy_state_as_tensors() -> tuple[torch.Tensor, int]:
-    _, keys, pos, *_ = np.random.get_state()
-    return torch.from_numpy(keys.astype(np.int64)), int(pos)

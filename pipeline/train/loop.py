@@ -32,7 +32,7 @@ from pipeline.data.health import data_health
 from pipeline.data.reader import ReadOptions
 from pipeline.models import build_vae
 from pipeline.train.collectives import all_gather, all_reduce
-from pipeline.train.checkpoint import load_checkpoint, restore_ema, restore_rng, save_checkpoint, training_weights
+from pipeline.train.checkpoint import load_checkpoint, restore_ema, save_checkpoint, training_weights
 from pipeline.train.run_logger import RunLogger, load_pending, log_data_health
 from pipeline.train.schedules import kl_weight, kl_y_weight, learning_rate, set_learning_rate, temperature
 from pipeline.train.step import PrecisionStep, WeightEMA, build_optimizer
@@ -108,7 +108,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = load_checkpoint(directory)
         model.load_state_dict(training_weights(state))  # not the EMA's: see train/checkpoint.py
         optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state)
         position = Position(state["step"], state["epoch"], state["step_in_epoch"])
         partitions = state["partitions"]  # the sample order is defined by it: never changes mid-run
     elif cfg.train.init_from:  # warm start (e.g. from the champion); a checkpoint, when there is one, wins

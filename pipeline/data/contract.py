@@ -173,8 +173,11 @@ class SampleDecoder:
     while it decodes and resizes). The pool is this object's own: settings travel with it.
     """
 
-    def __init__(self, spec: SampleSpec, target: ImageTarget | None = None, workers: int = 1) -> None:
+    def __init__(self, spec: SampleSpec, target: ImageTarget | None = None, workers: int = 1,
+                 dtype: str = "uint8") -> None:
         self.spec = spec
+        # uint8 images; "uint16" only for token datasets (`pipeline encode`), stored as they are
+        self.dtype = np.dtype(dtype)
         if target is None:
             if spec.size is None:
                 raise ValueError("the dataset's image size varies: an ImageTarget (data.image_size) is needed")
@@ -185,6 +188,8 @@ class SampleDecoder:
         # Stored arrays that already are the target need no per-sample work at all (MNIST).
         self.identity = (spec.size is not None and tuple(spec.size) == target.size
                          and spec.channels == target.channels)
+        if self.dtype != np.uint8 and not self.identity:
+            raise ValueError(f"{self.dtype} arrays (tokens) are read as stored: no resizing or channel conversion")
 
     def __getstate__(self) -> dict:  # crosses process boundaries without its threads
         return {**self.__dict__, "_pool": None}
@@ -233,8 +238,8 @@ class SampleDecoder:
             raise ShardError(url, f"undecodable .npy ({err})", member=member) from None
         stored = self.spec.shape
         ok_shape = array.ndim in (2, 3) and (stored is None or array.shape in (stored, stored[1:]))
-        if array.dtype != np.uint8 or not ok_shape or (array.ndim == 3 and array.shape[0] not in (1, 3)):
-            want = "uint8 " + (str(list(stored)) if stored else "[C, H, W]")
+        if array.dtype != self.dtype or not ok_shape or (array.ndim == 3 and array.shape[0] not in (1, 3)):
+            want = f"{self.dtype} " + (str(list(stored)) if stored else "[C, H, W]")
             raise ShardError(url, f"image is {array.dtype} {list(array.shape)}, the manifest declares {want}",
                              member=member)
         return array if array.ndim == 3 else array[None]

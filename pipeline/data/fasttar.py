@@ -148,7 +148,7 @@ def _fast_samples(data: bytes, start: int, stop: int, shape: tuple[int, ...], dt
             if not (text.isdigit() or (text[:1] == b"-" and text[1:].isdigit())):
                 return None
             labels[i] = int(text)
-    images = np.ascontiguousarray(payloads[start:stop, header_len:]).reshape(stop - start, *shape)
+    images = np.ascontiguousarray(payloads[start:stop, header_len:]).view(dtype).reshape(stop - start, *shape)
     return out_keys, images, labels
 
 

@@ -22,7 +22,6 @@ Corruption policy (``on_corrupt``):
 from __future__ import annotations
 
 import hashlib
-import io
 import lzma
 import tarfile
 import zlib
@@ -206,8 +205,8 @@ def read_shard(manifest: Manifest, dataset_url: str, shard: ShardInfo, **kwargs:
 
 
 def default_decoder(manifest: Manifest) -> SampleDecoder:
-    """The decoder that hands out the stored images as they are (fixed-size datasets only)."""
-    return SampleDecoder(manifest.spec)
+    """The decoder that hands out the stored arrays as they are (fixed-size datasets only)."""
+    return SampleDecoder(manifest.spec, dtype=manifest.dtype)
 
 
 def _stack(images: list[np.ndarray]) -> np.ndarray:
@@ -225,7 +224,7 @@ def _fast_chunk(data: bytes, start: int, stop: int, spec: SampleSpec, decoder: S
     """The numpy fast path over a whole plain shard of fixed-size .npy samples, or None."""
     channels, height, width = spec.shape  # type: ignore[misc]
     stored = (height, width) if channels == 1 else (channels, height, width)
-    fast = _fast_samples(data, start, stop, stored, np.dtype(np.uint8), spec.declared, max_member)
+    fast = _fast_samples(data, start, stop, stored, decoder.dtype, spec.declared, max_member)
     if fast is None:
         return None
     keys, images, labels = fast
@@ -265,7 +264,7 @@ def read_shard_chunks(
     if start >= stop and not verify:
         return
     if spec.image == "npy" and spec.shape is not None:
-        max_member = max(1 << 20, 4 * (_NPY_HEADER_MAX + int(np.prod(spec.shape))))
+        max_member = max(1 << 20, 4 * (_NPY_HEADER_MAX + int(np.prod(spec.shape)) * decoder.dtype.itemsize))
     else:
         max_member = _MAX_ENCODED_MEMBER
     index = 0

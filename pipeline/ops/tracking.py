@@ -100,3 +100,16 @@ def latest_experiment_name(tracking_uri: str) -> str | None:
     if not runs:
         return None
     return client.get_experiment(runs[0].info.experiment_id).name
+
+
+def registered_version(tracking_uri: str, run_id: str) -> str:
+    """``models:/<name>/<version>`` of the run's newest registered model version, else ``runs:/<run_id>``
+    (what a token dataset names as the model that wrote it)."""
+    try:
+        versions = list(MlflowClient(tracking_uri).search_model_versions(f"run_id = '{run_id}'"))
+    except MlflowException:
+        versions = []
+    if not versions:
+        return f"runs:/{run_id}"
+    newest = max(versions, key=lambda v: int(v.version))
+    return f"models:/{newest.name}/{newest.version}"

@@ -170,7 +170,8 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         )
-        result = trainer.fit()
+        with tracking.system_metrics(tracking_uri, run_id):  # CPU, memory, GPU of the driver's machine
+            result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - any failure must mark the run FAILED
         reason = _root_cause(err)
         tracking.end_run(tracking_uri, run_id, failed=True, reason=reason)

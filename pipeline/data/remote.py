@@ -18,13 +18,13 @@ import http.client
 import random
 import socket
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 # Errno values of OSErrors that mean "the service or network hiccuped", not "the object is bad".
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE,
@@ -49,6 +49,18 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         # Full jitter on the upper half: concurrent readers that failed together do not retry together.
         return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def retrying(self, before_retry: Callable[[BaseException], None] = lambda err: None) -> Retrying:
+        """The project's retry loop (tenacity) under this policy: transient errors only, each retry
+        counted (`retry_count`) and announced to ``before_retry`` before the backoff; the last
+        error is re-raised unchanged."""
+        def count(state: RetryCallState) -> None:
+            err = state.outcome.exception()  # type: ignore[union-attr]
+            _COUNTER.add(err)
+            before_retry(err)
+
+        return Retrying(stop=stop_after_attempt(self.retries + 1), retry=retry_if_exception(is_transient),
+                        wait=lambda state: self.delay(state.attempt_number - 1), before_sleep=count, reraise=True)
 
 
 class _RetryCounter:
@@ -111,16 +123,8 @@ def is_local(url: str) -> bool:
 
 
 def call_with_retries(what: str, func: Any, policy: RetryPolicy) -> Any:
-    """``func()``, retried on transient errors; the last error is re-raised unchanged."""
-    for attempt in range(policy.retries + 1):
-        try:
-            return func()
-        except Exception as err:  # noqa: BLE001 - classified just below
-            if attempt >= policy.retries or not is_transient(err):
-                raise
-            _COUNTER.add(err)
-            time.sleep(policy.delay(attempt))
-    raise AssertionError(f"unreachable: {what}")
+    """``func()`` (``what`` it does), retried on transient errors; the last error is re-raised unchanged."""
+    return policy.retrying()(func)
 
 
 @lru_cache(maxsize=None)
@@ -172,18 +176,15 @@ class RetryingReader:
         self._file = call_with_retries(f"open {self.url}", open_at_offset, self.policy)
 
     def read(self, size: int = -1) -> bytes:
-        for attempt in range(self.policy.retries + 1):
-            try:
-                data = self._file.read(size)
-                self.offset += len(data)
-                return data
-            except Exception as err:  # noqa: BLE001 - classified just below
-                if attempt >= self.policy.retries or not is_transient(err):
-                    raise
-                _COUNTER.add(err)
-                time.sleep(self.policy.delay(attempt))
-                self._reopen()
-        raise AssertionError("unreachable")
+        # A failed read drops the handle; the next attempt (after the backoff) reopens at the offset.
+        return self.policy.retrying(before_retry=lambda err: self._close_quietly())(self._read_once, size)
+
+    def _read_once(self, size: int) -> bytes:
+        if self._file is None:
+            self._reopen()
+        data = self._file.read(size)
+        self.offset += len(data)
+        return data
 
     def readable(self) -> bool:
         return True

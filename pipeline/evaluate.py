@@ -63,9 +63,10 @@ class EvaluationResult:
 
 @torch.no_grad()
 def evaluate_model(model: VAE, batches: Iterable[tuple[torch.Tensor, Any]], *, split: str, importance_samples: int,
-                   enumeration_limit: int = ENUMERATION_LIMIT,
+                   enumeration_limit: int = ENUMERATION_LIMIT, prefix: str | None = None,
                    progress: Callable[[int], None] | None = None) -> tuple[dict[str, float], int]:
-    """Split-level figures (means over inputs, in nats) and the number of inputs."""
+    """Split-level figures (means over inputs, in nats) named ``<prefix>/...`` (default: the split's
+    name), and the number of inputs."""
     model.eval()
     codes = model.latent.enumerate_codes(enumeration_limit)
     sums = {"recon": 0.0, "kl": 0.0, "nll_is": 0.0, "nll_exact": 0.0, "loss_exact": 0.0}
@@ -85,15 +86,16 @@ def evaluate_model(model: VAE, batches: Iterable[tuple[torch.Tensor, Any]], *, s
             progress(count)
     if count == 0:
         raise EvaluationError(f"split {split!r} holds no samples")
-    metrics = {f"{split}/loss": (sums["recon"] + sums["kl"]) / count, f"{split}/recon": sums["recon"] / count,
-               f"{split}/kl": sums["kl"] / count, f"{split}/nll_is_k{importance_samples}": sums["nll_is"] / count}
+    name = prefix or split
+    metrics = {f"{name}/loss": (sums["recon"] + sums["kl"]) / count, f"{name}/recon": sums["recon"] / count,
+               f"{name}/kl": sums["kl"] / count, f"{name}/nll_is_k{importance_samples}": sums["nll_is"] / count}
     if codes is not None:
-        metrics[f"{split}/nll_exact"] = sums["nll_exact"] / count
-        metrics[f"{split}/loss_exact"] = sums["loss_exact"] / count
+        metrics[f"{name}/nll_exact"] = sums["nll_exact"] / count
+        metrics[f"{name}/loss_exact"] = sums["loss_exact"] / count
     if model.likelihood.eight_bit:
-        metrics[f"{split}/bits_per_dim"] = bits_per_dim(metrics[f"{split}/loss"], model.dims)
-        metrics[f"{split}/bits_per_dim_is_k{importance_samples}"] = bits_per_dim(
-            metrics[f"{split}/nll_is_k{importance_samples}"], model.dims)
+        metrics[f"{name}/bits_per_dim"] = bits_per_dim(metrics[f"{name}/loss"], model.dims)
+        metrics[f"{name}/bits_per_dim_is_k{importance_samples}"] = bits_per_dim(
+            metrics[f"{name}/nll_is_k{importance_samples}"], model.dims)
     return metrics, count
 
 
@@ -157,7 +159,10 @@ def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 
         batches = eval_batches(manifest, url, split=split, rank=0, world_size=1, batch_size=batch_size,
                                options=ReadOptions.from_config(config.data),
                                decoder=SampleDecoder(manifest.spec, target, config.data.decode_workers))
+        # test/* is evaluate's own; on another split the figures go under eval/<split>/, so they never
+        # add a second point to the histories training logged for it (e.g. val/loss at its last step).
         metrics, count = evaluate_model(model, batches, split=split, importance_samples=importance_samples,
+                                        prefix=split if split == "test" else f"eval/{split}",
                                         enumeration_limit=enumeration_limit, progress=report)
     except DataError as err:
         raise EvaluationError(f"reading {url}: {err}") from None

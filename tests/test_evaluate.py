@@ -62,10 +62,14 @@ def test_evaluate_a_trained_run_logs_into_the_same_run(ray_cluster, digits_datas
     last_val_step = max(m.step for m in client.get_metric_history(result.run_id, "val/loss"))
     assert [m.step for m in client.get_metric_history(result.run_id, "test/loss")] == [last_val_step]
 
-    # Plain-text output names every figure.
+    # Plain-text output names every figure. Evaluating the validation split must not add a second
+    # point to training's own val/* histories: its figures go under eval/val/.
+    val_history = [(m.step, m.value) for m in client.get_metric_history(result.run_id, "val/loss")]
     text = cli.invoke(app, ["evaluate", result.run_id, "-k", "5", "--split", "val", "--tracking-uri", tracking_uri])
     assert text.exit_code == 0, text.output
-    assert "val/nll_is_k5:" in text.stdout and "val/nll_exact:" in text.stdout
+    assert "eval/val/nll_is_k5:" in text.stdout and "eval/val/nll_exact:" in text.stdout
+    assert [(m.step, m.value) for m in client.get_metric_history(result.run_id, "val/loss")] == val_history
+    assert "eval/val/loss" in client.get_run(result.run_id).data.metrics
 
 
 def test_evaluate_unknown_run_fails_clearly(tracking_uri):

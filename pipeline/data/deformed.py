@@ -31,7 +31,7 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 
 from pipeline.data.errors import DataError
 from pipeline.data.contract import SampleSpec
-from pipeline.data.progress import PROGRESS_DIR, read_finished, record_finished
+from pipeline.data.progress import PROGRESS_DIR, end_with_parent, read_finished, record_finished
 from pipeline.data.shards import (
     ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, npy_members, write_shard,
 )
@@ -127,6 +127,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(source: str, seed: int, params: Deformation) -> None:
+    end_with_parent()
     _WORKER.update(splits=load_mnist_splits(source), seed=seed, params=params)
 
 

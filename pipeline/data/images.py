@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.data.contract import SampleSpec, encode_image
 from pipeline.data.errors import DataError
-from pipeline.data.progress import PROGRESS_DIR, read_finished, record_finished
+from pipeline.data.progress import PROGRESS_DIR, end_with_parent, read_finished, record_finished
 from pipeline.data.shards import ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, write_shard
 
 RECIPE_VERSION = "images/1"
@@ -315,7 +315,8 @@ def _shard(source: str, out_url: str, files: list[SourceFile], classes: list[str
 
 def _pool(workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: the parent may hold fsspec/s3fs event-loop threads that a fork would copy broken.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=end_with_parent)
 
 
 def _run_in_pool(todo: list[ShardJob], source: str, out_url: str, settings: Settings, pool: ProcessPoolExecutor,

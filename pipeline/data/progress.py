@@ -10,6 +10,7 @@ an interrupted run resumes and a changed recipe never reuses a stale shard.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import fsspec
@@ -22,7 +23,12 @@ PROGRESS_DIR = "_progress"
 def record_finished(fs: fsspec.AbstractFileSystem, root: str, info: ShardInfo, recipe: str, **extra: Any) -> None:
     """Record shard ``info`` (written under ``root``) as finished by ``recipe``; call it after the shard is complete."""
     record = {"recipe": recipe, "shard": info.model_dump(), **extra}
-    fs.pipe_file(f"{root}/{PROGRESS_DIR}/{info.path}.json", json.dumps(record).encode())
+    final = f"{root}/{PROGRESS_DIR}/{info.path}.json"
+    # Written aside, then moved into place: a process killed mid-write leaves no half record
+    # (an object store's put is atomic anyway; on a file system the move is a rename).
+    partial = f"{final}.{uuid.uuid4().hex}.partial"
+    fs.pipe_file(partial, json.dumps(record).encode())
+    fs.mv(partial, final)
 
 
 def read_finished(fs: fsspec.AbstractFileSystem, root: str, path: str, recipe: str,
@@ -38,3 +44,18 @@ def read_finished(fs: fsspec.AbstractFileSystem, root: str, path: str, recipe: s
     if record.get("recipe") != recipe or (samples is not None and info.samples != samples) or not intact:
         return None
     return info, record
+
+
+def end_with_parent() -> None:
+    """In a worker process of a shard-writing pool: be killed when the process that started it dies,
+    so a killed command leaves no worker writing (and recording) shards behind it. Linux only
+    (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except OSError:
+            pass

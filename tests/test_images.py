@@ -137,7 +137,7 @@ def test_interrupted_run_resumes(folder, tmp_path) -> None:
 
 def test_killed_cli_run_resumes(tmp_path) -> None:
     src = tmp_path / "src"
-    write_image_folder(src, classes=("a", "b"), per_class=60, formats=("jpg",))
+    write_image_folder(src, classes=("a", "b"), per_class=200, formats=("jpg",))  # ~100 shards: still running at the kill
     args = [sys.executable, "-m", "pipeline", "data", "images", "--source", str(src), "--out", str(tmp_path / "out"),
             "--size", "32", "--samples-per-shard", "4", "--workers", "2"]  # spawned workers must die with it
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -154,7 +154,7 @@ def test_killed_cli_run_resumes(tmp_path) -> None:
     assert again.returncode == 0, again.stderr
     text = " ".join(again.stderr.split())
     assert f"reused {finished} finished" in text and "2 classes (classes.json)" in text
-    assert read_manifest(str(tmp_path / "out")).splits["train"].samples > 90
+    assert read_manifest(str(tmp_path / "out")).splits["train"].samples > 300
 
 
 def test_folder_in_a_bucket(tmp_path) -> None:

@@ -110,5 +110,5 @@ def test_deformed_mnist_writes_to_s3_in_parallel(s3_ray, mnist_dir) -> None:
     source = load_mnist_splits(str(mnist_dir))["train"]
     samples = list(read_shard(manifest, url, manifest.splits["train"].shards[0], start=1195, verify=True))
     assert [key for key, _, _ in samples] == [f"train-{i:09d}" for i in range(1195, 1200)]
-    assert all(np.array_equal(image, deformed_sample(source, 0, i)[0]) and label == source.labels[i]
+    assert all(np.array_equal(image[0], deformed_sample(source, 0, i)[0]) and label == source.labels[i]
                for i, (_, image, label) in zip(range(1195, 1200), samples))

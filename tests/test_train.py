@@ -68,8 +68,8 @@ def test_cli_trains_digits_on_two_workers(digits_dataset, tmp_path):
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-    x = torch.rand(3, 64)
-    assert model(x).shape == (3, 64)
+    x = torch.rand(3, 1, 8, 8)  # an image batch, pixels in [0, 1]
+    assert model(x).shape == (3, 1, 8, 8)
 
 
 def _unequal_dataset(root: Path) -> str:

@@ -255,6 +255,7 @@ def test_bench_data_emits_every_field():
     assert all(v > 0 for v in report["samples_per_s"].values())
 
 
+@pytest.mark.slow  # ~45 s of Ray runs; `pipeline bench data` keeps the default run's bench end to end
 def test_bench_train_emits_every_field(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- bench:train:start -->\nold\n<!-- bench:train:end -->\ny\n")

@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -213,4 +214,8 @@ def system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0) -> 
         yield
     finally:
         if monitor is not None:
-            monitor.finish()
+            # finish() joins the sampling thread, which may sit in MLflow's own HTTP retries (minutes)
+            # when the tracking server is down: wait a few seconds, never the run's end.
+            stopper = threading.Thread(target=monitor.finish, name="system-metrics-stop", daemon=True)
+            stopper.start()
+            stopper.join(timeout=5.0)

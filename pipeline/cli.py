@@ -16,178 +16,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Turn a dataset into WebDataset shards + manifest.json (any fsspec URL).", no_args_is_help=True)
+from pipeline.data_commands import OutUrl, data_app  # noqa: E402 - `pipeline data ...`
+
 app.add_typer(data_app, name="data")
 from pipeline.bench import bench_app  # noqa: E402 - `pipeline bench ...` (one module per bench)
 
 app.add_typer(bench_app, name="bench")
-console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
+from pipeline.cli_common import console, fail as _fail  # noqa: E402
 
 Overrides = Annotated[
     Optional[list[str]],
     typer.Option("--override", "-o", help="Dotted config override, repeatable: -o train.epochs=3 -o model.latent.categories=10"),
 ]
-OutUrl = Annotated[str, typer.Option("--out", help="Output directory or fsspec URL (file://, s3://, gs://, memory://)")]
-ShardSize = Annotated[int, typer.Option("--samples-per-shard", min=1, help="Samples per .tar shard")]
-
-
-def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def _write(splits, out: str, source: str, samples_per_shard: int) -> None:
-    from pipeline.data import write_shards
-
-    manifest = write_shards(splits, out, source=source, samples_per_shard=samples_per_shard, progress=True)
-    counts = ", ".join(f"{name} {info.samples}" for name, info in manifest.splits.items())
-    console.print(f"wrote {sum(len(i.shards) for i in manifest.splits.values())} shards ({counts}) + manifest.json to {out}")
-
-
-@data_app.command("digits")
-def data_digits(out: OutUrl = "data/digits", samples_per_shard: ShardSize = 500) -> None:
-    """sklearn's bundled 8x8 digits (real data, offline): train/val/test 1297/250/250."""
-    from pipeline.data import DataError, load_digits_splits
-
-    try:
-        _write(load_digits_splits(), out, "sklearn.datasets.load_digits", samples_per_shard)
-    except DataError as err:
-        _fail(str(err))
-
-
-@data_app.command("mnist")
-def data_mnist(
-    source: Annotated[str, typer.Option("--source", help="Directory or URL with the four MNIST idx .gz files")],
-    out: OutUrl = "data/mnist",
-    samples_per_shard: ShardSize = 5000,
-) -> None:
-    """MNIST from the four idx .gz files: train/val/test 50000/10000/10000 (val = last 10k of the train file)."""
-    from pipeline.data import DataError, load_mnist_splits
-
-    try:
-        _write(load_mnist_splits(source), out, f"mnist:{source}", samples_per_shard)
-    except DataError as err:
-        _fail(str(err))
-
-
-@data_app.command("binarized-mnist")
-def data_binarized_mnist(
-    source: Annotated[str, typer.Option("--source", help="Directory or URL with binarized_mnist_{train,valid,test}.amat.gz")],
-    out: OutUrl = "data/binarized_mnist",
-    samples_per_shard: ShardSize = 5000,
-) -> None:
-    """Larochelle's fixed binarization of MNIST (.amat.gz): train/val/test 50000/10000/10000, pixels 0/255,
-    no labels (-1). Train on it with data.binarize: threshold (the images are already binary)."""
-    from pipeline.data import DataError, load_binarized_mnist_splits
-
-    try:
-        _write(load_binarized_mnist_splits(source), out, f"binarized_mnist:{source}", samples_per_shard)
-    except DataError as err:
-        _fail(str(err))
-
-
-
-@data_app.command("deformed-mnist")
-def data_deformed_mnist(
-    source: Annotated[str, typer.Option("--source", help="Directory or URL with the four MNIST idx .gz files")],
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Train samples to generate (any number)")],
-    out: OutUrl = "data/deformed-mnist",
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel generator processes")] = 1,
-    seed: Annotated[int, typer.Option("--seed", help="Deformations are a function of (seed, index)")] = 0,
-    samples_per_shard: ShardSize = 5000,
-) -> None:
-    """MNIST digits under random elastic + affine deformations (InfiMNIST-style), N train samples; val/test
-    are MNIST's own, untouched. Streams (flat memory), runs in parallel, resumes: a re-run skips finished shards."""
-    from pipeline.data import DataError
-    from pipeline.data.deformed import generate_deformed_mnist
-
-    try:
-        splits, reused = generate_deformed_mnist(source, out, samples, seed=seed, samples_per_shard=samples_per_shard,
-                                                 workers=workers, progress=True)
-    except DataError as err:
-        _fail(str(err))
-    shards = sum(len(info.shards) for info in splits.values())
-    counts = ", ".join(f"{name} {info.samples}" for name, info in splits.items())
-    console.print(f"wrote {shards - reused} shards, reused {reused} finished ({counts}) + manifest.json to {out}")
-
-
-@data_app.command("index")
-def data_index(
-    shards: Annotated[list[str], typer.Argument(help="Shards: brace patterns ('s3://b/cc12m/{00000..01241}.tar'), globs, "
-                                                     "folders or paths over any fsspec URL (.tar, .tar.gz, .tgz)")],
-    out: OutUrl,
-    val: Annotated[Optional[list[str]], typer.Option("--val", help="Val shards: a file-name pattern ('val-*.tar') or "
-                                                     "a pattern like SHARDS; repeatable")] = None,
-    test: Annotated[Optional[list[str]], typer.Option("--test", help="Test shards, as --val")] = None,
-    val_shards: Annotated[Optional[int], typer.Option("--val-shards", min=0, help="Hold out N whole shards (seeded) "
-                                                      "as val [default without --val: ~1% of the shards, at least 1]")] = None,
-    test_shards: Annotated[int, typer.Option("--test-shards", min=0, help="Hold out N whole shards as test")] = 0,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds the hold-out")] = 0,
-    no_val: Annotated[bool, typer.Option("--no-val", help="Allow a manifest without val (not trainable; encode only)")] = False,
-    label: Annotated[str, typer.Option("--label", help="auto (cls when every sample has one), cls, json:FIELD or none")] = "auto",
-    image: Annotated[Optional[str], typer.Option("--image", help="Image member when several are present (jpg, png, ...)")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Shards scanned at once (threads)")] = 8,
-) -> None:
-    """Adopt existing WebDataset shards (img2dataset, webdataset) without rewriting them: one streaming pass per
-    shard for its sha256, bytes, samples and members; the sample contract inferred; a manifest written at --out."""
-    import time
-
-    from pipeline.data import DataError
-    from pipeline.data.index import index_shards
-
-    start = time.perf_counter()
-    try:
-        manifest = index_shards(shards, out, val=val or [], test=test or [], val_shards=val_shards,
-                                test_shards=test_shards, seed=seed, require_val=not no_val,
-                                label=None if label == "none" else label, image=image, workers=workers)
-    except (DataError, ValueError) as err:
-        _fail(str(err))
-    seconds = time.perf_counter() - start
-    every = [info for split in manifest.splits.values() for info in split.shards]
-    counts = sorted(info.samples for info in every)
-    spec = manifest.spec
-    console.print(f"indexed {len(every)} shards, {sum(counts):,} samples, {sum(i.bytes for i in every) / 1e6:,.1f} MB "
-                  f"in {seconds:.1f} s ({sum(counts) / max(seconds, 1e-9):,.0f} samples/s)")
-    console.print(f"samples per shard: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
-    console.print(f"sample: image .{spec.image}, {spec.channels} channel(s), size {spec.size or 'varies'}, "
-                  f"label {spec.label or 'none'}, ignored {spec.ignore or 'nothing'}, compression {spec.compression}")
-    splits = ", ".join(f"{name} {info.samples:,} ({len(info.shards)} shards)" for name, info in manifest.splits.items())
-    console.print(f"splits: {splits}; manifest.json written to {out}")
-
-
-@data_app.command("images")
-def data_images(
-    source: Annotated[str, typer.Option("--source", help="Image folder (any fsspec URL): a sub-folder per class "
-                                                         "(ImageNet/CelebA style), or images alone (no labels)")],
-    out: OutUrl,
-    size: Annotated[Optional[int], typer.Option("--size", min=1, help="Store S x S images (default: as they are)")] = None,
-    resize: Annotated[str, typer.Option("--resize", help="center-crop (shorter side to S, center S x S), border "
-                                                         "(fit and pad) or none")] = "center-crop",
-    fmt: Annotated[str, typer.Option("--format", help="Stored format: png (lossless), jpg or webp")] = "jpg",
-    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="jpg/webp quality")] = 95,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of images for val (0: none)")] = 0.05,
-    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of images for test (0: none)")] = 0.05,
-    samples_per_shard: ShardSize = 1000,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel encoder processes")] = 1,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds the split and the order (a hash of each path)")] = 0,
-) -> None:
-    """Shard an image folder: decoded with Pillow, RGB (grey when every image is), resized, encoded; split by a
-    seeded hash of each path. Parallel, flat memory, resumable: a re-run reuses finished shards."""
-    from pipeline.data import DataError
-    from pipeline.data.images import shard_images
-
-    if resize not in ("center-crop", "border", "none") or fmt not in ("png", "jpg", "webp"):
-        _fail(f"--resize must be center-crop, border or none and --format png, jpg or webp (got {resize}, {fmt})", code=2)
-    try:
-        splits, reused, classes = shard_images(source, out, size=size, resize=resize, fmt=fmt, quality=quality,
-                                               val_fraction=val_fraction, test_fraction=test_fraction,
-                                               samples_per_shard=samples_per_shard, workers=workers, seed=seed)
-    except DataError as err:
-        _fail(str(err))
-    shards = sum(len(info.shards) for info in splits.values())
-    counts = ", ".join(f"{name} {info.samples}" for name, info in splits.items())
-    labels = f"{len(classes)} classes (classes.json)" if classes else "no labels"
-    console.print(f"wrote {shards - reused} shards, reused {reused} finished ({counts}; {labels}) + manifest.json to {out}")
 
 
 def _load(config_path: str, overrides: list[str] | None):

@@ -77,6 +77,10 @@ class LatentConfig(_Section):
         10, ge=2, description="Categorical: classes K per variable. Mixture: components K of y (ignored for gaussian)"
     )
     hard: bool = Field(False, description="Straight-through: one-hot forward pass, relaxed gradient")
+    hard_from_step: int | None = Field(
+        None, ge=0, description="Categorical: relaxed samples before this global step, straight-through from it on "
+        "(the decoder then trains on the one-hot codes it is evaluated on); default: never (see `hard`)"
+    )
     prior: Literal["uniform", "learned"] = Field(
         "uniform", description="Categorical/mixture prior over classes: uniform, or learned logits"
     )
@@ -100,6 +104,15 @@ class LatentConfig(_Section):
         "marginal", description="Mixture: marginal = q(y|x) q(z|x,y), ELBO summed exactly over y (one decoder pass "
         "per component); mean_field = q(y|x) q(z|x) (one decoder pass)"
     )
+
+
+    @model_validator(mode="after")
+    def _straight_through_switch(self) -> "LatentConfig":
+        if self.hard_from_step is not None and self.kind != "categorical":
+            raise ValueError(f"model.latent.hard_from_step applies to categorical latents, not {self.kind}")
+        if self.hard_from_step is not None and self.hard:
+            raise ValueError("model.latent.hard=true is straight-through from the start: drop hard_from_step")
+        return self
 
 
 class ModelConfig(_Section):

@@ -17,7 +17,7 @@ from pipeline.train.checkpoint import (
     save_checkpoint,
     training_weights,
 )
-from pipeline.train.schedules import kl_weight, learning_rate, set_learning_rate, temperature
+from pipeline.train.schedules import kl_weight, learning_rate, set_learning_rate, straight_through, temperature
 from pipeline.train.step import PrecisionStep, WeightEMA, build_optimizer
 
 
@@ -97,6 +97,25 @@ def test_temperature_schedules() -> None:
     assert temperature(150_000, cos) == pytest.approx(1 / 16) and temperature(10**7, cos) == pytest.approx(1 / 16)
     for cfg in (exp, cos):
         _assert_pure(lambda s: temperature(s, cfg), STEPS)
+
+
+def test_straight_through_from_a_step() -> None:
+    """Relaxed samples before model.latent.hard_from_step, one-hot forward passes from it on."""
+    switch = LatentConfig(hard_from_step=1000)
+    assert [straight_through(s, switch) for s in (0, 999, 1000, 10**6)] == [False, False, True, True]
+    assert not any(straight_through(s, LatentConfig()) for s in STEPS)
+    assert all(straight_through(s, LatentConfig(hard=True)) for s in STEPS)
+    _assert_pure(lambda s: straight_through(s, switch), STEPS)
+    # the model the loop switches really decodes one-hot codes from then on
+    model = build_vae(ModelConfig(hidden=[16], latent=LatentConfig(variables=3, categories=4)), input_dim=12)
+    x = torch.rand(5, 12)
+    for step, one_hot in ((999, False), (1000, True)):
+        model.latent.hard = straight_through(step, switch)
+        codes = model.latent.rsample(model.encoder(x), 0.5).reshape(5, 3, 4)
+        assert torch.equal(codes == 1, codes.detach().ne(0)) == one_hot
+    for bad in ({"kind": "gaussian", "hard_from_step": 10}, {"hard": True, "hard_from_step": 10}):
+        with pytest.raises(ConfigError, match="hard_from_step"):
+            parse_config({"data": {"url": "x"}, "model": {"latent": bad}})
 
 
 def test_schedule_keys_in_config() -> None:

@@ -20,6 +20,7 @@ DIGITS_CONFIG = REPO / "configs" / "digits-categorical.yaml"
 
 STEP_METRICS = ["train/loss", "train/recon", "train/kl", "train/temperature", "train/lr", "train/grad_norm",
                 "perf/samples_per_s", "perf/data_wait_frac"]
+SWITCH = 5  # straight-through from this global step on in the CLI run
 EPOCH_METRICS = ["val/loss", "val/recon", "val/kl", "latent/perplexity"]
 
 
@@ -35,7 +36,8 @@ def test_cli_trains_digits_on_two_workers(digits_dataset, tmp_path):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", str(DIGITS_CONFIG), "-o", f"data.url={digits_dataset}",
-         "-o", "train.epochs=2", "-o", f"train.storage={tmp_path / 'ray'}"],
+         "-o", "train.epochs=2", "-o", f"train.storage={tmp_path / 'ray'}",
+         "-o", f"model.latent.hard_from_step={SWITCH}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -55,6 +57,10 @@ def test_cli_trains_digits_on_two_workers(digits_dataset, tmp_path):
     assert len(val) == 2 and val[1] < val[0]
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
     assert steps == sorted(set(steps))
+    # Gumbel-Softmax up to model.latent.hard_from_step, straight-through from it on (logged step = steps done).
+    estimator = {m.step: m.value for m in client.get_metric_history(run_id, "train/straight_through")}
+    assert {v for s, v in estimator.items() if s <= SWITCH} == {0.0}
+    assert {v for s, v in estimator.items() if s > SWITCH} == {1.0}
     assert run.data.params["train.workers"] == "2"
     assert len(run.data.tags["dataset.manifest_sha256"]) == 64
     assert run.data.tags["code_version"].startswith("0.")

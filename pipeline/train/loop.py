@@ -34,7 +34,8 @@ from pipeline.models import build_vae
 from pipeline.train.collectives import all_gather, all_reduce
 from pipeline.train.checkpoint import load_checkpoint, restore_ema, save_checkpoint, training_weights
 from pipeline.train.run_logger import RunLogger, load_pending, log_data_health
-from pipeline.train.schedules import kl_weight, kl_y_weight, learning_rate, set_learning_rate, temperature
+from pipeline.train.schedules import (kl_weight, kl_y_weight, learning_rate, set_learning_rate, straight_through,
+                                      temperature)
 from pipeline.train.step import PrecisionStep, WeightEMA, build_optimizer
 from pipeline.train.validate import evaluate_split
 
@@ -166,6 +167,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # Schedules: pure functions of the global step (train/schedules.py), so a resume continues them.
             tau, beta = temperature(position.step, latent), kl_weight(position.step, cfg.train)
             beta_y = kl_y_weight(position.step, cfg.train) if latent.kind == "mixture" else 1.0
+            if latent.kind == "categorical":  # relaxed, then straight-through from model.latent.hard_from_step
+                model.latent.hard = straight_through(position.step, latent)
             set_learning_rate(optimizer, learning_rate(position.step, cfg.train, total_steps))
             with precision.autocast():
                 out = _forward_by_partition(ddp_model, x, my_partitions, tau, cfg.train.seed, position.step)
@@ -202,6 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window.start
                 metrics = window.means() | {  # means() is a collective: all ranks are here
                     "train/temperature": tau,
+                    "train/straight_through": float(straight_through(position.step - 1, latent)),
                     "train/kl_weight": beta,
                     "train/lr": optimizer.param_groups[0]["lr"],
                     "train/grad_norm": grad_norm,

@@ -14,6 +14,9 @@ interrupted one was. The loop sets them at the start of each step, before the fo
   a weight above 1 falling to 1.
 - Gumbel-Softmax temperature (`model.latent.tau_schedule`): `exponential` = Jang's staircase
   (`pipeline.models.latents.temperature_at`), `cosine` = DALL-E's anneal tau0 -> tau_min over `tau_steps`.
+- the categorical estimator (`model.latent.hard`, `hard_from_step`): Gumbel-Softmax samples, then
+  straight-through from a step on, so the decoder's last phase trains on one-hot codes — the
+  codes the strict one-sample -ELBO of `pipeline evaluate` decodes.
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ def temperature(step: int, cfg: LatentConfig) -> float:
     if cfg.tau_schedule == "cosine":
         return cfg.tau_min + (cfg.tau0 - cfg.tau_min) * _cosine(max(step, 0) / cfg.tau_steps)
     raise ValueError(f"unknown model.latent.tau_schedule {cfg.tau_schedule!r}")
+
+
+def straight_through(step: int, cfg: LatentConfig) -> bool:
+    """Whether global step `step` uses one-hot forward passes (straight-through Gumbel-Softmax)."""
+    return cfg.hard or (cfg.hard_from_step is not None and step >= cfg.hard_from_step)
 
 
 def set_learning_rate(optimizer, lr: float) -> None:

@@ -82,6 +82,8 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
     device = next(model.parameters()).device
     latent = model.latent
     tau = schedules.temperature(step, cfg.model.latent)  # the schedule training used at this step
+    if isinstance(latent, CategoricalLatent):  # and its estimator: one-hot forward passes once straight-through
+        latent.hard = schedules.straight_through(step, cfg.model.latent)
     probe = torch.zeros(1, latent.param_size, device=device)
     usage_shape = None if latent.usage(probe) is None else tuple(latent.usage(probe).shape)
     has_clusters = latent.cluster(probe) is not None

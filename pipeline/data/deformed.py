@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -31,7 +31,7 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 
 from pipeline.data.errors import DataError
 from pipeline.data.contract import SampleSpec
-from pipeline.data.progress import PROGRESS_DIR, end_with_parent, read_finished, record_finished
+from pipeline.data.progress import PROGRESS_DIR, end_with_parent, read_finished, record_finished, run_bounded
 from pipeline.data.shards import (
     ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, npy_members, write_shard,
 )
@@ -224,17 +224,5 @@ def _run_in_pool(todo: list[ShardJob], out_url: str, recipe: str, source: str, s
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
                              initargs=(source, seed, params)) as pool:
-        pending = {}
-        queue = iter(todo)
-        # At most 2 jobs per worker in flight: results arrive in order of completion, memory stays flat.
-        for job in queue:
-            pending[pool.submit(_run_job_in_worker, job, out_url, recipe)] = job
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            complete, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in complete:
-                finished(pending.pop(future), future.result())
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending[pool.submit(_run_job_in_worker, nxt, out_url, recipe)] = nxt
+        run_bounded(pool, todo, lambda p, job: p.submit(_run_job_in_worker, job, out_url, recipe), finished,
+                    2 * workers)

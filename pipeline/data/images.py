@@ -25,7 +25,7 @@ import hashlib
 import io
 import json
 import multiprocessing
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Literal, Sequence
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.data.contract import SampleSpec, encode_image
 from pipeline.data.errors import DataError
-from pipeline.data.progress import PROGRESS_DIR, end_with_parent, read_finished, record_finished
+from pipeline.data.progress import PROGRESS_DIR, end_with_parent, read_finished, record_finished, run_bounded
 from pipeline.data.shards import ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, write_shard
 
 RECIPE_VERSION = "images/1"
@@ -322,21 +322,4 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 def _run_in_pool(todo: list[ShardJob], source: str, out_url: str, settings: Settings, pool: ProcessPoolExecutor,
                  in_flight: int,
                  finished: Callable[[ShardJob, tuple[ShardInfo, list[list[int]]]], None]) -> None:
-    pending = {}
-    queue = iter(todo)
-    # At most 2 jobs per worker in flight: results arrive in order of completion, memory stays flat.
-    for job in queue:
-        pending[pool.submit(_run_job, job, source, out_url, settings)] = job
-        if len(pending) >= in_flight:
-            break
-    try:
-        while pending:
-            complete, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in complete:
-                finished(pending.pop(future), future.result())
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending[pool.submit(_run_job, nxt, source, out_url, settings)] = nxt
-    finally:
-        for future in pending:  # a failed shard: the others still queued are not started
-            future.cancel()
+    run_bounded(pool, todo, lambda p, job: p.submit(_run_job, job, source, out_url, settings), finished, in_flight)

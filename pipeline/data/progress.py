@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from typing import Any, TypeVar
 
 import fsspec
 
 from pipeline.data.shards import ShardInfo
 
 PROGRESS_DIR = "_progress"
+
+Job = TypeVar("Job")
 
 
 def record_finished(fs: fsspec.AbstractFileSystem, root: str, info: ShardInfo, recipe: str, **extra: Any) -> None:
@@ -59,3 +63,27 @@ def end_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         except OSError:
             pass
+
+
+def run_bounded(pool: Executor, jobs: Iterable[Job], submit: Callable[[Executor, Job], Future],
+                finished: Callable[[Job, Any], None], in_flight: int) -> None:
+    """Run ``jobs`` on ``pool`` with at most ``in_flight`` submitted at once; ``finished(job, result)``
+    in the calling process, in order of completion (the caller records the shard there). Memory
+    stays flat however many jobs there are; after a failed job the ones not yet started are cancelled."""
+    pending: dict[Future, Job] = {}
+    queue = iter(jobs)
+    for job in queue:
+        pending[submit(pool, job)] = job
+        if len(pending) >= in_flight:
+            break
+    try:
+        while pending:
+            complete, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in complete:
+                finished(pending.pop(future), future.result())
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending[submit(pool, nxt)] = nxt
+    finally:
+        for future in pending:
+            future.cancel()

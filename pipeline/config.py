@@ -105,7 +105,6 @@ class LatentConfig(_Section):
         "per component); mean_field = q(y|x) q(z|x) (one decoder pass)"
     )
 
-
     @model_validator(mode="after")
     def _straight_through_switch(self) -> "LatentConfig":
         if self.hard_from_step is not None and self.kind != "categorical":

@@ -69,10 +69,16 @@ def _kill_session(session_id: int, timeout: float = 30) -> list[int]:
     return [pid for pid in members() if not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"]
 
 
+def _complete_rows(path: Path) -> list[dict]:
+    """The log's finished lines: a worker may be mid-write when we read (or killed mid-write)."""
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
 def _records(sample_log: Path) -> list[dict]:
     rows = []
     for path in sorted(sample_log.glob("rank*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows += _complete_rows(path)
     return rows
 
 
@@ -81,7 +87,7 @@ def _wait_for_step(sample_log: Path, rank: int, step: int, timeout: float = 240)
     path = sample_log / f"rank{rank}.jsonl"
     while time.monotonic() < deadline:
         if path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            lines = _complete_rows(path)
             if lines and lines[-1]["step"] >= step:
                 return lines[-1]
         time.sleep(0.02)

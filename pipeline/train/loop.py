@@ -167,8 +167,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # Schedules: pure functions of the global step (train/schedules.py), so a resume continues them.
             tau, beta = temperature(position.step, latent), kl_weight(position.step, cfg.train)
             beta_y = kl_y_weight(position.step, cfg.train) if latent.kind == "mixture" else 1.0
-            if latent.kind == "categorical":  # relaxed, then straight-through from model.latent.hard_from_step
-                model.latent.hard = straight_through(position.step, latent)
+            hard = straight_through(position.step, latent)  # relaxed, then one-hot from model.latent.hard_from_step
+            if latent.kind == "categorical":
+                model.latent.hard = hard
             set_learning_rate(optimizer, learning_rate(position.step, cfg.train, total_steps))
             with precision.autocast():
                 out = _forward_by_partition(ddp_model, x, my_partitions, tau, cfg.train.seed, position.step)
@@ -205,7 +206,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window.start
                 metrics = window.means() | {  # means() is a collective: all ranks are here
                     "train/temperature": tau,
-                    "train/straight_through": float(straight_through(position.step - 1, latent)),
+                    "train/straight_through": float(hard),
                     "train/kl_weight": beta,
                     "train/lr": optimizer.param_groups[0]["lr"],
                     "train/grad_norm": grad_norm,

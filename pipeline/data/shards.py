@@ -286,7 +286,8 @@ def write_shards(
                 shards.append(ShardInfo(path=shard_path, samples=count, bytes=size, sha256=sha256))
             split_infos[name] = SplitInfo(samples=len(split), shards=shards)
 
-    spec = SampleSpec(image="npy", channels=1, size=list(shapes.pop()), label="cls")
+    shape = shapes.pop()  # [H, W] grey or [C, H, W]
+    spec = SampleSpec(image="npy", channels=1 if len(shape) == 2 else shape[0], size=list(shape[-2:]), label="cls")
     return finish_dataset(fs, root, stale, source=source, spec=spec, split_infos=split_infos)
 
 

@@ -19,14 +19,14 @@ from pipeline.data.errors import DataError
 
 @dataclass
 class Split:
-    """One split of a dataset: ``images`` uint8 [n, H, W], ``labels`` int64 [n]."""
+    """One split of a dataset: ``images`` uint8 [n, H, W] (grey) or [n, C, H, W], ``labels`` int64 [n]."""
 
     images: np.ndarray
     labels: np.ndarray
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 3 or self.images.dtype != np.uint8:
-            raise DataError(f"Split.images must be uint8 [n, H, W], got {self.images.dtype} {self.images.shape}")
+        if self.images.ndim not in (3, 4) or self.images.dtype != np.uint8:
+            raise DataError(f"Split.images must be uint8 [n, H, W] or [n, C, H, W], got {self.images.dtype} {self.images.shape}")
         if self.labels.shape != (len(self.images),):
             raise DataError(f"Split.labels must have shape ({len(self.images)},), got {self.labels.shape}")
         self.labels = self.labels.astype(np.int64, copy=False)

@@ -32,10 +32,14 @@ def test_dvae_on_two_workers_lands_schedules_code_use_and_per_epoch_images(ray_c
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    for key in ("val/psnr", "val/mse", "latent/perplexity", "latent/dead_codes", "latent/codebook_perplexity",
-                "train/kl_weight", "train/lr", "train/temperature"):
+    for key in ("val/psnr", "val/mse", "latent/perplexity", "latent/dead_codes", "latent/codes_used",
+                "latent/code_perplexity", "latent/codebook_perplexity_soft", "train/kl_weight", "train/lr",
+                "train/temperature"):
         assert key in metrics, key
     assert 0 <= metrics["latent/dead_codes"] <= 1 and metrics["val/psnr"] > 0
+    assert metrics["latent/dead_codes"] == pytest.approx(1 - metrics["latent/codes_used"])
+    # the argmax perplexity cannot exceed the number of codes in use (32 codes here)
+    assert 1 <= metrics["latent/code_perplexity"] <= metrics["latent/codes_used"] * 32 + 1e-9
     assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
     beta = [m.value for m in sorted(client.get_metric_history(result.run_id, "train/kl_weight"), key=lambda m: m.step)]
     assert beta[0] < beta[-1] == pytest.approx(1.0)  # warmed up from ~0 to beta

@@ -117,11 +117,14 @@ def test_dead_codes_perplexity_and_psnr_on_a_constructed_case(tmp_path) -> None:
     stats: dict = {}
     metrics = evaluate_split(model, read_manifest(dataset), dataset, "val", rank=0, world_size=1, batch_size=4,
                              cfg=cfg, step=0, stats=stats)
-    assert metrics["latent/dead_codes"] == 0.5
+    assert metrics["latent/dead_codes"] == 0.5 and metrics["latent/codes_used"] == 0.5
     counts = np.array([6 + 9 * 4, 6, 6, 6, 0, 0, 0, 0], dtype=float)
     np.testing.assert_array_equal(stats["code_counts"], counts)
     p = counts[counts > 0] / counts.sum()
-    assert metrics["latent/codebook_perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    # Argmax and soft perplexity agree here: the constructed logits are one-hot to float precision.
+    assert metrics["latent/code_perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-12)
+    assert metrics["latent/codebook_perplexity_soft"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    assert "latent/codebook_perplexity" not in metrics
     assert stats["grid"] == (2, 2) and stats["kl_per_variable"].shape == (4,)
     assert stats["kl_per_variable"].sum() == pytest.approx(metrics["val/kl"])
     assert "val/kl_latent_0" not in metrics  # a grid's per-position KL is a picture, not 4 (or 1024) metrics

@@ -2,7 +2,8 @@
 
 Each rank sums over its share of the split; a single all_reduce of the packed sums makes
 every figure exact for the whole split, whatever the number of ranks: the -ELBO and its
-terms, the code usage (perplexity), the sums behind Burda's active-units count, and for a
+terms, the code use (on argmax codes: the share of codes used and their perplexity; the soft
+posterior's perplexities as well), the sums behind Burda's active-units count, and for a
 mixture latent the component x label counts behind the cluster accuracy.
 """
 
@@ -19,6 +20,7 @@ from pipeline.data import eval_batches
 from pipeline.data.contract import SampleDecoder
 from pipeline.data.reader import ReadOptions
 from pipeline.models import CategoricalLatent, active_units, bits_per_dim, perplexity_from_usage
+from pipeline.models.code_use import code_counts, code_perplexity, codes_used
 from pipeline.train import schedules
 from pipeline.train.collectives import all_reduce
 
@@ -98,7 +100,7 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
         shapes["usage"] = usage_shape
     if has_clusters:
         shapes["clusters"] = (getattr(latent, "components", 1), MAX_LABELS)
-    # Code use (issue 13): argmax uses per class pooled over positions, exact after the all_reduce;
+    # Code use: argmax uses per class pooled over positions, exact after the all_reduce;
     # reconstruction error (sum of per-image MSE and PSNR) of the posterior mode's decoding.
     categorical = isinstance(latent, CategoricalLatent)
     grid = getattr(getattr(model, "encoder", None), "grid", None)  # (h, w) for arch resnet
@@ -124,7 +126,7 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
             parts["usage"] += latent.usage(out.params).double().cpu()
         if categorical:
             codes = out.params.reshape(n, latent.variables, latent.categories).argmax(dim=-1)
-            parts["code_counts"] += torch.bincount(codes.flatten(), minlength=latent.categories).double().cpu()
+            parts["code_counts"] += code_counts(codes, latent.categories)
         pixels = x.to(device).float().div(255.0) if x.dtype == torch.uint8 else x.to(device).float()
         recon = model.likelihood.mean(model.decode(latent.mode(out.params)))
         mse = (recon - pixels.reshape(recon.shape)).pow(2).flatten(1).mean(dim=1).double()
@@ -146,10 +148,13 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
     if grid is None:  # a grid's per-position KL goes to the heat map (code_plots), not to h*w metrics
         metrics |= {f"{split}/kl_latent_{i}": float(v) for i, v in enumerate(total["kl_terms"] / count)}
     metrics[f"{split}/mse"], metrics[f"{split}/psnr"] = (total["pixel_error"] / count).tolist()
-    if categorical:
-        metrics["latent/dead_codes"] = float((total["code_counts"] == 0).double().mean())
-    if grid is not None and usage_shape is not None:  # positions share one codebook: its pooled use
-        metrics["latent/codebook_perplexity"] = perplexity_from_usage(total["usage"].sum(0, keepdim=True))
+    if categorical:  # one basis, the argmax tokens: the used share, its complement and their perplexity
+        used = codes_used(total["code_counts"])
+        metrics["latent/codes_used"] = used
+        metrics["latent/dead_codes"] = 1.0 - used
+        metrics["latent/code_perplexity"] = code_perplexity(total["code_counts"])
+    if grid is not None and usage_shape is not None:  # the soft posterior's pooled use, named as such
+        metrics["latent/codebook_perplexity_soft"] = perplexity_from_usage(total["usage"].sum(0, keepdim=True))
     if stats is not None:
         stats.update(grid=grid, kl_per_variable=(total["kl_terms"] / count).numpy(),
                      code_counts=total["code_counts"].numpy() if categorical else None)

@@ -219,8 +219,8 @@ def encode(
         from pipeline.ops.ray_jobs import enable_token_auth
 
         enable_token_auth()
-    from pipeline.encode import encode_dataset
-    from pipeline.tokens import EncodeError
+    from pipeline.tokens.encode import encode_dataset
+    from pipeline.tokens.codes import EncodeError
 
     try:
         result = encode_dataset(run_id, data, out, splits=[s.strip() for s in splits.split(",") if s.strip()]
@@ -242,8 +242,8 @@ def decode(
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default as for train)")] = None,
 ) -> None:
     """Render token shards as images (PNG, named by sample key) through the run's decoder."""
-    from pipeline.decode import decode_tokens
-    from pipeline.tokens import EncodeError
+    from pipeline.tokens.decode import decode_tokens
+    from pipeline.tokens.codes import EncodeError
 
     try:
         result = decode_tokens(run_id, tokens, out, limit=limit, tracking_uri=tracking_uri)

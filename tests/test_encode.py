@@ -26,9 +26,9 @@ from pipeline.data.contract import ImageTarget, SampleDecoder
 from pipeline.data.reader import read_shard_chunks
 from pipeline.data.shards import Manifest
 from pipeline.data.progress import PROGRESS_DIR
-from pipeline.decode import decode_tokens, safe_name
-from pipeline.encode import HANG_ENV, encode_dataset
-from pipeline.tokens import EncodeError, load_run_model, pixels_of, read_tokens, token_layout, tokens_of
+from pipeline.tokens.decode import decode_tokens, safe_name
+from pipeline.tokens.encode import HANG_ENV, encode_dataset
+from pipeline.tokens.codes import EncodeError, load_run_model, pixels_of, read_tokens, token_layout, tokens_of
 from pipeline.models import build_vae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,7 +230,7 @@ def test_flat_latent_tokens_are_n_argmaxes_and_reproducible(ray_cluster, digits_
     assert (tokens.tokens.grid, tokens.tokens.shape, tokens.sample.size) == (None, [8], [1, 8])
     source = read_manifest(digits_dataset)
     run = load_run_model(run_id, (1, 8, 8), tracking_uri=store)
-    from pipeline.encode import ShardJob, _shard_seed
+    from pipeline.tokens.encode import ShardJob, _shard_seed
 
     keys, images, _ = _source_samples(source, digits_dataset, source.splits["val"].shards[0], run.config)
     torch.manual_seed(_shard_seed(0, ShardJob("val", 0, source.splits["val"].shards[0])))

@@ -1,7 +1,7 @@
 """`pipeline encode` and `pipeline decode`: a trained categorical VAE turns a dataset into token
 shards (the training data of a downstream prior, e.g. a transformer), and tokens back into images.
 
-The token format is described in pipeline/tokens.py.
+The token format is described in pipeline/tokens/codes.py.
 
 How the work runs: one Ray task per input shard (1 CPU; 1 GPU each when the cluster has GPUs), at
 most twice the cluster's slots in flight. Each task builds the model once per worker process, reads
@@ -41,7 +41,7 @@ from pipeline.data.shards import (
 )
 from pipeline.models import VAE
 from pipeline.ops.tracking import registered_version
-from pipeline.tokens import EncodeError, TokenLayout, load_run_model, token_layout, tokens_of
+from pipeline.tokens.codes import EncodeError, TokenLayout, load_run_model, token_layout, tokens_of
 
 TMP_DIR = "_tmp"
 RECIPE_VERSION = 1

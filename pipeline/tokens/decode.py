@@ -21,7 +21,7 @@ import torch
 from pipeline.data.contract import encode_image
 from pipeline.data.errors import DataError, ShardError
 from pipeline.data.shards import read_manifest
-from pipeline.tokens import EncodeError, load_run_model, pixels_of, read_tokens, token_layout
+from pipeline.tokens.codes import EncodeError, load_run_model, pixels_of, read_tokens, token_layout
 
 def safe_name(key: str) -> str:
     """A file name for a (untrusted) sample key: characters outside [A-Za-z0-9._-] become '_', no leading dot."""

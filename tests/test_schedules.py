@@ -229,9 +229,10 @@ def test_ema_is_the_moving_average_and_a_checkpoint_without_one_starts_it(tmp_pa
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    ema.update(model)
+    ema.update(model)  # the first update uses decay min(0.75, 1/10): the average is 0.9 of the new weights
     for avg, p0 in zip(ema.module.parameters(), start):
-        torch.testing.assert_close(avg, p0 + 0.25)
+        torch.testing.assert_close(avg, p0 + 0.9)
+    assert [WeightEMA.decay_at(u, 0.75) for u in (0, 1, 8, 26, 27, 1000)] == [0.1, 2 / 11, 9 / 18, 27 / 36, 0.75, 0.75]
     # A run without EMA, resumed with it: the average starts from the trained weights.
     opt = torch.optim.Adam(model.parameters())
     save_checkpoint(tmp_path, model=model, optimizer=opt, step=3, epoch=0, step_in_epoch=3, partitions=1, config={})
@@ -242,3 +243,19 @@ def test_ema_is_the_moving_average_and_a_checkpoint_without_one_starts_it(tmp_pa
     for a, b in zip(fresh.module.parameters(), model.parameters()):
         assert torch.equal(a, b)
     assert fresh.updates == 0
+
+
+def test_ema_of_a_short_run_holds_what_it_learned_not_the_initialisation() -> None:
+    """0.999 averages over ~1,000 updates: a run of 300 steps without a warm-up would log weights that
+    are 0.999^300 = 74% the random initialisation. With the warm-up (decay (1 + u) / (10 + u) until it
+    reaches 0.999, as TensorFlow's ExponentialMovingAverage with num_updates) the average after 300
+    updates to fixed trained weights is within 1e-6 of them."""
+    model = torch.nn.Linear(3, 2)
+    ema = WeightEMA(model, 0.999)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for _ in range(300):
+        ema.update(model)
+    for avg, p in zip(ema.module.parameters(), model.parameters()):
+        torch.testing.assert_close(avg, p, atol=1e-6, rtol=0)

@@ -103,10 +103,16 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
 
 
 class WeightEMA:
-    """Exponential moving average of a model's weights: ema <- decay * ema + (1 - decay) * weights
-    after every applied update. `module` is a full copy of the model (same class, no gradients)
-    holding the averaged parameters and a copy of the buffers; validation and the logged model use it.
-    Its state is `module.state_dict()` plus the update count, saved in the checkpoint."""
+    """Exponential moving average of a model's weights: ema <- d * ema + (1 - d) * weights after
+    every applied update. `module` is a full copy of the model (same class, no gradients) holding
+    the averaged parameters and a copy of the buffers; validation and the logged model use it.
+    Its state is `module.state_dict()` plus the update count, saved in the checkpoint.
+
+    The decay warms up: d = min(decay, (1 + u) / (10 + u)) at update u (TensorFlow's
+    ExponentialMovingAverage with num_updates). Without it a decay of 0.999 averages over ~1,000
+    updates from the random initialisation, so the model of a run a few hundred steps long (a few
+    epochs of a few thousand images) would be mostly its initialisation: 0.999^300 = 74%.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
@@ -117,11 +123,16 @@ class WeightEMA:
         self.module.requires_grad_(False)
         self.module.eval()
 
+    @staticmethod
+    def decay_at(updates: int, decay: float) -> float:
+        """The decay applied at update number ``updates`` (0 for the first)."""
+        return min(decay, (1 + updates) / (10 + updates))
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         averaged = list(self.module.parameters())
         current = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
+        torch._foreach_lerp_(averaged, current, 1.0 - self.decay_at(self.updates, self.decay))
         for mine, theirs in zip(self.module.buffers(), model.buffers()):
             mine.copy_(theirs)
         self.updates += 1

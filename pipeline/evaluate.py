@@ -11,7 +11,14 @@ the run's dataset, and computes per input, summed over the split:
 - when the code space has at most ENUMERATION_LIMIT codes: the exact -log p(x) and the exact
   -ELBO (``<split>/nll_exact``, ``<split>/loss_exact``),
 - for a likelihood over 8-bit levels (logistic): both as bits per dimension
-  (``<split>/bits_per_dim``, ``<split>/bits_per_dim_is_k<K>``).
+  (``<split>/bits_per_dim``, ``<split>/bits_per_dim_is_k<K>``),
+- for a grid model (arch resnet), the tokenizer report of its argmax tokens and the images decoded
+  from them (pipeline/tokenizer_report.py): ``<split>/rate_bits_per_image``, ``<split>/psnr``,
+  ``<split>/psnr_pooled``, ``<split>/mse``, ``<split>/ssim``, ``<split>/codes_used``,
+  ``<split>/code_perplexity`` and ``<split>/bits_per_token`` (under a unigram model of the train
+  split's tokens), also printed as a table.
+
+``<split>`` is ``test`` for the test split and ``eval/<name>`` for any other.
 
 The dataset is read with the run's own read options (retries, cache, on_corrupt) and image
 settings (size, channels, resize).
@@ -49,16 +56,26 @@ class EvaluationResult:
     seconds: float
     metrics: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # label -> TokenizerFigures (grid models)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "split": self.split, "samples": self.samples,
-                "importance_samples": self.importance_samples, "seconds": round(self.seconds, 2),
-                "metrics": self.metrics, "notes": self.notes}
+        out = {"run_id": self.run_id, "split": self.split, "samples": self.samples,
+               "importance_samples": self.importance_samples, "seconds": round(self.seconds, 2),
+               "metrics": self.metrics, "notes": self.notes}
+        if self.tokenizer:
+            out["tokenizer"] = {label: figures.as_dict() for label, figures in self.tokenizer.items()}
+        return out
 
     def lines(self) -> list[str]:
         head = (f"run {self.run_id}: {self.split} split, {self.samples} samples, "
                 f"k={self.importance_samples}, {self.seconds:.0f} s")
-        return [head, *(f"{name}: {value:.4f}" for name, value in self.metrics.items()), *self.notes]
+        lines = [head, *(f"{name}: {value:.4f}" for name, value in self.metrics.items())]
+        if self.tokenizer:
+            from pipeline.tokenizer_report import SMOOTHING_NOTE, render_table, report_table
+
+            table = report_table(self.tokenizer, title=f"tokenizer report, run {self.run_id}")
+            lines += [*render_table(table).splitlines(), SMOOTHING_NOTE]
+        return [*lines, *self.notes]
 
 
 @torch.no_grad()
@@ -115,16 +132,42 @@ def rebuild_model(config: RunConfig, image_shape: tuple[int, ...], weights: Path
     return getattr(logged, "vae", logged).eval()
 
 
-def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 5000, batch_size: int = 100,
-                 tracking_uri: str | None = None, data_url: str | None = None, seed: int = 0,
-                 enumeration_limit: int = ENUMERATION_LIMIT, log: bool = True) -> EvaluationResult:
-    from pipeline.data import DataError, eval_batches, read_manifest
-    from pipeline.data.contract import ImageTarget, SampleDecoder
-    from pipeline.data.reader import ReadOptions
+@dataclass
+class OpenedRun:
+    """A finished run ready to be evaluated: its config, its model, and its dataset read its way."""
+
+    run_id: str
+    tracking_uri: str
+    config: RunConfig
+    model: VAE
+    url: str
+    manifest: Any
+    target: Any  # ImageTarget: the run's image size and channels
+    last_step: int
+    tags: dict[str, str]
+    notes: list[str]
+
+    def batches(self, split: str, batch_size: int) -> Iterable[tuple[torch.Tensor, Any]]:
+        """Every sample of ``split`` as the run saw them (its image settings and read options)."""
+        from pipeline.data import eval_batches
+        from pipeline.data.contract import SampleDecoder
+        from pipeline.data.reader import ReadOptions
+
+        if split not in self.manifest.splits:
+            raise EvaluationError(f"{self.url} has no split {split!r} (splits: {', '.join(sorted(self.manifest.splits))})")
+        return eval_batches(self.manifest, self.url, split=split, rank=0, world_size=1, batch_size=batch_size,
+                            options=ReadOptions.from_config(self.config.data),
+                            decoder=SampleDecoder(self.manifest.spec, self.target, self.config.data.decode_workers))
+
+
+def open_run(run_id: str, *, tracking_uri: str | None = None, data_url: str | None = None) -> OpenedRun:
+    """The run's config and model (rebuilt with its raw weights) and its dataset's manifest, or an
+    EvaluationError naming the run, file or URL that is wrong."""
+    from pipeline.data import DataError, read_manifest
+    from pipeline.data.contract import ImageTarget
     from pipeline import evaluate_tracking as tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         try:
             run = tracking.run_for_evaluation(uri, run_id, Path(tmp))
@@ -142,8 +185,6 @@ def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 
             manifest = read_manifest(url)
         except DataError as err:
             raise EvaluationError(f"dataset of run {run_id} not readable: {err} (pass --data-url)") from None
-        if split not in manifest.splits:
-            raise EvaluationError(f"{url} has no split {split!r} (splits: {', '.join(sorted(manifest.splits))})")
         try:
             target = ImageTarget.from_config(manifest.spec, config.data)
         except ValueError as err:
@@ -152,23 +193,49 @@ def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 
     notes = []
     if run["tags"].get("dataset.manifest_sha256") not in (None, manifest.digest()):
         notes.append(f"warning: {url} is not the dataset the run trained on (manifest digest differs)")
+    return OpenedRun(run_id, uri, config, model, url, manifest, target, run["last_step"], run["tags"], notes)
+
+
+def metric_prefix(split: str) -> str:
+    """test/* is evaluate's own; on another split the figures go under eval/<split>/, so they never
+    add a second point to the histories training logged for it (e.g. val/loss at its last step)."""
+    return split if split == "test" else f"eval/{split}"
+
+
+def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 5000, batch_size: int = 100,
+                 tracking_uri: str | None = None, data_url: str | None = None, seed: int = 0,
+                 enumeration_limit: int = ENUMERATION_LIMIT, log: bool = True) -> EvaluationResult:
+    from pipeline.data import DataError
+    from pipeline import evaluate_tracking as tracking
+    from pipeline import tokenizer_report as report
+
+    started = time.perf_counter()
+    opened = open_run(run_id, tracking_uri=tracking_uri, data_url=data_url)
+    url, manifest, model, notes = opened.url, opened.manifest, opened.model, list(opened.notes)
+    if split not in manifest.splits:
+        raise EvaluationError(f"{url} has no split {split!r} (splits: {', '.join(sorted(manifest.splits))})")
     torch.manual_seed(seed)
     total = manifest.splits[split].samples
-    report = _progress_printer(total)
+    prefix = metric_prefix(split)
+    tokenizer: dict[str, report.TokenizerFigures] = {}
     try:
-        batches = eval_batches(manifest, url, split=split, rank=0, world_size=1, batch_size=batch_size,
-                               options=ReadOptions.from_config(config.data),
-                               decoder=SampleDecoder(manifest.spec, target, config.data.decode_workers))
-        # test/* is evaluate's own; on another split the figures go under eval/<split>/, so they never
-        # add a second point to the histories training logged for it (e.g. val/loss at its last step).
-        metrics, count = evaluate_model(model, batches, split=split, importance_samples=importance_samples,
-                                        prefix=split if split == "test" else f"eval/{split}",
-                                        enumeration_limit=enumeration_limit, progress=report)
+        metrics, count = evaluate_model(model, opened.batches(split, batch_size), split=split,
+                                        importance_samples=importance_samples, prefix=prefix,
+                                        enumeration_limit=enumeration_limit, progress=_progress_printer(total))
+        if report.is_grid_model(model):  # the tokenizer report: the argmax tokens and their decoding
+            train_split = "train" if "train" in manifest.splits else None
+            if train_split is None:
+                notes.append(f"{url} has no train split: no bits per token (it models the train split's codes)")
+            figures = report.model_report(model, lambda name: opened.batches(name, batch_size), [split],
+                                          train_split=train_split)[split]
+            metrics |= figures.metrics(prefix)
+            tokenizer[f"{split} (run {run_id[:8]})"] = figures
     except DataError as err:
         raise EvaluationError(f"reading {url}: {err}") from None
-    result = EvaluationResult(run_id, split, count, importance_samples, time.perf_counter() - started, metrics, notes)
+    result = EvaluationResult(run_id, split, count, importance_samples, time.perf_counter() - started, metrics, notes,
+                              tokenizer)
     if log:
-        tracking.log_evaluation(uri, run_id, metrics, step=run["last_step"],
+        tracking.log_evaluation(opened.tracking_uri, run_id, metrics, step=opened.last_step,
                                 tags={f"eval.{split}.seconds": f"{result.seconds:.1f}", f"eval.{split}.seed": seed})
     return result
 

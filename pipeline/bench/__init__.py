@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import typer
 
-bench_app = typer.Typer(help="Measure the pipeline: memory (peak RSS vs data size), ...", no_args_is_help=True)
+bench_app = typer.Typer(help="Measure the pipeline: memory, data and training throughput, the K-means tokenizer baseline",
+                      no_args_is_help=True)
 
 from pipeline.bench import memory as _memory  # noqa: E402,F401 - registers `bench memory`
 from pipeline.bench import data as _data  # noqa: E402,F401 - registers `bench data`
 from pipeline.bench import train as _train  # noqa: E402,F401 - registers `bench train`
+from pipeline.bench import tokenizer as _tokenizer  # noqa: E402,F401 - registers `bench tokenizer`

@@ -38,11 +38,11 @@ def run_for_evaluation(tracking_uri: str, run_id: str, destination: Path) -> dic
 
 
 def load_run_model(tracking_uri: str, run_id: str) -> Any:
-    """The model logged with `log_model` (runs before raw weights were logged), on the CPU."""
-    import mlflow.pytorch  # imports torch: only where a model is loaded
+    """The run's logged model, its VAE as ``.vae``, on the CPU (for runs whose raw weights are not
+    among the run's artifacts): `pipeline.ops.tracking.load_pytorch_model`."""
+    from pipeline.ops.tracking import load_pytorch_model
 
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location="cpu")
+    return load_pytorch_model(tracking_uri, f"runs:/{run_id}/model")
 
 
 def log_evaluation(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int,

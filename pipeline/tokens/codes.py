@@ -16,22 +16,20 @@ Token format (a dataset like any other: WebDataset tars + manifest.json, any fss
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
-from pipeline.config import ConfigError, RunConfig, parse_config
-from pipeline.data.contract import ImageTarget
 from pipeline.data.errors import DataError, ShardError
 from pipeline.data.reader import ReadOptions, read_shard
 from pipeline.data.shards import Manifest, ShardInfo, shard_url
 from pipeline.models import VAE
+
+if TYPE_CHECKING:
+    from pipeline.ops.tracking import LoadedModel
 
 MAX_TOKENS = 1 << 16  # uint16 indices
 
@@ -43,53 +41,17 @@ class EncodeError(RuntimeError):
 # --- the run's model ------------------------------------------------------------------------------
 
 
-@dataclass
-class RunModel:
-    """What encoding or decoding needs of a finished training run."""
+def load_run_model(run: str, image_shape: tuple[int, int, int] | None = None, *,
+                   manifest: Manifest | None = None, tracking_uri: str | None = None) -> LoadedModel:
+    """The model of ``run`` (a run id, or a runs:/ or models:/ URI) rebuilt from its config and raw weights
+    (`pipeline.ops.tracking.load_model`), for images of ``image_shape``, or of the shape the run's data
+    settings make of ``manifest``'s samples; errors as `EncodeError`."""
+    from pipeline.ops.tracking import ModelLoadError, load_model
 
-    run_id: str
-    config: RunConfig
-    model: VAE
-    tags: dict[str, str]
-    tracking_uri: str
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.model.image_shape
-
-
-def load_run_model(run_id: str, image_shape: tuple[int, int, int] | None = None, *,
-                   manifest: Manifest | None = None, tracking_uri: str | None = None) -> RunModel:
-    """The run's VAE rebuilt from its config.yaml and raw weights (as `pipeline evaluate` does), for
-    images of ``image_shape``, or of the shape the run's data settings make of ``manifest``'s samples."""
-    from pipeline import evaluate_tracking as tracking
-    from pipeline.evaluate import EvaluationError, rebuild_model
-
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            run = tracking.run_for_evaluation(uri, run_id, Path(tmp))
-        except tracking.RunNotFoundError as err:
-            raise EncodeError(str(err)) from None
-        if run["files"]["config"] is None:
-            raise EncodeError(f"run {run_id} has no config.yaml artifact: not a `pipeline train` run")
-        try:
-            config = parse_config(yaml.safe_load(run["files"]["config"].read_text()) or {})
-        except ConfigError as err:
-            raise EncodeError(f"run {run_id}: its config.yaml no longer validates: {err}") from None
-        if image_shape is None:
-            assert manifest is not None
-            try:
-                image_shape = ImageTarget.from_config(manifest.spec, config.data).shape
-            except ValueError as err:
-                raise EncodeError(f"run {run_id}: {err}") from None
-        try:
-            model = rebuild_model(config, image_shape, run["files"]["weights"], tracking_uri=uri, run_id=run_id)
-        except EvaluationError as err:
-            raise EncodeError(str(err)) from None
-        except (RuntimeError, ValueError) as err:  # weights that do not fit the config's shapes
-            raise EncodeError(f"run {run_id}: cannot rebuild its model for images {list(image_shape)}: {err}") from None
-    return RunModel(run_id, config, model, run["tags"], uri)
+    try:
+        return load_model(run, tracking_uri=tracking_uri, image_shape=image_shape, manifest=manifest)
+    except ModelLoadError as err:
+        raise EncodeError(str(err)) from None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
 """End-of-run artifacts, made on the driver from the last checkpoint: a reconstruction
-grid and a prior-sample grid (PNG), the model itself (MLflow pytorch flavour) and its raw
-weights ``checkpoint/model.pt`` (a state_dict: `pipeline evaluate` rebuilds the model from the
-run's config.yaml and loads it with ``weights_only=True``, no unpickling of code)."""
+grid and a prior-sample grid (PNG), the model itself and its raw weights ``checkpoint/model.pt``
+(a state_dict: `pipeline evaluate` rebuilds the model from the run's config.yaml and loads it with
+``weights_only=True``, no unpickling of code).
+
+The model: a grid model (``model.arch: resnet``, categorical latent) is logged as its tokenizer, a
+pyfunc that turns uint8 images [B, C, H, W] into int64 codes [B, h, w] (pipeline/tokens/serving.py);
+the other models as the `Reconstructor` (MLflow pytorch flavour)."""
 
 from __future__ import annotations
 
@@ -91,4 +95,16 @@ def log_final_artifacts(config: RunConfig, tracking_uri: str, run_id: str, check
         weights = Path(tmp) / WEIGHTS_FILE
         torch.save(model.state_dict(), weights)
         tracking.log_artifact_files(tracking_uri, run_id, [weights], artifact_path="checkpoint")
+        if is_grid_tokenizer(model):
+            tracking.log_tokenizer_model(tracking_uri, run_id, config=config, weights=weights,
+                                         image_shape=target.shape, grid=tuple(model.encoder.grid),
+                                         categories=model.latent.categories, input_example=images[:2].numpy())
+            return
     tracking.log_model(tracking_uri, run_id, Reconstructor(model), x[:4].numpy())
+
+
+def is_grid_tokenizer(model: VAE) -> bool:
+    """A grid of categorical codes: logged as a tokenizer (images -> codes)."""
+    from pipeline.models.latents import CategoricalLatent
+
+    return model.arch == "resnet" and isinstance(model.latent, CategoricalLatent)

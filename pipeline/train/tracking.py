@@ -1,5 +1,5 @@
 """The MLflow run's lifecycle, driver side: create it, reopen it, count a driver restart, log the
-final artifacts and the model, end it.
+final artifacts and the model (a grid model as its tokenizer pyfunc), end it.
 
 Every MLflow call of the project is in one of four modules, by owner: this one; rank 0's
 asynchronous logger `pipeline.train.run_logger`; the registry and run search of `pipeline.ops`
@@ -28,6 +28,9 @@ import pipeline
 from pipeline.config import RunConfig
 
 DEFAULT_STORE = "mlflow.db"
+MODEL_NAME = "model"  # the LoggedModel every training run logs
+# The pyfunc a grid run logs (models from code: MLflow runs this file, nothing is unpickled).
+TOKENIZER_MODEL_CODE = Path(pipeline.__file__).resolve().parent / "tokens" / "serving.py"
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -131,25 +134,67 @@ def log_artifact_files(tracking_uri: str, run_id: str, paths: list[Path], artifa
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_model(tracking_uri: str, run_id: str, model: Any, input_example: Any) -> None:
-    """Log the torch model with a signature inferred from an example batch."""
+def _model_requirements() -> list[str]:
+    """Explicit requirements: MLflow's inference of them re-imports the model in a subprocess
+    (10-30 s here). The package itself travels with the model (``code_paths``)."""
     import torch
-    from mlflow.models import infer_signature
 
     # MLflow warns that it logs torch "2.13.0+cpu" as "torch==2.13.0": that is what we want.
     logging.getLogger("mlflow.utils.requirements_utils").setLevel(logging.ERROR)
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic>=2", "pyyaml"]
+
+
+def log_model(tracking_uri: str, run_id: str, model: Any, input_example: Any) -> None:
+    """Log the torch model (flat and mixture models: the reconstruction) with a signature inferred
+    from an example batch."""
+    import torch
+    from mlflow.models import infer_signature
+
+    requirements = _model_requirements()
     mlflow.set_tracking_uri(tracking_uri)
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
     signature = infer_signature(input_example, output)
-    # Explicit requirements: MLflow's inference of them re-imports the model in a subprocess
-    # (10-30 s here). The package travels with the model so loading it needs no install of ours.
     package = Path(pipeline.__file__).resolve().parent
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic>=2", "pyyaml"]
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example,
+        mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=signature, input_example=input_example,
                                  pip_requirements=requirements, code_paths=[str(package)])
     mlflow.end_run()
+
+
+def tokenizer_signature(image_shape: tuple[int, int, int], grid: tuple[int, int]) -> Any:
+    """What a grid model's pyfunc takes and returns: uint8 images [-1, C, H, W] -> int64 codes [-1, h, w]."""
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, *grid))]))
+
+
+def log_tokenizer_model(tracking_uri: str, run_id: str, *, config: RunConfig, weights: Path,
+                        image_shape: tuple[int, int, int], grid: tuple[int, int], categories: int,
+                        input_example: Any = None) -> None:
+    """Log a grid model as the pyfunc of ``pipeline/tokens/serving.py``: ``predict`` turns uint8 images
+    [B, C, H, W] into int64 codes [B, h, w]. Its artifacts are the raw weights (a state_dict,
+    ``weights``) and the resolved config; the image shape travels in ``model_config``."""
+    requirements = _model_requirements()
+    mlflow.set_tracking_uri(tracking_uri)
+    package = Path(pipeline.__file__).resolve().parent
+    shape, grid = [int(v) for v in image_shape], [int(v) for v in grid]
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "config.yaml"
+        config_file.write_text(config_yaml(config))
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=str(TOKENIZER_MODEL_CODE),
+                artifacts={"weights": str(weights), "config": str(config_file)},
+                model_config={"image_shape": shape}, signature=tokenizer_signature(tuple(shape), tuple(grid)),
+                input_example=input_example, pip_requirements=requirements, code_paths=[str(package)],
+                metadata={"tokenizer": {"image_shape": shape, "grid": grid, "codebook_size": int(categories),
+                                        "input": "uint8 images [B, C, H, W]",
+                                        "output": "int64 codes [B, h, w] (argmax of the posterior)"}})
+        mlflow.end_run()
 
 
 def reopen_run(tracking_uri: str, run_id: str) -> None:

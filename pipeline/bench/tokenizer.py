@@ -157,11 +157,11 @@ def tokenizer_bench(data: str, grid: tuple[int, int] | None, codes: int | None, 
         return eval_batches(manifest, data, split=name, rank=0, world_size=1, batch_size=batch_size)
 
     try:
-        started = time.perf_counter()
         train_images = [x for x, _ in batches("train")]
         shape = tuple(train_images[0].shape[1:]) if train_images else None
         if shape is not None:
             patch_size(shape[1:], grid, where=f"{data} (split 'train')")
+        started = time.perf_counter()
         kmeans = fit_kmeans(train_images, grid, codes, seed=seed, where=f"{data} (split 'train')", status=status)
         fit_seconds = time.perf_counter() - started
         del train_images

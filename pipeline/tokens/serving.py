@@ -22,14 +22,14 @@ from mlflow.pyfunc import PythonModel
 class TokenizerModel(PythonModel):
     """uint8 images [B, C, H, W] -> int64 codes [B, h, w] through a `Tokenizer` built from the artifacts."""
 
-    def load_context(self, context):  # no type hints: MLflow would read them as a schema
+    def load_context(self, context):
         from pipeline.tokens.tokenizer import Tokenizer
 
         config = context.model_config or {}
         self.tokenizer = Tokenizer.from_files(context.artifacts["weights"], context.artifacts["config"],
                                               tuple(config["image_shape"]), batch_size=int(config.get("batch_size", 256)))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # the signature checks dtype and shape
         return self.tokenizer.encode(np.asarray(model_input))
 
 

@@ -2,8 +2,9 @@
 final artifacts and the model (a grid model as its tokenizer pyfunc), end it.
 
 Every MLflow call of the project is in one of four modules, by owner: this one; rank 0's
-asynchronous logger `pipeline.train.run_logger`; the registry and run search of `pipeline.ops`
-in `pipeline.ops.tracking`; `pipeline evaluate`'s lookups in `pipeline.evaluate_tracking`.
+asynchronous logger `pipeline.train.run_logger`; the registry, run search and the loading of a
+run's model (`load_model`) in `pipeline.ops.tracking`; `pipeline evaluate`'s lookups in
+`pipeline.evaluate_tracking` — plus the pyfunc MLflow loads, `pipeline.tokens.serving`.
 The driver creates exactly one run per training run (`start_run`) and hands its id to the
 Ray workers; inside the workers only rank 0 logs, through a `RunLogger`.
 """

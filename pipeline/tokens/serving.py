@@ -27,9 +27,11 @@ class TokenizerModel(PythonModel):
 
         config = context.model_config or {}
         self.tokenizer = Tokenizer.from_files(context.artifacts["weights"], context.artifacts["config"],
-                                              tuple(config["image_shape"]), batch_size=int(config.get("batch_size", 256)))
+                                              tuple(config["image_shape"]),
+                                              batch_size=int(config.get("batch_size", 256)))
 
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # the signature checks dtype and shape
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        # MLflow has checked the input against the signature (uint8, [-1, C, H, W]) before this call
         return self.tokenizer.encode(np.asarray(model_input))
 
 

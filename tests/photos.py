@@ -10,13 +10,17 @@ flower.jpg, 427 x 640 RGB) and from MNIST's idx files; every function is determi
     write_png_shards(root, ...)     -> WebDataset shards of {key}.png + {key}.cls, gzip-compressed by default
     write_mnist_png_shards(root, mnist_dir, ...) -> MNIST digits as grey {key}.png + {key}.cls shards
     write_tar(path, members)        -> a raw tar of (name, bytes) members (hostile or odd shards)
+    png_bytes(array, ...)           -> a PNG written byte by byte (any bit depth and colour type, e.g. 48-bit RGB)
+    jpeg_bytes(image, ...)          -> a JPEG of a Pillow image (CMYK, grey, with an EXIF orientation tag)
 """
 
 from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -149,3 +153,35 @@ def write_mnist_png_shards(root: str | Path, mnist_dir: str | Path, *, samples: 
                         (f"mnist-{i:06d}.cls", str(int(data.labels[i])).encode())]
         paths.append(write_tar(Path(root) / f"mnist-{shard:05d}.tar", members))
     return paths
+
+
+PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (grey, grey+alpha, RGB, RGBA)
+
+
+def png_bytes(array: np.ndarray, *, trns: bytes | None = None) -> bytes:
+    """A PNG of uint8 or uint16 [H, W] / [H, W, C] (C = 2: grey + alpha, 3: RGB, 4: RGBA), written by hand:
+    Pillow cannot write 16-bit colour PNGs. ``trns``: the raw payload of a tRNS chunk (a transparent colour)."""
+    height, width = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    depth = 16 if array.dtype == np.uint16 else 8
+    big_endian = array.astype(">u2" if depth == 16 else "u1").reshape(height, -1)
+    rows = b"".join(b"\0" + row.tobytes() for row in big_endian)  # filter type 0 (None) on every row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, PNG_COLOUR_TYPES[channels], 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + (chunk(b"tRNS", trns) if trns else b"")
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def jpeg_bytes(image: Image.Image, *, quality: int = 95, orientation: int | None = None) -> bytes:
+    """The JPEG Pillow writes for ``image`` (mode L, RGB or CMYK), with an EXIF orientation tag when given."""
+    options: dict = {"quality": quality}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif.tobytes()
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **options)
+    return buffer.getvalue()

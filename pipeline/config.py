@@ -133,6 +133,15 @@ class ModelConfig(_Section):
     downsample: Literal[4, 8, 16] = Field(4, description="resnet: the grid is (H/f) x (W/f) for f = downsample")
     blocks: int = Field(2, ge=1, description="resnet: residual blocks per stage")
     codebook_dim: int = Field(64, ge=1, description="resnet: width d of the learned codebook embedding the K classes")
+    code_init: Literal["random", "data"] = Field(
+        "random", description="resnet: data sets the encoder's code head from the first training images (each "
+        "of the K codes the nearest-centre logit around one random grid position's features) so that every "
+        "code is in use and informative from step 0; random: PyTorch's default initialisation"
+    )
+    entropy_weight: float = Field(
+        0.0, ge=0.0, description="resnet: weight of the code entropy term N * (H(q) per position - H(q pooled "
+        "over the batch)) added to the loss: confident positions spread over the whole codebook (MAGVIT-v2)"
+    )
     latent: LatentConfig = Field(default_factory=LatentConfig)
 
     @model_validator(mode="after")
@@ -153,6 +162,9 @@ class ModelConfig(_Section):
                                  f"{stages} stage widths, got {self.channels}")
             if self.latent.kind != "categorical":
                 raise ValueError(f"arch resnet needs model.latent.kind categorical (a grid), got {self.latent.kind}")
+        elif self.code_init != "random" or self.entropy_weight:
+            raise ValueError(f"model.code_init: {self.code_init} and model.entropy_weight: {self.entropy_weight} "
+                             f"apply to a grid (arch resnet), not arch {self.arch}")
         return self
 
 

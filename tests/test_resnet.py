@@ -176,3 +176,61 @@ def test_weight_gradients_keep_the_parameters_layout() -> None:
     model = build_vae(_cfg(4), image_shape=(3, 16, 16))
     model(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), temperature=0.5).loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()] == []
+
+
+def test_code_init_from_data_starts_every_code_in_use_and_above_the_noise() -> None:
+    """`model.code_init: data`: each of the K codes is the nearest centre of its own grid position, so
+    on the images it was drawn from every code is some position's argmax; the logits spread by
+    CODE_INIT_SPREAD (5) across codes, against 0.1 at PyTorch's default initialisation."""
+    from pipeline.models.resnet import CODE_INIT_SPREAD
+
+    torch.manual_seed(0)
+    model = build_vae(_cfg(4, k=64, code_init="data"), image_shape=(3, 16, 16))  # a 4x4 grid
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)  # 128 positions >= K = 64
+    before = model.encode(model.prepare(x)[0]).reshape(-1, 64)
+    model.init_codes_from_data(x, seed=0)
+    logits = model.encode(model.prepare(x)[0]).reshape(-1, 64)
+    assert before.std(dim=-1).mean() < 0.5
+    assert logits.argmax(dim=-1).unique().numel() == 64
+    features = model.encoder.features(model.prepare(x)[0]).permute(0, 2, 3, 1).reshape(-1, 8)
+    distances = torch.cdist(features, features[torch.randperm(128, generator=torch.Generator().manual_seed(0))[:64]])
+    assert torch.equal(logits.argmax(dim=-1), distances.argmin(dim=-1))  # nearest centre = most probable code
+    assert logits.std(dim=-1).mean().item() == pytest.approx(CODE_INIT_SPREAD, rel=1e-4)
+    with pytest.raises(ValueError, match="at least K = 64 grid positions, got 48"):
+        model.init_codes_from_data(x[:3], seed=0)
+
+
+def test_code_entropy_term_on_constructed_logits() -> None:
+    """N * (H per position - H pooled): -N log K when every position is certain and the batch uses
+    the K codes equally; 0 when every position is certain of one and the same code."""
+    latent = CategoricalLatent(4, 8)
+    spread = torch.full((2, 4, 8), -1e4)
+    spread.view(-1, 8)[torch.arange(8), torch.arange(8)] = 0.0  # the 8 positions use the 8 codes once each
+    per_position, pooled = latent.code_entropy(spread.reshape(2, 32))
+    assert per_position.item() == pytest.approx(0.0, abs=1e-6) and pooled.item() == pytest.approx(math.log(8))
+    same = torch.full((2, 4, 8), -1e4)
+    same[..., 3] = 0.0
+    per_position, pooled = latent.code_entropy(same.reshape(2, 32))
+    assert per_position.item() == pytest.approx(0.0, abs=1e-6) and pooled.item() == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.zeros(2, 32)  # uncertain positions: H = log K each, pooled log K: the term is 0
+    per_position, pooled = latent.code_entropy(uniform)
+    assert per_position.item() == pytest.approx(math.log(8)) and pooled.item() == pytest.approx(math.log(8))
+
+
+def test_objective_adds_the_weighted_entropy_term_to_the_weighted_elbo() -> None:
+    torch.manual_seed(0)
+    model = build_vae(_cfg(4, k=16, entropy_weight=2.5), image_shape=(3, 16, 16))
+    out = model(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), temperature=1.0)
+    per_position, pooled = model.latent.code_entropy(out.params)
+    assert out.code_entropy.item() == pytest.approx(16 * (per_position - pooled).item(), rel=1e-5)
+    assert model.objective(out, 0.3).item() == pytest.approx(
+        (out.recon + 0.3 * out.kl + 2.5 * out.code_entropy).item(), rel=1e-6)
+    plain = build_vae(_cfg(4, k=16), image_shape=(3, 16, 16))
+    assert plain(torch.zeros(1, 3, 16, 16, dtype=torch.uint8)).code_entropy == 0.0
+
+
+def test_code_init_and_entropy_need_a_grid() -> None:
+    with pytest.raises(ConfigError, match="apply to a grid"):
+        parse_config({"model": {"arch": "conv", "code_init": "data"}})
+    with pytest.raises(ConfigError, match="apply to a grid"):
+        parse_config({"model": {"entropy_weight": 1.0}})

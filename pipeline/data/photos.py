@@ -78,9 +78,10 @@ def tiles(picture: np.ndarray, size: int, short_side: int) -> np.ndarray:
     return np.ascontiguousarray(cut.transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, size, size))
 
 
-def load_photo_splits(size: int = 32, scale: int = 512) -> dict[str, Split]:
+def load_photo_splits(size: int = 32, scale: int = 512, seed: int = 0) -> dict[str, Split]:
     """train / val / test tiles of the bundled photographs (split by whole picture, `PICTURES`).
-    Training pictures are cut at ``scale`` and at 3/4 of it; val and test at ``scale`` only."""
+    Training pictures are cut at ``scale`` and at 3/4 of it; val and test at ``scale`` only. Each split's
+    tiles are in an order fixed by ``seed``."""
     if size < 4 or scale < size:
         raise DataError(f"need 4 <= size <= scale, got size={size}, scale={scale}")
     parts: dict[str, list[tuple[np.ndarray, int]]] = {"train": [], "val": [], "test": []}
@@ -93,5 +94,8 @@ def load_photo_splits(size: int = 32, scale: int = 512) -> dict[str, Split]:
     for split, chunks in parts.items():
         images = np.concatenate([chunk for chunk, _ in chunks])
         labels = np.concatenate([np.full(len(chunk), index, np.int64) for chunk, index in chunks])
-        out[split] = Split(images=images, labels=labels)
+        # Shuffled by a fixed permutation, so that any prefix of a split (a reader's first batches, the
+        # first shard) holds tiles of all its pictures rather than of the first one.
+        order = np.random.default_rng(seed).permutation(len(images))
+        out[split] = Split(images=images[order], labels=labels[order])
     return out

@@ -183,6 +183,17 @@ class CategoricalLatent(Latent):
                              device=self._anchor.device)
         return F.one_hot(index, self.categories).to(self._anchor.dtype).reshape(len(index), self.code_size)
 
+    def code_entropy(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean entropy of one position's posterior, entropy of the posterior pooled over the batch and
+        all variables), in nats. For a grid, whose positions share one codebook, their difference is
+        MAGVIT-v2's entropy penalty: low when each position is confident and the batch as a whole
+        spreads over many codes."""
+        log_q = self._log_q(params)
+        q = log_q.exp()
+        per_position = -(q * log_q).sum(dim=-1).mean()
+        pooled = q.mean(dim=(0, 1))
+        return per_position, -torch.special.xlogy(pooled, pooled).sum()
+
     def usage(self, params: Tensor) -> Tensor:
         # Summed (not averaged) so ranks can all-reduce and normalise once; a metric, so no graph.
         return self._log_q(params.detach()).exp().sum(dim=0)

@@ -35,6 +35,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 DOWNSAMPLE_FACTORS = (4, 8, 16)
+# The std of a position's code logits across the K codes after `ResNetEncoder.init_codes`: well above
+# the Gumbel noise's 1.28 at tau = 1, so the sampled code is the nearest centre most of the time.
+CODE_INIT_SPREAD = 5.0
 # Tensors of B * N * K floats alive for the backward pass of one training step: the encoder's logits
 # plus what autograd keeps of CategoricalLatent.sample_and_kl and the codebook product, by (sample,
 # KL) mode; measured with a saved-tensor hook over unique storages (tests/test_resnet.py checks them).
@@ -132,6 +135,30 @@ class ResNetEncoder(nn.Module):
         layers.append(nn.ReLU())
         self.features = nn.Sequential(*layers)
         self.to_logits = nn.Linear(previous, categories)  # = a 1x1 conv, applied to [B, h, w, c]
+
+    @torch.no_grad()
+    def init_codes(self, inputs: Tensor, generator: torch.Generator, spread: float = CODE_INIT_SPREAD) -> None:
+        """Data-dependent initialisation of the code head (the k-means++-free variant of a VQ codebook's
+        data init): K distinct positions of ``inputs`` [B, C, H, W] (prepared images) become the K code
+        centres c_k, and the head is set to the distance logits -||f - c_k||^2 / T (= 2 c_k.f / T -
+        ||c_k||^2 / T up to a constant per position: exactly a linear layer). T makes the logits of a
+        position spread by ``spread`` (their std across the K codes, averaged over positions).
+
+        Why: at random initialisation the head's logits spread by ~0.1 across codes while Gumbel noise
+        at tau = 1 has std 1.28, and the encoder's features share one direction (ReLU outputs), so the
+        sampled code carries no information about the image and the few codes that happen to align
+        with that direction win everywhere. Nearest-centre logits start every code in use (each
+        centre is the nearest to its own position) and informative well above the noise."""
+        features = self.features(inputs).permute(0, 2, 3, 1).reshape(-1, self.to_logits.in_features)
+        categories = self.to_logits.out_features
+        if len(features) < categories:
+            raise ValueError(f"code init from data needs at least K = {categories} grid positions, got "
+                             f"{len(features)} ({len(inputs)} images)")
+        centres = features[torch.randperm(len(features), generator=generator)[:categories]]
+        sample = features[: min(len(features), 2048)]
+        temperature = torch.cdist(sample, centres).pow(2).std(dim=-1).mean().clamp_min(1e-8) / spread
+        self.to_logits.weight.copy_(2.0 * centres / temperature)
+        self.to_logits.bias.copy_(-centres.pow(2).sum(dim=-1) / temperature)
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.features(x)  # [B, c, h, w]

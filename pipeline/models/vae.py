@@ -32,13 +32,18 @@ class VAEOutput:
     z: Tensor  # sampled code [B, code_size]
     recon_per_sample: Tensor  # [B]
     kl_per_sample: Tensor  # [B]
+    # N * (mean per-position entropy - entropy of the batch's pooled posterior), nats per image; computed
+    # only for a model with entropy_weight > 0 (a grid), else 0. See `VAE.objective`.
+    code_entropy: Tensor | float = 0.0
 
 
 class VAE(nn.Module):
     def __init__(self, image_shape: tuple[int, int, int], hidden: list[int], latent: Latent, *,
                  likelihood: Likelihood | None = None, arch: str = "mlp", channels: list[int] | None = None,
-                 activation: str = "relu", downsample: int = 4, blocks: int = 2, codebook_dim: int = 64) -> None:
+                 activation: str = "relu", downsample: int = 4, blocks: int = 2, codebook_dim: int = 64,
+                 entropy_weight: float = 0.0) -> None:
         super().__init__()
+        self.entropy_weight = float(entropy_weight)
         image_shape = tuple(int(s) for s in image_shape)
         if len(image_shape) != 3 or min(image_shape) < 1 or not hidden:
             raise ValueError(f"image_shape must be (C, H, W) with positive sides and hidden non-empty, got {image_shape}")
@@ -97,6 +102,10 @@ class VAE(nn.Module):
         kl_per_sample = kl_terms.sum(dim=-1)
         recon = recon_per_sample.mean()
         kl = kl_per_sample.mean()
+        code_entropy: Tensor | float = 0.0
+        if self.entropy_weight:
+            per_position, pooled = self.latent.code_entropy(params)
+            code_entropy = self.latent.variables * (per_position - pooled)
         return VAEOutput(
             loss=recon + kl,
             recon=recon,
@@ -107,7 +116,32 @@ class VAE(nn.Module):
             z=z,
             recon_per_sample=recon_per_sample,
             kl_per_sample=kl_per_sample,
+            code_entropy=code_entropy,
         )
+
+    def objective(self, out: "VAEOutput", kl_weight: float = 1.0, kl_y_weight: float = 1.0) -> Tensor:
+        """What training minimises: recon + beta * KL (the -ELBO at beta = 1), a mixture's KL of y
+        (term 0) weighted by beta_y instead when annealed, plus ``entropy_weight`` times the code
+        entropy term of a grid. ``out`` needs recon, kl, kl_per_variable and code_entropy (a
+        `VAEOutput`, or the training loop's mean over partitions).
+
+        The entropy term: the uniform prior's KL, log K - H(q) per position, rewards *uncertain*
+        positions and is blind to which codes the batch uses, so alone it lets a grid collapse onto a
+        few codes. The term N * (H(q) - H(pooled q)) rewards confident positions that spread over the
+        whole codebook across a batch (MAGVIT-v2's entropy penalty)."""
+        objective = out.recon + kl_weight * (out.kl + (kl_y_weight - 1.0) * out.kl_per_variable[0])
+        if self.entropy_weight:
+            objective = objective + self.entropy_weight * out.code_entropy
+        return objective
+
+    @torch.no_grad()
+    def init_codes_from_data(self, x: Tensor, seed: int) -> None:
+        """A grid model's code head initialised from images x [B, C, H, W] (`ResNetEncoder.init_codes`);
+        deterministic in (x, seed), so every rank computes the same weights."""
+        if not isinstance(self.encoder, ResNetEncoder):
+            raise ValueError(f"model.code_init: data needs arch resnet (a grid), got arch {self.arch}")
+        inputs, _ = self.prepare(x)
+        self.encoder.init_codes(inputs, torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -147,4 +181,4 @@ def build_vae(cfg: ModelConfig, input_dim: int | None = None, *, image_shape: tu
     return VAE(tuple(image_shape), list(cfg.hidden), build_latent(latent_cfg),
                likelihood=build_likelihood(cfg.likelihood, binarize), arch=cfg.arch, channels=list(cfg.channels),
                activation=cfg.activation, downsample=cfg.downsample, blocks=cfg.blocks,
-               codebook_dim=cfg.codebook_dim)
+               codebook_dim=cfg.codebook_dim, entropy_weight=cfg.entropy_weight)

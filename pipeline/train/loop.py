@@ -31,6 +31,7 @@ from pipeline.data.health import data_health
 from pipeline.data.reader import ReadOptions
 from pipeline.models import build_vae
 from pipeline.train.collectives import all_gather, all_reduce
+from pipeline.train.code_init import init_codes_from_data
 from pipeline.train.checkpoint import load_checkpoint, restore_ema, save_checkpoint, training_weights
 from pipeline.train.run_logger import RunLogger, load_pending, log_data_health
 from pipeline.train.schedules import (kl_weight, kl_y_weight, learning_rate, set_learning_rate, straight_through,
@@ -114,6 +115,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from pipeline.ops.warmstart import load_initial_weights
 
         load_initial_weights(model, cfg.train.init_from, args.tracking_uri)
+    elif cfg.model.code_init == "data":  # a fresh grid: every code starts in use (models/resnet.py)
+        init_codes_from_data(model, manifest, args.dataset_url, cfg, options, decoder)
 
     global_batch = cfg.train.batch_size
     steps = steps_per_epoch(manifest.splits["train"].samples, partitions, global_batch // partitions)
@@ -173,10 +176,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with precision.autocast():
                 out = _forward_by_partition(ddp_model, x, my_partitions, tau, cfg.train.seed, position.step)
             if args.debug_nan_step == position.step:  # testing aid: a batch whose loss is NaN at a chosen step
-                out = _StepOutput(out.loss * float("nan"), out.recon * float("nan"), out.kl, out.kl_terms)
-            # out.loss is the -ELBO; a mixture's KL of y (term 0) may weigh more early on (deterministic annealing).
-            objective = (out.loss if beta == beta_y == 1.0
-                         else out.recon + beta * (out.kl + (beta_y - 1.0) * out.kl_terms[0]))
+                out = _StepOutput(out.loss * float("nan"), out.recon * float("nan"), out.kl, out.kl_per_variable,
+                                  out.code_entropy)
+            objective = model.objective(out, beta, beta_y)  # the weighted -ELBO (models/vae.py)
             result = precision.backward_and_step(objective, ddp_model, optimizer)
             grad_norm = result.grad_norm
             if result.nonfinite:  # the same verdict on every rank (see train/step.py)
@@ -281,7 +283,8 @@ class _StepOutput:
     loss: torch.Tensor
     recon: torch.Tensor
     kl: torch.Tensor
-    kl_terms: torch.Tensor  # [num_kl_terms], batch means
+    kl_per_variable: torch.Tensor  # [num_kl_terms], batch means
+    code_entropy: torch.Tensor | float = 0.0  # a grid's entropy term (VAE.objective)
 
 
 def _forward_by_partition(model: torch.nn.Module, x: torch.Tensor, partitions: range, temperature: float,
@@ -298,9 +301,10 @@ def _forward_by_partition(model: torch.nn.Module, x: torch.Tensor, partitions: r
         _seed_noise(hash((seed, step, partition)) & 0x7FFF_FFFF_FFFF_FFFF, x.device)
         outputs.append(model(chunk, temperature=temperature))
     if len(outputs) == 1:
-        return _StepOutput(outputs[0].loss, outputs[0].recon, outputs[0].kl, outputs[0].kl_per_variable)
-    mean = lambda name: torch.stack([getattr(o, name) for o in outputs]).mean(0)  # noqa: E731 - equal chunk sizes
-    return _StepOutput(mean("loss"), mean("recon"), mean("kl"), mean("kl_per_variable"))
+        first = outputs[0]
+        return _StepOutput(first.loss, first.recon, first.kl, first.kl_per_variable, first.code_entropy)
+    mean = lambda name: torch.stack([torch.as_tensor(getattr(o, name)) for o in outputs]).mean(0)  # noqa: E731 - equal chunk sizes
+    return _StepOutput(mean("loss"), mean("recon"), mean("kl"), mean("kl_per_variable"), mean("code_entropy"))
 
 
 def _seed_noise(value: int, device: torch.device) -> None:

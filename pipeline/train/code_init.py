@@ -1,0 +1,32 @@
+"""Data-dependent initialisation of a grid model's codes, before the first training step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.data import eval_batches
+from pipeline.data.contract import SampleDecoder
+from pipeline.data.reader import ReadOptions
+from pipeline.models.vae import VAE
+
+MIN_IMAGES = 256  # the centres are drawn from this many images at least (more when K needs them)
+
+
+def init_codes_from_data(model: VAE, manifest: Any, dataset_url: str, cfg: RunConfig, options: ReadOptions,
+                         decoder: SampleDecoder) -> None:
+    """Set the code head from the first images of the train split (manifest order, center crops).
+    Every rank reads the same images and draws with the same seed, so all start from one model
+    (DDP broadcasts rank 0's weights as well)."""
+    grid_positions = math.prod(model.encoder.grid)
+    needed = max(MIN_IMAGES, math.ceil(2 * model.latent.categories / grid_positions))
+    images: list[torch.Tensor] = []
+    for x, _ in eval_batches(manifest, dataset_url, split="train", rank=0, world_size=1,
+                             batch_size=min(needed, 256), options=options, decoder=decoder):
+        images.append(x)
+        if sum(len(i) for i in images) >= needed:
+            break
+    model.init_codes_from_data(torch.cat(images)[:needed], cfg.train.seed)

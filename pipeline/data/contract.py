@@ -22,6 +22,18 @@ while the expensive work happens once, early, in parallel:
    Pillow's decompression-bomb limit enforced.
 2. `SampleDecoder.finish` (at batch time): the position-seeded random crop and flip, then
    stacking to uint8 [n, C, H, W]. Images stay uint8 until the model's likelihood converts them.
+
+What a decoded image becomes (`to_pixels`: the one conversion `pipeline data images` applies to
+source files and the reader applies to shard members, so both see the same pixels):
+- upright: an EXIF orientation tag is applied (a camera's rotated JPEG comes out as it is shown);
+- 16-bit grey (Pillow's ``I;16`` modes) is scaled to 8 bits, value / 257 rounded (Pillow alone
+  would clip: everything above 255 would become white). 16-bit colour reaches us from Pillow
+  already at 8 bits, each sample's high byte (within 1 of value / 257);
+- alpha is composited on white: RGBA, grey + alpha, and palette, grey or RGB images with a
+  transparent colour become ``round((c * a + 255 * (255 - a)) / 255)`` per channel, so a fully
+  transparent pixel is white and an opaque one keeps its colour. A grey image stays grey;
+- then Pillow's own conversion to 8-bit RGB or L (CMYK, palette, YCbCr, bilevel; grey to RGB
+  gives three equal channels).
 """
 
 from __future__ import annotations
@@ -45,6 +57,11 @@ IGNORABLE = frozenset({"txt", "json", "cls", "caption", "url", "id", "key"}) | I
 UNSAFE = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "npz", "mp", "msgpack"})
 Resize = Literal["center-crop", "random-crop", "border"]
 _NPY_MAGIC = b"\x93NUMPY"
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_GREY_WITH_ALPHA = frozenset({"1", "L", "LA", "La"})  # composited as grey + alpha, kept grey
+_ORIENTATION = 0x0112  # EXIF tag
+_SIDES_SWAPPED = frozenset({5, 6, 7, 8})  # orientations that turn the image by 90 degrees
 
 
 class SampleSpec(BaseModel):
@@ -141,6 +158,52 @@ def decode_label(members: dict[str, bytes], spec: SampleSpec, url: str, key: str
 
 
 # --- images -------------------------------------------------------------------------------------------
+
+
+def exif_orientation(image: Any) -> int:
+    """The EXIF orientation (1-8; 1 = upright) of an opened Pillow image. Reads only what the headers
+    already hold (JPEG and WebP: always; PNG: an eXIf chunk before the image data, any once loaded)."""
+    if "exif" not in image.info:
+        return 1
+    try:
+        value = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block says nothing about orientation
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright_size(image: Any) -> tuple[int, int]:
+    """(W, H) of an opened image once its EXIF orientation is applied (headers only)."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) in _SIDES_SWAPPED else (width, height)
+
+
+def to_pixels(image: Any, mode: str) -> Any:
+    """A Pillow image as the upright 8-bit ``mode`` ("L" or "RGB") image the contract promises (module doc)."""
+    from PIL import Image, ImageOps
+
+    image.load()
+    # 16-bit grey; older Pillow releases open such PNGs as 32-bit "I" (a PNG has no other source of "I")
+    sixteen_bit = image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG")
+    if exif_orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
+    if sixteen_bit:
+        values = np.asarray(image, dtype=np.uint32)
+        grey = ((values + 128) // 257).astype(np.uint8)  # round(value / 257): 257 is odd, so never a tie
+        key = image.info.get("transparency")
+        if isinstance(key, int):  # a transparent grey level (tRNS), compared at 16 bits
+            image = Image.fromarray(np.dstack([grey, np.where(values == key, 0, 255).astype(np.uint8)]), "LA")
+        else:
+            image = Image.fromarray(grey, "L")
+    palette = getattr(image, "palette", None)
+    if (image.mode in ALPHA_MODES or "transparency" in image.info
+            or (image.mode == "P" and palette is not None and palette.mode == "RGBA")):
+        grey = image.mode in _GREY_WITH_ALPHA
+        with_alpha = np.asarray(image.convert("LA" if grey else "RGBA"), dtype=np.uint32)
+        colour, alpha = with_alpha[..., :-1], with_alpha[..., -1:]
+        on_white = ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)  # rounded
+        image = Image.fromarray(on_white[..., 0], "L") if grey else Image.fromarray(on_white, "RGB")
+    return image if image.mode == mode else image.convert(mode)
 
 
 @dataclass(frozen=True)
@@ -258,6 +321,8 @@ class SampleDecoder:
         from PIL import Image, UnidentifiedImageError
 
         fmt = ENCODED_FORMATS[self.spec.image]
+        if not raw:
+            raise ShardError(url, "empty member (0 bytes), not an image", member=member)
         try:
             image = Image.open(io.BytesIO(raw), formats=[fmt])  # header only; the whitelist of one format
             width, height = image.size
@@ -267,12 +332,18 @@ class SampleDecoder:
                                       f"({Image.MAX_IMAGE_PIXELS} pixels)", member=member)
             mode = "L" if self.target.channels == 1 else "RGB"
             if fmt == "JPEG":
-                cover = _scaled(image.size, self.target.size, self.target.resize)
+                upright = upright_size(image)
+                cover = _scaled(upright, self.target.size, self.target.resize)
+                if upright != image.size:  # the stored image lies on its side: so does the size it must cover
+                    cover = cover[::-1]
                 image.draft(mode, cover)  # DCT-domain downscale to >= the size we need (no-op when not smaller)
-            image.load()
+            image = to_pixels(image, mode)
         except ShardError:
             raise
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        except UnidentifiedImageError:  # its message is the repr of a file object: say it plainly
+            raise ShardError(url, f"undecodable {fmt} image (not a {fmt} file Pillow can open)",
+                             member=member) from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise ShardError(url, f"undecodable {fmt} image ({type(err).__name__}: {err})", member=member) from None
         return self._fit(image)
 
@@ -281,7 +352,7 @@ class SampleDecoder:
         from PIL import Image
 
         mode = "L" if self.target.channels == 1 else "RGB"
-        if image.mode != mode:
+        if image.mode != mode:  # stored arrays (L or RGB); decoded images have been through `to_pixels`
             image = image.convert(mode)
         height, width = self.target.size
         new_w, new_h = _scaled(image.size, self.target.size, self.target.resize)

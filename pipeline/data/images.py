@@ -2,13 +2,17 @@
 
 - Classes: a sub-folder per class (``root/<class>/.../*.jpg``) gives integer labels in sorted
   class-name order, written to ``classes.json`` beside the manifest; images straight in the
-  root (no sub-folders) give an unlabelled dataset. Hidden files and non-images are passed over.
+  root (no sub-folders) give an unlabelled dataset; in nested folders (``root/<class>/sub/x.jpg``)
+  the top-level folder is the class. Hidden files and folders (any path part starting with
+  ``.``: ``.DS_Store``, macOS's ``._x.jpg``, ``.thumbnails/``) and non-images are passed over;
+  an empty (0-byte) image file is refused by name before anything is written.
 - Split: a seeded hash of each file's relative path picks its split, and a second hash its
   place in the split, so the split of a file never depends on which other files exist, and
   shards are not sorted by class.
 - Each image: decoded by Pillow (a whitelist of formats; the decompression-bomb limit on, and
-  its 1x-2x warning band refused too), EXIF orientation applied, converted to RGB (grey when
-  every image is grey), resized (``center-crop``: shorter side to S then the center S x S;
+  its 1x-2x warning band refused too), made upright and 8-bit RGB (grey when every image is
+  grey) by `contract.to_pixels` (EXIF orientation applied, 16-bit grey scaled by 1/257, alpha
+  composited on white), resized (``center-crop``: shorter side to S then the center S x S;
   ``border``: fit inside S x S and pad with black; no --size: stored as it is), encoded by
   `contract.encode_image`.
 - Writing works like `deformed.py`: shards are independent jobs over ``workers`` spawned
@@ -32,7 +36,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import fsspec
 import numpy as np
 
-from pipeline.data.contract import SampleSpec, encode_image
+from pipeline.data.contract import SampleSpec, encode_image, to_pixels
 from pipeline.data.errors import DataError
 from pipeline.data.progress import PROGRESS_DIR, end_with_parent, read_finished, record_finished, run_bounded
 from pipeline.data.shards import ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, write_shard
@@ -92,13 +96,19 @@ def list_source(source: str) -> tuple[list[SourceFile], list[str]]:
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise DataError(f"--source {source} is not a folder")
-    found = []
+    found, empty = [], []
     for path, info in sorted(fs.find(root, detail=True).items()):
         rel = path[len(root) + 1:]
         if any(part.startswith(".") for part in rel.split("/")) or rel.rsplit(".", 1)[-1].lower() not in SOURCE_EXTENSIONS:
-            continue  # hidden files (.DS_Store) and non-images (captions, csv) are not samples
+            continue  # hidden files and folders (.DS_Store, ._x.jpg, .git/) and non-images are not samples
+        if info.get("size") == 0:
+            empty.append(rel)
         stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""
         found.append((rel, int(info.get("size") or 0), str(stamp)))
+    if empty:
+        more = f" (and {len(empty) - 1} more empty files)" if len(empty) > 1 else ""
+        raise DataError(f"{source.rstrip('/')}/{empty[0]}: empty file (0 bytes), not an image{more}: "
+                        "remove it or replace it with the image")
     if not found:
         raise DataError(f"no images ({', '.join(sorted(SOURCE_EXTENSIONS))}) under {source}")
     classes = sorted({rel.split("/", 1)[0] for rel, _, _ in found if "/" in rel})
@@ -183,6 +193,8 @@ def load_image(raw: bytes, name: str, settings: Settings) -> np.ndarray:
     from PIL import Image, ImageOps
 
     mode = "L" if settings.channels == 1 else "RGB"
+    if not raw:
+        raise DataError(f"{name}: empty file (0 bytes), not an image")
     try:
         image = Image.open(io.BytesIO(raw), formats=SOURCE_FORMATS)
         width, height = image.size
@@ -192,9 +204,7 @@ def load_image(raw: bytes, name: str, settings: Settings) -> np.ndarray:
         if image.format == "JPEG" and settings.size:  # DCT-domain downscale, never below what the resize needs
             scale = settings.size / (max if settings.resize == "border" else min)(width, height)
             image.draft(mode, (int(width * scale) + 1, int(height * scale) + 1))
-        image = ImageOps.exif_transpose(image)
-        if image.mode != mode:
-            image = image.convert(mode)
+        image = to_pixels(image, mode)  # upright, 8-bit, alpha on white: the contract's one conversion
         if settings.size and settings.resize == "center-crop":
             image = ImageOps.fit(image, (settings.size, settings.size), Image.Resampling.BICUBIC)
         elif settings.size and settings.resize == "border":

@@ -3,9 +3,12 @@
 Every shard is streamed once, in parallel threads (the work is I/O plus hashing, which releases
 the GIL): its sha256 and byte count for the manifest, its tar headers for the sample count and
 the members present, and the *header* of every image member (Pillow reads only the header:
-microseconds), so the stored size and channels in the manifest are facts about every sample,
-not about the first few. Labels (``.cls``, or an integer field of ``.json`` with ``--label``)
-are checked on every sample too: a shard that would fail in epoch 7 fails here, named.
+microseconds), so the stored size (upright: EXIF orientation applied, as the reader decodes)
+and channels in the manifest are facts about every sample, not about the first few. Image data
+is not decoded here: an image cut short inside its data is found when it is read (an error naming
+shard and member, or a skipped sample counted with ``data.on_corrupt: skip``). Labels (``.cls``,
+or an integer field of ``.json`` with ``--label``) are checked on every sample too: a shard
+that would fail in epoch 7 on a label fails here, named.
 
 Shards are untrusted: pickle-like members (`contract.UNSAFE`) are refused unread, members the
 contract cannot declare are refused, truncated or garbage shards are named. The manifest is
@@ -36,7 +39,7 @@ import fsspec
 import numpy as np
 from braceexpand import braceexpand
 
-from pipeline.data.contract import ENCODED_FORMATS, IGNORABLE, IMAGE_FORMATS, UNSAFE, SampleSpec
+from pipeline.data.contract import ENCODED_FORMATS, IGNORABLE, IMAGE_FORMATS, UNSAFE, SampleSpec, upright_size
 from pipeline.data.errors import DataError, ShardError
 from pipeline.data.reader import _MAX_ENCODED_MEMBER, _HashingReader
 from pipeline.data.remote import RetryPolicy, open_for_reading
@@ -211,13 +214,19 @@ def _npy_header(url: str, name: str, raw: bytes) -> tuple[int, int, bool]:
 def _image_header(url: str, name: str, suffix: str, raw: bytes) -> tuple[int, int, bool]:
     from PIL import Image, UnidentifiedImageError
 
+    fmt = ENCODED_FORMATS[suffix]
+    if not raw:
+        raise ShardError(url, "empty member (0 bytes), not an image", member=name)
     try:
-        image = Image.open(io.BytesIO(raw), formats=[ENCODED_FORMATS[suffix]])  # the header only
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ShardError(url, f"not a readable {ENCODED_FORMATS[suffix]} image ({err})", member=name) from None
+        image = Image.open(io.BytesIO(raw), formats=[fmt])  # the header only
+    except UnidentifiedImageError:  # its message is the repr of a file object: say it plainly
+        raise ShardError(url, f"not a readable {fmt} image (Pillow cannot identify it)", member=name) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ShardError(url, f"not a readable {fmt} image ({err})", member=name) from None
     width, height = image.size
     if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
         raise ShardError(url, f"image of {width}x{height} pixels exceeds the decompression-bomb limit", member=name)
+    width, height = upright_size(image)  # the size the reader decodes: EXIF orientation applied
     return height, width, image.mode in GREY_MODES
 
 

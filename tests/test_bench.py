@@ -268,3 +268,108 @@ def test_bench_train_emits_every_field(tmp_path):
     assert 0 < report["ray1"]["worker_setup_s"] < report["ray1"]["to_first_step_s"]
     text = readme.read_text()
     assert "old" not in text and "| (b) `pipeline train`, 2 Ray worker(s)" in text and text.endswith("y\n")
+
+
+# --- bench train on an image config (configs/images-dvae.yaml: resnet grid, RGB 32x32, logit-Laplace) ---
+
+TINY_DVAE = ["model.channels=[8, 8, 8]", "model.codebook_dim=8", "model.latent.categories=16",
+             "model.entropy_weight=0.1"]  # entropy_weight: the objective is not out.loss
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> str:
+    """Real photographs cut into 32x32 RGB tiles (48 train, 12 val), as `pipeline data photos` writes them."""
+    out = tmp_path_factory.mktemp("photos") / "data"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "data", "photos", "--out", str(out), "--scale", "64"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return str(out)
+
+
+@pytest.mark.parametrize("config,dataset,partitions", [("images-dvae.yaml", "photos", 1),
+                                                       ("images-dvae.yaml", "photos", 2),
+                                                       ("digits-categorical.yaml", "digits", 2)])
+def test_bench_train_plain_loop_runs_the_training_objective(request, config, dataset, partitions):
+    from pipeline.bench.train import batch_indices, plain_loop, train_images
+    from pipeline.config import load_config
+    from pipeline.models import build_vae
+    from pipeline.train.schedules import kl_weight, temperature
+
+    url = request.getfixturevalue(dataset)
+    image = config == "images-dvae.yaml"
+    cfg = load_config(REPO / "configs" / config,
+                      [f"data.url={url}", "train.workers=1", "train.batch_size=8", f"data.partitions={partitions}",
+                       "train.log_every=2", *(TINY_DVAE if image else ["model.hidden=[16]"])])
+    images = train_images(cfg, url)
+    shape = (3, 32, 32) if image else (1, 8, 8)
+    assert images.dtype == torch.uint8 and tuple(images.shape) == (read_manifest(url).splits["train"].samples,) + shape
+    assert len(train_images(cfg, url, limit=20)) == 20
+
+    result = plain_loop(cfg, url, images, steps=4, window=2)
+    assert set(result) >= {"samples_per_s", "steps_per_s", "windows", "threads", "batch", "partitions", "steps",
+                           "parameters", "first_objective"}
+    assert result["samples_per_s"] > 0 and len(result["windows"]) == 2 and result["threads"] == 1
+    assert (result["batch"], result["partitions"], result["steps"]) == (8, partitions, 4)
+
+    # Step 0 recomputed by hand: the model as training builds it, the batch, one forward per partition
+    # with its noise seed (train/loop.py), the schedules at step 0 and VAE.objective (beta, entropy term).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        model = build_vae(cfg.model, image_shape=shape, binarize=cfg.data.binarize)
+        if image:
+            assert type(model.likelihood).__name__ == "LogitLaplace" and model.entropy_weight == 0.1
+        assert result["parameters"] == sum(p.numel() for p in model.parameters())
+        x = images[next(batch_indices(len(images), 8, cfg.train.seed))]
+        tau, beta = temperature(0, cfg.model.latent), kl_weight(0, cfg.train)
+        objectives, losses = [], []
+        for partition, chunk in enumerate(x.chunk(partitions)):
+            torch.random.default_generator.manual_seed(hash((cfg.train.seed, 0, partition)) & 0x7FFF_FFFF_FFFF_FFFF)
+            out = model(chunk, temperature=tau)  # uint8 in: the likelihood prepares it (binarizes for digits)
+            objectives.append(model.objective(out, beta, 1.0).item())
+            losses.append(out.loss.item())
+    finally:
+        torch.set_num_threads(before)
+    expected = sum(objectives) / partitions  # the objective is linear in the partition means it is given
+    assert result["first_objective"] == pytest.approx(expected, rel=1e-5)
+    if image:  # beta = 0 at step 0 (KL warm-up) and an entropy term: not the plain -ELBO (out.loss)
+        assert expected != pytest.approx(sum(losses) / partitions, rel=1e-3)
+
+
+def test_bench_train_dataset_from_override():
+    from pipeline.bench.train import _dataset_override
+
+    assert _dataset_override(["train.epochs=1", "data.url=/d", "model.hidden=[8]"]) == ("/d", ["train.epochs=1",
+                                                                                         "model.hidden=[8]"])
+    assert _dataset_override(["train.epochs=1"]) == (None, ["train.epochs=1"])
+
+
+def test_bench_train_says_where_the_extra_time_goes():
+    from pipeline.bench.train import _gap_words, step_time
+
+    one = {"samples_per_s": 800, "data_wait_frac": 0.05, "perf": {"perf/data_wait_frac": 0.05}}
+    gap = step_time({"samples_per_s": 1000}, one, 100)
+    assert gap == {"plain_ms": 100.0, "ray_ms": 125.0, "extra_ms": 25.0, "data_wait_ms": 6.25, "other_ms": 18.75}
+    text = _gap_words({"step_time": gap, "ray1": one, "slower_than_plain": True})
+    assert "more than 10% slower" in text and "data wait 6.25 ms (perf/data_wait_frac 5.00%)" in text
+
+
+@pytest.mark.slow  # a local Ray cluster and two `pipeline train` runs (1 and 2 workers): 60-80 s on 2 busy cores
+def test_bench_train_on_an_image_config_end_to_end(photos):
+    from pipeline.bench.train import train_markdown
+
+    report = _bench("train", "--config", "configs/images-dvae.yaml", "-o", f"data.url={photos}", "-o", "train.epochs=1",
+                    "-o", "train.batch_size=16", "-o", "train.log_every=1", *[a for o in TINY_DVAE for a in ("-o", o)],
+                    timeout=600)
+    assert report["dataset"]["url"] == photos and report["model"]["arch"] == "resnet"
+    assert report["model"]["image_shape"] == [3, 32, 32] and report["model"]["likelihood"] == "logit-laplace"
+    assert report["plain"]["batch"] == 16 and report["plain"]["partitions"] == 2
+    for field in ("ray_vs_plain", "scaling_2v1", "data_wait_frac", "startup_s", "step_time"):
+        assert report[field] is not None, field
+    assert report["ray1"]["steps"] == report["ray2"]["steps"] == 3  # 48 tiles / 16
+    assert "perf/data_wait_frac" in report["ray1"]["perf"]
+    assert set(report["step_time"]) == {"plain_ms", "ray_ms", "extra_ms", "data_wait_ms", "other_ms"}
+    text = train_markdown(report, report["command"])
+    assert "model resnet [8, 8, 8] categorical, logit-laplace likelihood, 3x32x32 images" in text
+    assert "Ray (1 worker)/plain **" in text and "(perf/data_wait_frac " in text

@@ -185,6 +185,11 @@ class TrainConfig(_Section):
         "constant", description="constant; exponential: lr * lr_decay_rate^(step // lr_decay_every) (Jang's "
         "notebook: 0.9 every 1000); cosine: from lr to lr_min over the run's total steps. All after lr_warmup_steps"
     )
+    encoder_lr_scale: float = Field(
+        1.0, gt=0, le=1, description="The encoder's learning rate is the schedule's times this. A grid's code "
+        "assignment amplifies small changes of the encoder's features (its logits are distances to K centres): "
+        "at the full rate the first updates move every position's features one way and onto a few codes"
+    )
     lr_decay_rate: float = Field(0.9, gt=0, le=1, description="exponential: factor per lr_decay_every steps")
     lr_decay_every: int = Field(1000, ge=1, description="exponential: steps between decays")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr over this many steps")

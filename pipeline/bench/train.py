@@ -128,7 +128,7 @@ def plain_loop(cfg: Any, url: str, images: Any, steps: int, window: int,
     torch.set_num_threads(threads)
     try:
         model = build_like_training(cfg, url)
-        optimizer = build_optimizer(model.parameters(), cfg.train)
+        optimizer = build_optimizer(model, cfg.train)
         precision = PrecisionStep(cfg.train.precision, torch.device("cpu"), grad_clip=cfg.train.grad_clip)
         ema = WeightEMA(model, cfg.train.ema) if cfg.train.ema else None
         batch = cfg.train.batch_size // cfg.train.workers

@@ -101,7 +101,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     target = ImageTarget.from_config(manifest.spec, cfg.data)  # what the model is fed: [C, H, W]
     decoder = SampleDecoder(manifest.spec, target, cfg.data.decode_workers)
     model = build_vae(cfg.model, image_shape=target.shape, binarize=cfg.data.binarize)
-    optimizer = build_optimizer(model.parameters(), cfg.train)
+    optimizer = build_optimizer(model, cfg.train)
     position, partitions = Position(), cfg.partitions
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group (or a resumed driver) continues from the last checkpoint

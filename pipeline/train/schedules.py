@@ -90,6 +90,7 @@ def straight_through(step: int, cfg: LatentConfig) -> bool:
 
 
 def set_learning_rate(optimizer, lr: float) -> None:
-    """Every parameter group gets the scheduled rate (called at the start of each step)."""
+    """Every parameter group gets the scheduled rate, times its `lr_scale` when it has one (the
+    encoder's group under `train.encoder_lr_scale`); called at the start of each step."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

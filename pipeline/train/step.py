@@ -93,8 +93,22 @@ def _total_norm(model: torch.nn.Module) -> float:
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """`train.optimizer` over `params` at `train.lr` (the loop sets the scheduled rate every step).
-    Adam's weight_decay is an L2 term in the gradient; AdamW's is decoupled (Loshchilov & Hutter)."""
+    """`train.optimizer` over `params` (a model, or an iterable of parameters) at `train.lr` (the loop
+    sets the scheduled rate every step). Adam's weight_decay is an L2 term in the gradient; AdamW's is
+    decoupled (Loshchilov & Hutter).
+
+    For a model with `train.encoder_lr_scale` != 1 the encoder's parameters form their own group whose
+    rate is the schedule's times that scale (`lr_scale` in each group, applied by
+    `schedules.set_learning_rate`)."""
+    if isinstance(params, torch.nn.Module):
+        module, scale = params, getattr(cfg, "encoder_lr_scale", 1.0)
+        encoder = getattr(module, "encoder", None)
+        if scale != 1.0 and encoder is not None:
+            mine = {id(p) for p in encoder.parameters()}
+            params = [{"params": list(encoder.parameters()), "lr_scale": scale},
+                      {"params": [p for p in module.parameters() if id(p) not in mine], "lr_scale": 1.0}]
+        else:
+            params = module.parameters()
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":

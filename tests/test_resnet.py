@@ -231,6 +231,6 @@ def test_objective_adds_the_weighted_entropy_term_to_the_weighted_elbo() -> None
 
 def test_code_init_and_entropy_need_a_grid() -> None:
     with pytest.raises(ConfigError, match="apply to a grid"):
-        parse_config({"model": {"arch": "conv", "code_init": "data"}})
+        parse_config({"data": {"url": "d"}, "model": {"arch": "conv", "code_init": "data"}})
     with pytest.raises(ConfigError, match="apply to a grid"):
-        parse_config({"model": {"entropy_weight": 1.0}})
+        parse_config({"data": {"url": "d"}, "model": {"entropy_weight": 1.0}})

@@ -259,3 +259,22 @@ def test_ema_of_a_short_run_holds_what_it_learned_not_the_initialisation() -> No
         ema.update(model)
     for avg, p in zip(ema.module.parameters(), model.parameters()):
         torch.testing.assert_close(avg, p, atol=1e-6, rtol=0)
+
+
+def test_encoder_lr_scale_puts_the_encoder_in_its_own_group_at_a_fraction_of_the_rate() -> None:
+    from pipeline.config import parse_config
+    from pipeline.models import build_vae
+    from pipeline.train.schedules import set_learning_rate
+
+    cfg = parse_config({"data": {"url": "data/x"}, "model": {"arch": "conv", "channels": [4], "hidden": [8]},
+                        "train": {"optimizer": "adamw", "lr": 1e-3, "encoder_lr_scale": 0.03}})
+    model = build_vae(cfg.model, image_shape=(1, 8, 8))
+    optimizer = build_optimizer(model, cfg.train)
+    encoder, rest = optimizer.param_groups
+    assert [id(p) for p in encoder["params"]] == [id(p) for p in model.encoder.parameters()]
+    assert len(encoder["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    set_learning_rate(optimizer, 2e-3)
+    assert (encoder["lr"], rest["lr"]) == (2e-3 * 0.03, 2e-3)
+    plain = build_optimizer(model, parse_config({"data": {"url": "data/x"}}).train)  # scale 1: one group, the scheduled rate
+    set_learning_rate(plain, 2e-3)
+    assert [g["lr"] for g in plain.param_groups] == [2e-3]

@@ -15,3 +15,4 @@ from pipeline.bench import memory as _memory  # noqa: E402,F401 - registers `ben
 from pipeline.bench import data as _data  # noqa: E402,F401 - registers `bench data`
 from pipeline.bench import train as _train  # noqa: E402,F401 - registers `bench train`
 from pipeline.bench import tokenizer as _tokenizer  # noqa: E402,F401 - registers `bench tokenizer`
+from pipeline.bench import codecs as _codecs  # noqa: E402,F401 - registers `bench codecs`

@@ -320,6 +320,15 @@ def test_bench_train_plain_loop_runs_the_training_objective(request, config, dat
         model = build_vae(cfg.model, image_shape=shape, binarize=cfg.data.binarize)
         if image:
             assert type(model.likelihood).__name__ == "LogitLaplace" and model.entropy_weight == 0.1
+            assert cfg.model.code_init == "data"  # as shipped: the code head set from the first train images
+            from pipeline.data.contract import ImageTarget, SampleDecoder
+            from pipeline.data.reader import ReadOptions
+            from pipeline.train.code_init import init_codes_from_data
+
+            manifest = read_manifest(url)
+            target = ImageTarget.from_config(manifest.spec, cfg.data)
+            init_codes_from_data(model, manifest, url, cfg, ReadOptions.from_config(cfg.data),
+                                 SampleDecoder(manifest.spec, target, cfg.data.decode_workers))
         assert result["parameters"] == sum(p.numel() for p in model.parameters())
         x = images[next(batch_indices(len(images), 8, cfg.train.seed))]
         tau, beta = temperature(0, cfg.model.latent), kl_weight(0, cfg.train)

@@ -199,7 +199,7 @@ def test_evaluate_logs_the_tokenizer_report_of_a_grid_run(photos, tracking_uri, 
     opened = open_run(run_id, tracking_uri=tracking_uri)
     direct = model_report(opened.model, lambda split: opened.batches(split, 17), ["val"])["val"]
     for name, value in direct.metrics("eval/val").items():
-        assert logged[name] == pytest.approx(value, rel=1e-9), name
+        assert logged[name] == pytest.approx(value, rel=1e-6), name  # float32 SSIM, two passes
     bench = _json(cli.invoke(app, ["bench", "tokenizer", "--data", photos, "--run", run_id, "--json",
                                    "--tracking-uri", tracking_uri]))
     assert bench["grid"] == [8, 8] and bench["codes"] == 16

@@ -109,8 +109,10 @@ def load_pytorch_model(tracking_uri: str, model_uri: str, map_location: str = "c
     except NoWeightsError:
         import mlflow.pytorch  # imports torch: only where a model is loaded
 
+        # The registry follows the tracking URI when none is set. set_registry_uri would stay behind in
+        # the process (and in MLFLOW_REGISTRY_URI for its children) and send every later
+        # MlflowClient(other_store) to this store's registry.
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
         return mlflow.pytorch.load_model(model_uri, map_location=map_location)
 
 

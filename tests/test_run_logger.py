@@ -128,16 +128,28 @@ def test_images_at_their_steps_and_a_restored_rank_0_logs_none_twice(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = _new_run(uri)
-    logger = RunLogger(uri, run_id, min_interval_s=0.0)
-    logger.log_image("reconstructions", Image.new("RGB", (8, 4), (200, 10, 10)), step=10)
-    logger.log_image("reconstructions", Image.new("RGB", (8, 4), (10, 200, 10)), step=20)
-    pending = logger.pending()
-    logger.close()
-    # a rank 0 restored from a checkpoint saved while both images were still pending
-    RunLogger(uri, run_id, resumed=True, pending=pending, min_interval_s=0.0).close()
 
     def logged() -> list[str]:
         return sorted(a.path for a in MlflowClient(uri).list_artifacts(run_id, "images") if a.path.endswith(".png"))
+
+    # The sender writes at most once per min_interval_s: after its first write (a metric, seen in the
+    # run) it holds whatever comes next for 60 s, so both images are surely pending when the
+    # checkpoint's snapshot is taken; close() then ends the pause and delivers them.
+    logger = RunLogger(uri, run_id, min_interval_s=60.0)
+    logger.log_metrics({"train/loss": 1.0}, step=10)
+    deadline = time.monotonic() + 30
+    while not _steps(uri, run_id, "train/loss") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _steps(uri, run_id, "train/loss") == [(10, 1.0)]
+    logger.log_image("reconstructions", Image.new("RGB", (8, 4), (200, 10, 10)), step=10)
+    logger.log_image("reconstructions", Image.new("RGB", (8, 4), (10, 200, 10)), step=20)
+    pending = logger.pending()
+    assert [(row["image"], row["step"]) for row in pending] == [("reconstructions", 10), ("reconstructions", 20)]
+    assert logged() == []
+    logger.close()
+    assert len(logged()) == 2  # delivered by the first rank 0 after the snapshot: the restored one resends both
+    # a rank 0 restored from a checkpoint saved while both images were still pending
+    RunLogger(uri, run_id, resumed=True, pending=pending, min_interval_s=0.0).close()
 
     names = logged()
     assert [int(name.split("+step+")[1].split("+")[0]) for name in names] == [10, 20]

@@ -154,6 +154,13 @@ def test_jpeg_draft_decoding_is_close_to_a_full_decode() -> None:
     full = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB").resize((50, 50), Image.Resampling.BILINEAR))
     assert fast.shape == (3, 50, 50)
     assert np.abs(fast.astype(int) - full.transpose(2, 0, 1).astype(int)).mean() < 6
+    # draft mode ran: the pixels are Pillow's DCT-scaled decode (400 -> 50 is 1/8 in the DCT domain, no
+    # resize after it), which a full decode resized to 50x50 does not reproduce
+    drafted = Image.open(io.BytesIO(raw))
+    drafted.draft("RGB", (50, 50))
+    assert drafted.size == (50, 50)
+    assert np.array_equal(fast, np.asarray(drafted.convert("RGB")).transpose(2, 0, 1))
+    assert not np.array_equal(fast, full.transpose(2, 0, 1))
 
 
 def _corrupt_dataset(tmp_path: Path) -> str:

@@ -133,6 +133,7 @@ COLOUR_FOLDER = {  # relative path -> bytes; classes: the top-level folders (caf
 }
 HIDDEN = {  # a hidden-file rule passes these over: were they read, they would fail (garbage) or add a class
     "colour/._rgba.png": b"\x00\x05\x16\x07AppleDouble resource fork",
+    "café/._naïve-ü.jpg": b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ",  # AppleDouble beside a JPEG
     ".hidden/x.jpg": b"not a jpeg",
     "colour/.thumbnails/y.png": b"not a png",
 }

@@ -150,8 +150,15 @@ def test_real_runs_on_shared_validation_shards_compare_and_a_registry_failure_sh
         results.append(train(config))
         decisions.append(after_training(config, results[-1]))
     assert decisions[0].decision == "first"
-    assert decisions[1].decision in ("promoted", "kept"), decisions[1].reason  # compared, not "not-comparable"
+    # compared, not "not-comparable": the outcome is the one the two runs' final val/loss make
+    losses = [get_run(tracking_uri, r.run_id).data.metrics["val/loss"] for r in results]
+    assert losses[0] != losses[1] and losses == [r.val_loss for r in results]
+    expected = "promoted" if losses[1] < losses[0] else "kept"
+    assert decisions[1].decision == expected, (losses, decisions[1].reason)
+    assert (decisions[1].challenger_val_loss, decisions[1].champion_val_loss) == (losses[1], losses[0])
     assert decisions[1].champion_run_id == results[0].run_id
+    winner = results[1] if expected == "promoted" else results[0]
+    assert registry.champion_run_id(tracking_uri, "shared-val") == winner.run_id
 
     refused = config.model_copy(deep=True)
     refused.tracking.registered_model = "team/digits"  # MLflow refuses '/' in a model name

@@ -88,7 +88,8 @@ class FaultyProxy:
         # only GETs of byte ranges (the body reads): each fault is then exactly one failed read
         # attempt, where a HEAD or listing may be one of several requests inside a single attempt
         self.ranged_gets_only = ranged_gets_only
-        self.requests = self.faults = 0
+        self.requests = self.faults = 0  # requests: those a fault may hit
+        self.received = 0  # every request, of any method
         self.by_kind = {kind: 0 for kind in self.KINDS}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -134,6 +135,8 @@ class FaultyProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                with proxy._lock:
+                    proxy.received += 1
                 fault = proxy._next_fault(self.command, ranged="Range" in self.headers)
                 if fault == "reset":
                     self._reset()

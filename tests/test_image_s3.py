@@ -1,7 +1,8 @@
 """Image datasets keep the remote guarantees: gzip-compressed JPEG shards in S3 (moto on loopback)
-read through a proxy that breaks every third request — retried, sha256-verified, cached — give
-exactly the batches (random crops and flips included) a local copy gives; a cached second epoch
-makes no request at all."""
+read through a proxy that breaks every second body read (a 500 error or a body cut off half-way) —
+each failed read retried and counted once, sha256-verified, cached — give exactly the batches
+(random crops and flips included) a local copy gives; a cached second epoch makes no request at all.
+(A reset connection is retried below the counted retry: tests/test_remote.py keeps that case.)"""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from pipeline.data import read_manifest, train_batches
 from pipeline.data.contract import ImageTarget, SampleDecoder
 from pipeline.data.reader import ReadOptions, data_health, reset_data_health
 from test_image_stream import photo_crops, write_image_dataset
+
+
+class _CountedFaults(FaultyProxy):
+    KINDS = ("500", "truncate")  # the faults each of which is exactly one failed, counted read attempt
 
 
 def _epoch(url: str, epoch: int, options: ReadOptions, manifest=None) -> list[tuple[torch.Tensor, list[str]]]:
@@ -39,14 +44,20 @@ def test_gzip_jpeg_shards_from_flaky_s3_read_exactly_as_local_and_cache(tmp_path
         assert read_manifest(url).digest() == read_manifest(local).digest()  # same bytes, same sha256s
         options = ReadOptions(cache_dir=str(tmp_path / "cache"), retries=8, retry_backoff_s=0.01)
         reset_data_health()
-        with FaultyProxy(endpoint, every=3) as proxy, s3_environment(proxy.endpoint):
+        shards = len(read_manifest(url).splits["train"].shards)
+        assert shards == 3
+        with _CountedFaults(endpoint, every=2, ranged_gets_only=True) as proxy, s3_environment(proxy.endpoint):
             manifest = read_manifest(url)
             first = _epoch(url, 0, options, manifest)
-            assert proxy.faults > 0 and data_health().read_retries > 0  # the faults were met, and retried
-            requests = proxy.requests
+            health = data_health()
+            assert proxy.faults >= 2 and all(proxy.by_kind.values()), proxy.by_kind
+            assert health.read_retries == proxy.faults  # each injected fault met, retried and counted once
+            assert (health.cache_misses, health.cache_hits) == (shards, 0)  # each shard downloaded once
+            received = proxy.received
             second = _epoch(url, 1, options, manifest)
-            assert proxy.requests == requests  # every shard from the verified local cache
-    assert data_health().cache_hits >= 3
+            assert proxy.received == received  # not one request: every shard from the verified local cache
+    health = data_health()
+    assert (health.cache_misses, health.cache_hits, health.read_retries) == (shards, shards, proxy.faults)
     for got, want in ((first, expected[0]), (second, expected[1])):
         assert [keys for _, keys in got] == [keys for _, keys in want]
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, want))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from photos import crops, encode, write_image_folder
@@ -145,8 +146,13 @@ def test_killed_cli_run_resumes(tmp_path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(progress.glob("*.json")) if progress.exists() else []) < 2:
         time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers, "the pool's processes were not found"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # the workers die with the command, a moment later: count only once none is left to finish a shard
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"pool processes outlived the killed command: {[p.pid for p in alive]}"
     assert not (tmp_path / "out" / "manifest.json").exists()
     finished = len(list(progress.glob("*.json")))
     assert finished >= 2

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -37,15 +38,24 @@ def test_tags_restarts_and_metrics_never_wait_for_a_server_that_is_down(tmp_path
     MlflowClient(f"sqlite:///{store / 'mlflow.db'}").log_metric(run_id, "train/loss", 9.0, step=1)
     port = free_port()
     url = f"http://127.0.0.1:{port}"  # nothing listens yet: the server is down
-    started = time.monotonic()
     logger = RunLogger(url, run_id, resumed=True, max_backoff_s=1.0)  # a restarted rank 0
-    logger.set_tags({"cluster.nodes": 1, "cluster.node_ids": "n0"})
-    logger.count_restart("worker group restarted at step 1")
-    logger.log_metrics({"train/loss": 1.0}, step=1)  # the run has step 1: not sent again
-    logger.log_metrics({"train/loss": 2.0}, step=5)
-    logger.set_tags({"data.skipped_shards": "s3://b/000.tar", "failure": "non-finite loss at step 7"})
-    assert time.monotonic() - started < 1.0, "training waited on MLflow"
-    time.sleep(2)
+
+    def training() -> None:  # the loop's calls, made while nothing listens at url
+        logger.set_tags({"cluster.nodes": 1, "cluster.node_ids": "n0"})
+        logger.count_restart("worker group restarted at step 1")
+        logger.log_metrics({"train/loss": 1.0}, step=1)  # the run has step 1: not sent again
+        logger.log_metrics({"train/loss": 2.0}, step=5)
+        logger.set_tags({"data.skipped_shards": "s3://b/000.tar", "failure": "non-finite loss at step 7"})
+
+    # The server only starts further down: calls that waited for it would never return.
+    caller = threading.Thread(target=training, daemon=True)
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "training waited on MLflow"
+    assert len(logger.pending()) == 7  # appended, none delivered: 4 tags, 1 restart, 2 metric rows
+    deadline = time.monotonic() + 60
+    while logger.failed_attempts < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert logger.failed_attempts >= 2  # the outage was hit, not missed
     with running(spawn_mlflow_server(store, port), timeout_s=300):
         report = logger.close(timeout_s=120)

@@ -252,6 +252,87 @@ def decode(
     console.print(f"rendered {result.images} images to {out}")
 
 
+@app.command(help=(
+    "Train every grid point x seed as its own run on Ray Tune, under one MLflow parent run.\n\n"
+    "Each trial is a full `pipeline train` run (its own Ray Train workers, checkpoints and retries), logged as a "
+    "child of the parent. The parent records the sweep's definition and, per grid point, the mean, sd and n of "
+    "each trial's final val/* and latent/* figures (test/* too with --evaluate): metrics "
+    "sweep/<point>/<figure>/mean|sd|n and the table sweep/aggregates.csv.\n\n"
+    "A trial that fails for good is tagged sweep.outcome=failed, left out of the aggregates and counted. "
+    "The same command again continues the sweep: finished trials are reused, interrupted ones resume from "
+    "their checkpoints.\n\n"
+    "Exit status 0: every trial finished; 3: some failed; 1: none finished."))
+def sweep(
+    config: Annotated[str, typer.Argument(help="YAML config, e.g. configs/mnist-categorical.yaml")],
+    seeds: Annotated[str, typer.Option("--seeds", help="train.seed of the trials: 0,1,2 or a range 0..4")],
+    override: Overrides = None,
+    grid: Annotated[
+        Optional[list[str]],
+        typer.Option("--grid", help="Settings to cross, repeatable: --grid train.lr=1e-3,3e-3 --grid "
+                     "model.latent.hard=false,true (values in YAML; lists as [128],[256,128])"),
+    ] = None,
+    max_concurrent: Annotated[
+        Optional[int], typer.Option("--max-concurrent", min=1, help="Trials at once (default: as many as the "
+                                    "cluster's CPUs/GPUs hold, each taking train.workers x train.cpus_per_worker)")
+    ] = None,
+    address: Annotated[
+        Optional[str], typer.Option("--address", help="Ray cluster to use (default $RAY_ADDRESS, else a local cluster)")
+    ] = None,
+    tracking_uri: Annotated[
+        Optional[str], typer.Option("--tracking-uri", help="MLflow store (default: tracking.uri, $MLFLOW_TRACKING_URI, "
+                                    "else ./mlflow.db)")
+    ] = None,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate", help="After training, evaluate every trial once on the test split "
+                           "(as `pipeline evaluate RUN_ID -k K`); the parent gets the test aggregates too")
+    ] = False,
+    importance_samples: Annotated[
+        int, typer.Option("--importance-samples", "-k", min=1, help="With --evaluate: samples per input of the "
+                          "importance-weighted -log p(x)")
+    ] = 1000,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Start a new parent run even if this sweep ran before (default: "
+                           "continue it, reusing its finished trials)")
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Continue trials an earlier attempt gave up on (default: keep "
+                           "them as failed)")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as one JSON object")] = False,
+) -> None:
+    if address or os.environ.get("RAY_ADDRESS"):
+        from pipeline.ops.ray_jobs import enable_token_auth
+
+        enable_token_auth()
+    import json
+
+    from pipeline.config import ConfigError
+    from pipeline.sweep import SweepError, build_spec, parse_grid, parse_seeds, run_sweep
+
+    try:
+        spec = build_spec(config, override or [], parse_seeds(seeds), parse_grid(grid or []), tracking_uri=tracking_uri)
+    except ConfigError as err:
+        _fail(str(err), code=2)
+    try:
+        result = run_sweep(spec, address=address, max_concurrent=max_concurrent,
+                           evaluate_k=importance_samples if evaluate else None, fresh=fresh, retry_failed=retry_failed)
+    except SweepError as err:
+        _fail(str(err))
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        from pipeline.sweep import render_summary
+
+        Console(width=max(160, Console().width)).print(render_summary(result))
+        print(f"parent_run_id: {result.parent_run_id}")
+        print(f"trials: {result.finished} finished, {result.failed} failed, "
+              f"{sum(o.reused for o in result.outcomes)} reused from earlier attempts; {result.seconds:.0f} s")
+        for outcome in result.outcomes:
+            if outcome.outcome == "failed":
+                print(f"failed: {outcome.trial.name} (run {outcome.run_id}): {outcome.reason}")
+    raise typer.Exit(0 if result.failed == 0 else 3 if result.finished else 1)
+
+
 @app.command("config")
 def show_config(config: str, override: Overrides = None) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""

@@ -37,13 +37,29 @@ def run_row(run, champion: str | None) -> dict[str, Any]:
         "status": run.info.status,
         "champion": run.info.run_id == champion,
         "data_version": (tags.get("dataset.manifest_sha256") or "")[:12],
+        "parent_run_id": tags.get("mlflow.parentRunId"),
+        "sweep": _sweep_label(tags),
     }
+
+
+def _sweep_label(tags: dict[str, str]) -> str | None:
+    """A `pipeline sweep` parent: its trial counts; a child: its grid point and seed (and if it failed)."""
+    if tags.get("sweep.role") == "parent":
+        failed = tags.get("sweep.trials.failed")
+        return f"parent of {tags.get('sweep.trials', '?')} trials" + (f", {failed} failed" if failed not in (None, "0") else "")
+    if "sweep.trial_key" in tags:
+        return f"trial of {tags['mlflow.parentRunId'][:8]}" + (" (failed)" if tags.get("sweep.outcome") == "failed" else "")
+    return None
 
 
 def compare_rows(tracking_uri: str, experiment: str, model: str | None = None) -> list[dict[str, Any]]:
     """Rows for every run, sorted by val/loss (runs without one last); `model` names the registry entry."""
     champion = champion_run_id(tracking_uri, model or experiment)
     rows = [run_row(run, champion) for run in tracking.search_experiment_runs(tracking_uri, experiment)]
+    names = {r["run_id"]: r["name"] for r in rows}
+    for r in rows:  # a sweep's trial names its parent run
+        if r["sweep"] and r["parent_run_id"] in names:
+            r["sweep"] = r["sweep"].replace(r["parent_run_id"][:8], names[r["parent_run_id"]], 1)
     return sorted(rows, key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0.0))
 
 
@@ -57,13 +73,14 @@ def render_table(rows: list[dict[str, Any]], title: str):
     from rich.table import Table
 
     ks = sorted({k for r in rows for k in r["test_nll_is"]}, key=lambda k: int(k[1:]))
+    sweeps = any(r.get("sweep") for r in rows)
     table = Table(title=title)
     for name in ["name", "latent", "epochs", "val/loss", "test/loss", *[f"test/nll_is_{k}" for k in ks],
-                 "samples/s", "duration", "trigger", "status", "champion"]:
-        table.add_column(name, justify="right" if name not in ("name", "latent", "trigger", "status") else "left")
+                 "samples/s", "duration", "trigger", "status", "champion", *(["sweep"] if sweeps else [])]:
+        table.add_column(name, justify="right" if name not in ("name", "latent", "trigger", "status", "sweep") else "left")
     for r in rows:
         table.add_row(r["name"], r["latent"], _fmt(r["epochs"]), _fmt(r["val_loss"]), _fmt(r["test_loss"]),
                       *[_fmt(r["test_nll_is"].get(k)) for k in ks], _fmt(r["samples_per_s"], 0),
                       f"{r['duration_s']:.0f} s" if r["duration_s"] is not None else "-", _fmt(r["trigger"]),
-                      r["status"], "★" if r["champion"] else "")
+                      r["status"], "★" if r["champion"] else "", *([_fmt(r.get("sweep"))] if sweeps else []))
     return table

@@ -51,6 +51,70 @@ def search_experiment_runs(tracking_uri: str, experiment: str) -> list:
             return runs
 
 
+def runs_tagged(tracking_uri: str, experiment: str, tags: dict[str, str]) -> list:
+    """Runs of ``experiment`` carrying every tag of ``tags`` with that value (all pages), newest first;
+    [] if the experiment does not exist. (A `pipeline sweep` finds its parent and children this way.)"""
+    exp_id = experiment_id(tracking_uri, experiment)
+    if exp_id is None:
+        return []
+    client = MlflowClient(tracking_uri)
+    query = " and ".join(f"tags.`{key}` = '{_quoted(value)}'" for key, value in tags.items())
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], query, order_by=["attributes.start_time DESC"], max_results=1000,
+                                  page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _quoted(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")
+
+
+def start_parent_run(tracking_uri: str, experiment: str, *, run_name: str, tags: dict[str, Any],
+                     params: dict[str, Any], files: dict[str, str] | None = None) -> str:
+    """A run that holds no training of its own (a sweep's parent): tags, params, and text files
+    ``files`` (artifact path -> content); the experiment is created if new. Returns its id."""
+    from mlflow.entities import Param
+
+    from pipeline.train.tracking import ensure_experiment, param_value
+
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(ensure_experiment(tracking_uri, experiment), run_name=run_name,
+                            tags={k: str(v) for k, v in tags.items()})
+    run_id = run.info.run_id
+    entries = [Param(k, param_value(v)[:6000]) for k, v in sorted(params.items())]
+    for start in range(0, len(entries), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=entries[start : start + 100])
+    log_text_files(tracking_uri, run_id, files or {})
+    return run_id
+
+
+def log_text_files(tracking_uri: str, run_id: str, files: dict[str, str]) -> None:
+    """Text artifacts (artifact path -> content); a later call with the same path replaces the file."""
+    client = MlflowClient(tracking_uri)
+    for path, text in files.items():
+        client.log_text(run_id, text, path)
+
+
+def log_summary(tracking_uri: str, run_id: str, metrics: dict[str, float], *, step: int,
+                tags: dict[str, Any] | None = None) -> None:
+    """Metrics at ``step`` and tags on an existing run, in batches MLflow accepts."""
+    import time
+
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for start in range(0, len(entries), 1000):
+        client.log_batch(run_id, metrics=entries[start : start + 1000])
+    if tags:
+        set_run_tags(tracking_uri, run_id, tags)
+
+
 def logged_model_of_run(tracking_uri: str, run_id: str, name: str = MODEL_NAME):
     """The MLflow 3 LoggedModel named ``name`` ("model") that the run logged, or None."""
     return _logged_model(MlflowClient(tracking_uri), run_id, name)

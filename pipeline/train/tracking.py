@@ -77,17 +77,20 @@ def param_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def ensure_experiment(tracking_uri: str, experiment: str) -> str:
+    """The experiment's id, creating it (artifacts beside a sqlite store) when it does not exist."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(experiment, artifact_location=_default_artifact_root(tracking_uri, experiment))
+
+
 def start_run(config: RunConfig, *, tracking_uri: str, manifest_digest: str, trigger: str = "manual",
               extra_tags: dict[str, str] | None = None) -> str:
     """Create the run (and the experiment if new), log params, tags and the resolved config."""
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(config.tracking.experiment)
-    if experiment is None:
-        experiment_id = client.create_experiment(
-            config.tracking.experiment, artifact_location=_default_artifact_root(tracking_uri, config.tracking.experiment)
-        )
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = ensure_experiment(tracking_uri, config.tracking.experiment)
     version = code_version()
     run = client.create_run(
         experiment_id,

@@ -108,8 +108,10 @@ def shutdown_local_ray_quietly() -> None:
 
 
 def train(config: RunConfig, *, address: str | None = None, trigger: str = "manual",
-          resume_run_id: str | None = None) -> TrainResult:
-    """Train one run. With ``resume_run_id``, continue that MLflow run from its latest checkpoint."""
+          resume_run_id: str | None = None, tags: dict[str, str] | None = None,
+          resume_reason: str = "driver resumed (pipeline train --resume)") -> TrainResult:
+    """Train one run. With ``resume_run_id``, continue that MLflow run from its latest checkpoint.
+    ``tags`` go on a new run when it is created (e.g. a sweep's parent run and trial key)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -143,11 +145,11 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     if resume_run_id:
         run_id = resume_run_id
         tracking.reopen_run(tracking_uri, run_id)
-        tracking.count_restart(tracking_uri, run_id, "driver resumed (pipeline train --resume)")
+        tracking.count_restart(tracking_uri, run_id, resume_reason)
     else:
         # Created here, before the workers, so sqlite schema creation never stalls rank 0 mid-DDP.
         run_id = tracking.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest(),
-                                    trigger=trigger, extra_tags={"ray.storage_path": storage})
+                                    trigger=trigger, extra_tags={**(tags or {}), "ray.storage_path": storage})
     ray_run_name = f"{config.tracking.experiment}-{run_id[:8]}"  # same name + storage = Ray resumes the run
     console.print(f"MLflow run [bold]{run_id}[/] in experiment '{config.tracking.experiment}' ({tracking_uri})")
     try:

@@ -7,6 +7,7 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.models import build_vae
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint, training_weights
 from pipeline.train.step import PrecisionStep
 
 
@@ -52,10 +53,63 @@ def test_nan_loss_is_nonfinite_and_not_applied_in_every_precision():
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), precision
 
 
-def test_grad_scaler_state_survives_a_checkpoint():
-    step = PrecisionStep("fp16", torch.device("cpu"))
-    state = {"scale": torch.tensor(1024.0), "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-             "_growth_tracker": 7}
-    step.load_state_dict(state)
-    assert step.state_dict()["scale"] == 1024.0 and step.state_dict()["_growth_tracker"] == 7
+def test_fp16_runs_the_forward_in_fp16_and_steps_through_the_grad_scaler():
+    """On CPU too: autocast to float16, and the updates go through the scaler, which skips a step
+    whose scaled gradients overflow and halves its scale (that skip is not a non-finite batch)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    precision = PrecisionStep("fp16", torch.device("cpu"))
+    x = torch.rand(4, 8)
+    with precision.autocast():
+        assert model(x).dtype == torch.float16
+    assert precision.state_dict()["scale"] == 2.0**16  # the scaler's initial scale
+    before = [p.detach().clone() for p in model.parameters()]
+    with precision.autocast():
+        loss = model(x).float().mean() * 1e36  # finite; its gradient times 2**16 overflows float32
+    assert torch.isfinite(loss)
+    assert not precision.backward_and_step(loss, model, optimizer).nonfinite
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # skipped by the scaler
+    assert (precision.state_dict()["scale"], precision.state_dict()["_growth_tracker"]) == (2.0**15, 0)
+    with precision.autocast():
+        loss = model(x).float().mean()
+    assert not precision.backward_and_step(loss, model, optimizer).nonfinite
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # applied
+    assert (precision.state_dict()["scale"], precision.state_dict()["_growth_tracker"]) == (2.0**15, 1)
+
+
+def test_grad_scaler_state_goes_through_a_checkpoint_and_training_continues_as_uninterrupted(tmp_path):
+    """fp16: the scaler's state (a backed-off scale, its growth count) saved with save_checkpoint and
+    read back with load_checkpoint (weights_only) as the loop resumes; the resumed steps equal the
+    uninterrupted ones, weights and scaler alike."""
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 1)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2), PrecisionStep("fp16", torch.device("cpu"))
+
+    def train_step(model, optimizer, precision, i: int) -> None:
+        x = torch.rand(4, 8, generator=torch.Generator().manual_seed(i))
+        with precision.autocast():
+            loss = model(x).float().mean() * (1e36 if i in (2, 6) else 1.0)  # overflows once scaled: skipped
+        assert not precision.backward_and_step(loss, model, optimizer).nonfinite
+
+    model, optimizer, precision = fresh()
+    for i in range(5):
+        train_step(model, optimizer, precision, i)
+    saved = precision.state_dict()  # backed off (step 2, and any step the scaler found too large) and counting
+    assert saved["scale"] < 2.0**16 and saved["_growth_tracker"] == 2
+    save_checkpoint(tmp_path, model=model, optimizer=optimizer, step=5, epoch=0, step_in_epoch=5, partitions=1,
+                    config={}, grad_scaler=precision.state_dict())
+    state = load_checkpoint(tmp_path)
+    resumed, resumed_optimizer, resumed_precision = fresh()  # as train/loop.py restores a worker
+    resumed.load_state_dict(training_weights(state))
+    resumed_optimizer.load_state_dict(state["optimizer"])
+    resumed_precision.load_state_dict(state.get("grad_scaler", {}))
+    assert resumed_precision.state_dict() == precision.state_dict()
+    for i in range(5, 9):
+        train_step(model, optimizer, precision, i)
+        train_step(resumed, resumed_optimizer, resumed_precision, i)
+    assert precision.state_dict()["scale"] == saved["scale"] / 2  # step 6 backed off from the restored scale
+    assert resumed_precision.state_dict() == precision.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
     assert PrecisionStep("fp32", torch.device("cpu")).state_dict() == {}

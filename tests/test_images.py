@@ -128,8 +128,13 @@ def test_interrupted_run_resumes(folder, tmp_path) -> None:
     with pytest.raises(KeyboardInterrupt):
         shard_images(str(folder), str(out), size=16, samples_per_shard=6, progress=False, on_shard_done=crash_after_three)
     assert not (out / "manifest.json").exists() and len(list((out / PROGRESS_DIR).iterdir())) == 3
-    splits, reused, _ = shard_images(str(folder), str(out), size=16, samples_per_shard=6, progress=False)
-    assert reused == 3
+    files, _ = list_source(str(folder))
+    jobs = plan_jobs(files, seed=0, val_fraction=0.05, test_fraction=0.05, samples_per_shard=6)
+    resumed = []
+    splits, reused, _ = shard_images(str(folder), str(out), size=16, samples_per_shard=6, progress=False,
+                                     on_shard_done=lambda info: resumed.append(info.path))
+    assert reused == 3 and len(resumed) == len(jobs) - 3  # the rest written once, the three finished ones not again
+    assert not set(resumed) & set(written) and sum(len(split.shards) for split in splits.values()) == len(jobs)
     shard_images(str(folder), str(tmp_path / "whole"), size=16, samples_per_shard=6, progress=False)
     assert read_manifest(str(out)).digest() == read_manifest(str(tmp_path / "whole")).digest()
     # a changed setting changes every recipe: nothing is reused
@@ -159,8 +164,13 @@ def test_killed_cli_run_resumes(tmp_path) -> None:
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     text = " ".join(again.stderr.split())
-    assert f"reused {finished} finished" in text and "2 classes (classes.json)" in text
-    assert read_manifest(str(tmp_path / "out")).splits["train"].samples > 300
+    files, _ = list_source(str(src))  # the command's plan: its default splits, 4 images a shard
+    jobs = plan_jobs(files, seed=0, val_fraction=0.05, test_fraction=0.05, samples_per_shard=4)
+    counts = {split: sum(len(job.files) for job in jobs if job.split == split) for split in ("train", "val", "test")}
+    assert f"wrote {len(jobs) - finished} shards, reused {finished} finished" in text
+    assert f"(train {counts['train']}, val {counts['val']}, test {counts['test']}; 2 classes (classes.json))" in text
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert {split: info.samples for split, info in manifest.splits.items()} == counts and sum(counts.values()) == 400
 
 
 def test_folder_in_a_bucket(tmp_path) -> None:

@@ -53,6 +53,11 @@ def train(
         typer.Option("--resume", help="Continue this MLflow run (id or name) from its latest checkpoint, "
                      "with the config it logged (plus -o overrides, e.g. train.workers)"),
     ] = None,
+    reschedule: Annotated[
+        bool, typer.Option("--reschedule", help="With --resume: accept changed schedule settings (e.g. train.epochs "
+                           "under a cosine learning rate, model.latent.tau_steps); the schedules continue from the "
+                           "checkpoint's step on their new shape")
+    ] = False,
     trigger: Annotated[str, typer.Option("--trigger", help="Tag the run with what started it: manual, cron, new-data")] = "manual",
     warm_start: Annotated[
         bool, typer.Option("--warm-start", help="Start from the weights of the registered 'champion' (when compatible)")
@@ -68,9 +73,11 @@ def train(
 
     if config is None and resume is None:
         _fail("give a CONFIG file, or --resume RUN_ID_OR_NAME", code=2)
+    if reschedule and not resume:
+        _fail("--reschedule applies to a resumed run (--resume RUN_ID_OR_NAME)", code=2)
     try:
         if resume:
-            cfg, run_id = resume_config(resume, config_path=config, overrides=override or [])
+            cfg, run_id = resume_config(resume, config_path=config, overrides=override or [], reschedule=reschedule)
         else:
             cfg, run_id = _load(config, override), None
         if run_id is None:  # a new run: readable name, optional warm start (pipeline/ops/retrain.py)

@@ -57,6 +57,7 @@ def test_dvae_on_two_workers_lands_schedules_code_use_and_per_epoch_images(ray_c
 
     # Two workers trained: two ranks, two processes, each its half of every global batch, all images once an epoch.
     assert len(run.data.tags["cluster.node_ids"].split(",")) == 2  # one entry per rank
+    assert run.data.tags["schedule.lr_horizon_steps"] == str(total_steps)  # the cosine horizon, as the run used it
     lines = {rank: [json.loads(line) for line in (tmp_path / "samples" / f"rank{rank}.jsonl").read_text().splitlines()]
              for rank in (0, 1)}
     assert sorted(lines) == [0, 1] and not (tmp_path / "samples" / "rank2.jsonl").exists()
@@ -86,8 +87,8 @@ def test_dvae_on_two_workers_lands_schedules_code_use_and_per_epoch_images(ray_c
     for step in logged_steps:
         assert beta[step] == pytest.approx(kl_weight(step - 1, config.train), abs=1e-12), step
         assert tau[step] == pytest.approx(temperature(step - 1, config.model.latent), abs=1e-12), step
-        # train/lr is the rate of the optimizer's first parameter group: under encoder_lr_scale, the encoder's
-        expected_lr = learning_rate(step - 1, config.train, total_steps) * config.train.encoder_lr_scale
+        # train/lr is the schedule's rate (the encoder's group trains at encoder_lr_scale times it)
+        expected_lr = learning_rate(step - 1, config.train, total_steps)
         assert lr[step] == pytest.approx(expected_lr, rel=1e-6), step
     assert beta[logged_steps[-1]] == pytest.approx(config.train.kl_weight)  # warmed up within the run
     assert tau[logged_steps[-1]] == pytest.approx(config.model.latent.tau_min)  # annealed to its floor

@@ -278,3 +278,45 @@ def test_encoder_lr_scale_puts_the_encoder_in_its_own_group_at_a_fraction_of_the
     plain = build_optimizer(model, parse_config({"data": {"url": "data/x"}}).train)  # scale 1: one group, the scheduled rate
     set_learning_rate(plain, 2e-3)
     assert [g["lr"] for g in plain.param_groups] == [2e-3]
+
+
+def test_resume_refuses_a_changed_schedule_unless_rescheduled(tmp_path, tracking_uri, monkeypatch) -> None:
+    """A resumed run continues each schedule from its step: a new cosine horizon (train.epochs) or a new
+    tau_steps would bend the part already trained, so `pipeline train --resume` refuses them by name
+    unless --reschedule; settings that shape no schedule (train.workers) pass."""
+    import subprocess
+    import sys
+
+    from pipeline.train.trainer import resume_config
+    from pipeline.train.tracking import start_run
+
+    cosine = parse_config({"data": {"url": str(tmp_path)}, "tracking": {"uri": tracking_uri, "experiment": "resume"},
+                           "train": {"lr_schedule": "cosine", "epochs": 10},
+                           "model": {"latent": {"tau_schedule": "cosine", "tau_steps": 500}}})
+    run_id = start_run(cosine, tracking_uri=tracking_uri, manifest_digest="x")
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)  # where --resume looks for the run
+
+    with pytest.raises(ConfigError) as refused:
+        resume_config(run_id, config_path=None, overrides=["train.epochs=20", "model.latent.tau_steps=900"])
+    message = str(refused.value)
+    assert "train.epochs 10 -> 20" in message and "model.latent.tau_steps 500 -> 900" in message
+    assert "--reschedule" in message and run_id in message and "train.workers" not in message
+    cfg, same = resume_config(run_id, config_path=None, overrides=["train.epochs=20"], reschedule=True)
+    assert same == run_id and cfg.train.epochs == 20
+    cfg, _ = resume_config(run_id, config_path=None, overrides=["train.workers=1"])
+    assert cfg.train.workers == 1
+
+    constant = cosine.model_copy(update={"train": cosine.train.model_copy(update={"lr_schedule": "constant"})})
+    constant_run = start_run(constant, tracking_uri=tracking_uri, manifest_digest="x")
+    cfg, _ = resume_config(constant_run, config_path=None, overrides=["train.epochs=20"])  # no horizon to bend
+    assert cfg.train.epochs == 20
+
+    import os
+
+    cli = subprocess.run([sys.executable, "-m", "pipeline", "train", "--resume", run_id, "-o", "train.epochs=20"],
+                         capture_output=True, text=True, env=os.environ | env, timeout=120)
+    assert cli.returncode == 2 and "train.epochs 10 -> 20" in cli.stderr, cli.stderr
+    cli = subprocess.run([sys.executable, "-m", "pipeline", "train", "configs/digits-categorical.yaml", "--reschedule"],
+                         capture_output=True, text=True, env=os.environ | env, timeout=120)
+    assert cli.returncode == 2 and "--reschedule applies to a resumed run" in cli.stderr, cli.stderr

@@ -135,7 +135,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # pending: what the checkpoint's rank 0 had not delivered yet, delivered first (train/run_logger.py)
         logger = RunLogger(args.tracking_uri, args.run_id, resumed=bool(checkpoint) or args.resumed_run,
                            fallback_dir=args.fallback_dir, pending=load_pending(checkpoint))
-        logger.set_tags({"cluster.nodes": len(set(node_ids)), "cluster.node_ids": ",".join(node_ids),
+        logger.set_tags({"schedule.lr_horizon_steps": total_steps,  # the cosine learning rate's, from this start
+                         "cluster.nodes": len(set(node_ids)), "cluster.node_ids": ",".join(node_ids),
                          "cluster.resources_per_worker": json.dumps({"CPU": cfg.train.cpus_per_worker,
                                                                      "GPU": int(cfg.train.use_gpu)})})
         if checkpoint and not args.resumed_run:
@@ -172,7 +173,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             hard = straight_through(position.step, latent)  # relaxed, then one-hot from model.latent.hard_from_step
             if latent.kind == "categorical":
                 model.latent.hard = hard
-            set_learning_rate(optimizer, learning_rate(position.step, cfg.train, total_steps))
+            lr = learning_rate(position.step, cfg.train, total_steps)  # the encoder's group: x encoder_lr_scale
+            set_learning_rate(optimizer, lr)
             with precision.autocast():
                 out = _forward_by_partition(ddp_model, x, my_partitions, tau, cfg.train.seed, position.step)
             if args.debug_nan_step == position.step:  # testing aid: a batch whose loss is NaN at a chosen step
@@ -209,7 +211,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "train/temperature": tau,
                     "train/straight_through": float(hard),
                     "train/kl_weight": beta,
-                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/lr": lr,  # the schedule's rate (param group 0 may be the scaled encoder's)
                     "train/grad_norm": grad_norm,
                     "perf/samples_per_s": window.samples / max(elapsed, 1e-9),
                     "perf/data_wait_frac": window.data_wait / max(elapsed, 1e-9),

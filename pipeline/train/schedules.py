@@ -94,3 +94,27 @@ def set_learning_rate(optimizer, lr: float) -> None:
     encoder's group under `train.encoder_lr_scale`); called at the start of each step."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# What shapes a schedule along the global step. A resumed run continues each schedule from its
+# step, so a change of one of these bends the part already trained (a longer cosine horizon raises
+# the learning rate of steps that already ran at a lower one).
+SCHEDULE_KEYS = (
+    "train.lr", "train.lr_min", "train.lr_schedule", "train.lr_warmup_steps", "train.lr_decay_rate",
+    "train.lr_decay_every", "train.kl_weight", "train.kl_warmup_steps", "train.kl_warmup", "train.kl_y_anneal_from",
+    "train.kl_y_anneal_steps", "model.latent.tau0", "model.latent.tau_min", "model.latent.tau_schedule",
+    "model.latent.tau_steps", "model.latent.anneal_rate", "model.latent.anneal_every", "model.latent.hard",
+    "model.latent.hard_from_step",
+)
+# The cosine learning rate's horizon is steps per epoch x train.epochs (steps per epoch follow from the
+# global batch): under that schedule these shape it too.
+COSINE_HORIZON_KEYS = ("train.epochs", "train.batch_size")
+
+
+def schedule_changes(before, after) -> dict[str, tuple]:
+    """The schedule-shaping settings that differ between a run's config ``before`` and the config it
+    is resumed with ``after`` (both `RunConfig`), as {key: (before, after)}."""
+    old, new = before.flat(), after.flat()
+    cosine = "cosine" in (old.get("train.lr_schedule"), new.get("train.lr_schedule"))
+    keys = SCHEDULE_KEYS + (COSINE_HORIZON_KEYS if cosine else ())
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}

@@ -204,15 +204,21 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     )
 
 
-def resume_config(run: str, *, config_path: str | None, overrides: list[str]) -> tuple[RunConfig, str]:
+def resume_config(run: str, *, config_path: str | None, overrides: list[str],
+                  reschedule: bool = False) -> tuple[RunConfig, str]:
     """The config and run id to resume ``run`` (an MLflow run id or name).
 
     The run's own logged config is the default, so a resumed run trains what it started;
-    its checkpoint storage comes from the run's `ray.storage_path` tag.
+    its checkpoint storage comes from the run's `ray.storage_path` tag. A change of a setting that
+    shapes a schedule (`schedules.schedule_changes`: e.g. train.epochs under a cosine learning rate,
+    whose horizon it sets, or model.latent.tau_steps) is refused unless ``reschedule``.
     """
+    import copy
+
     import yaml
 
     from pipeline.config import ConfigError, load_config, parse_config
+    from pipeline.train.schedules import schedule_changes
 
     base = load_config(config_path, overrides) if config_path else None
     tracking_uri = tracking.resolve_tracking_uri(base.tracking.uri if base else None)
@@ -220,8 +226,17 @@ def resume_config(run: str, *, config_path: str | None, overrides: list[str]) ->
         found = tracking.find_run(tracking_uri, run, base.tracking.experiment if base else None)
     except LookupError as err:
         raise ConfigError(str(err)) from None
+    logged = yaml.safe_load(tracking.download_config(tracking_uri, found.info.run_id))
+    started = parse_config(copy.deepcopy(logged))  # what the run started with (overrides edit a tree in place)
     if base is None:
-        base = parse_config(yaml.safe_load(tracking.download_config(tracking_uri, found.info.run_id)), overrides)
+        base = parse_config(logged, overrides)
+    changes = schedule_changes(started, base)
+    if changes and not reschedule:
+        listed = ", ".join(f"{k} {a} -> {b}" for k, a, b in ((k, *v) for k, v in changes.items()))
+        raise ConfigError(f"resuming run {found.info.run_id} with {listed} would bend the schedules where they "
+                          f"already ran (each is a function of the global step; the cosine learning rate's horizon "
+                          f"is steps per epoch x train.epochs). Resume with the run's settings, or pass --reschedule "
+                          f"to continue on the new schedules from the checkpoint's step")
     storage = found.data.tags.get("ray.storage_path")
     if storage:
         base.train.storage = storage

@@ -269,10 +269,6 @@ class TrainConfig(_Section):
     def elastic(self) -> bool:
         return self.min_workers is not None and self.min_workers < self.workers
 
-    @property
-    def batch_per_worker(self) -> int:
-        return self.batch_size // self.workers
-
 
 class TrackingConfig(_Section):
     experiment: str = "pipeline"

@@ -271,14 +271,11 @@ class SampleDecoder:
             return self.prepare_array(array), label
         return self._decode_encoded(members[ext], url, member), label
 
-    def decode_many(self, groups: list[tuple[str, dict[str, bytes]]], url: str) -> list[tuple[np.ndarray, int] | ShardError]:
-        """`decode` over many samples, in order, in the pool; a failure is returned in its place."""
-        return self.start_decoding(groups, url)()
-
     def start_decoding(self, groups: list[tuple[str, dict[str, bytes]]],
                        url: str) -> Callable[[], list[tuple[np.ndarray, int] | ShardError]]:
-        """`decode_many` handed to the pool now; the returned function waits for its results. Meanwhile the
-        caller reads the next samples (with one thread, the decoding happens here, before returning)."""
+        """`decode` over many samples handed to the pool now; the returned function waits for their results,
+        in order, a failure (ShardError) in its sample's place. Meanwhile the caller reads the next samples
+        (with one thread, the decoding happens here, before returning)."""
         def one(group: tuple[str, dict[str, bytes]]) -> tuple[np.ndarray, int] | ShardError:
             try:
                 return self.decode(group[1], url, group[0])

@@ -16,15 +16,19 @@ def tiny_config(experiment: str, name: str, **extra: str) -> RunConfig:
 
 
 def make_run(uri: str, experiment: str, name: str, *, val_loss: float, digest: str = "a" * 64,
-             trigger: str = "manual", test_metrics: dict[str, float] | None = None, seed: int = 0) -> str:
-    """A FINISHED run with params, val/loss (and test metrics), and a logged model, as training leaves it."""
+             trigger: str = "manual", test_metrics: dict[str, float] | None = None, seed: int = 0,
+             val_loss_onehot: float | None = None, overrides: dict[str, str] | None = None) -> str:
+    """A FINISHED run with params, val/loss (val/loss_onehot when given; test metrics), and a logged
+    model, as training leaves it. `overrides` are config settings (e.g. model.latent.hard)."""
     import torch
 
-    config = tiny_config(experiment, name)
+    config = tiny_config(experiment, name, **(overrides or {}))
     run_id = tracking.start_run(config, tracking_uri=uri, manifest_digest=digest, trigger=trigger)
     logger = RunLogger(uri, run_id)
-    logger.log_metrics({"val/loss": val_loss + 5.0, "perf/samples_per_s": 1000.0 + seed}, step=1)
-    logger.log_metrics({"val/loss": val_loss, **(test_metrics or {})}, step=2)
+    onehot = {} if val_loss_onehot is None else {"val/loss_onehot": val_loss_onehot}
+    early = {k: v + 5.0 for k, v in {"val/loss": val_loss, **onehot}.items()}
+    logger.log_metrics({**early, "perf/samples_per_s": 1000.0 + seed}, step=1)
+    logger.log_metrics({"val/loss": val_loss, **onehot, **(test_metrics or {})}, step=2)
     logger.close()
     torch.manual_seed(seed)
     model = Reconstructor(build_vae(config.model, 64)).eval()

@@ -217,7 +217,9 @@ def promote(
     force: Annotated[bool, typer.Option("--force", help="Move 'champion' without comparing (e.g. roll back)")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Register the run's model and make it champion if its val/loss is better (or with --force)."""
+    """Register the run's model and make it champion if its un-relaxed validation -ELBO (val/loss_onehot
+    for categorical latents, else val/loss) is lower than the champion's on the same validation data and
+    likelihood (or with --force). Prints the decision as JSON, and why on stderr; exit 3 when not promoted."""
     from pipeline.ops.registry import register_and_decide
     from pipeline.train.tracking import get_run, resolve_tracking_uri
 
@@ -234,6 +236,7 @@ def promote(
         decision = register_and_decide(uri, run_id, name, force=force)
     except Exception as err:  # noqa: BLE001 - e.g. no logged model to register
         _fail(str(err))
+    console.print(decision.line(), markup=False, highlight=False)
     print(json.dumps(decision.as_dict()))
     raise typer.Exit(0 if decision.promoted else 3)
 

@@ -47,7 +47,8 @@ def prepare_run(config: RunConfig, *, warm_start: bool = False) -> RunConfig:
 
 
 def after_training(config: RunConfig, result: Any) -> registry.Decision | None:
-    """Tag the run (validation data, job), register its model, decide on `champion`. Never fails the
+    """Tag the run (validation data, job), register its model, decide on `champion` (on the declared
+    metric, registry.py; the decision and why are printed and tagged on the run). Never fails the
     run: a step that fails is a warning on the console and, where MLflow can take it, on the run
     (`champion.decision=registry-failed`, `champion.reason`), so a promotion that did not happen is seen."""
     from pipeline.data import read_manifest
@@ -74,5 +75,5 @@ def after_training(config: RunConfig, result: Any) -> registry.Decision | None:
         except Exception as tag_err:  # noqa: BLE001 - MLflow itself is unreachable: the warning is all we have
             console.print(f"[yellow]warning:[/] could not tag run {result.run_id} either: {tag_err}")
         return None
-    print(f"champion: {decision.decision} — {decision.model} v{decision.version}: {decision.reason}")
+    print(decision.line())
     return decision

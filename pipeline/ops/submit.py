@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_fixed
-
 import pipeline
 from pipeline.config import load_config
+from pipeline.retry import RetryPolicy
 
 # Passed from the submitting shell to the job when set: where to log, how to reach storage.
 # Values are never printed or logged; only the names are.
@@ -121,6 +120,5 @@ def _no_agent_yet(err: BaseException) -> bool:
 def submit(client, submission: JobSubmission, *, agent_wait_s: float = 60.0) -> str:
     """Submit; a head that has just started answers "No available agent" for a few seconds: retry
     that (every 2 s, for up to ``agent_wait_s``); any other error is raised at once."""
-    retrying = Retrying(retry=retry_if_exception(_no_agent_yet), wait=wait_fixed(2.0),
-                        stop=stop_after_delay(agent_wait_s), reraise=True)
-    return retrying(client.submit_job, **submission.kwargs)
+    every_2s = RetryPolicy(retries=None, backoff_s=2.0, max_backoff_s=2.0, jitter=False, deadline_s=agent_wait_s)
+    return every_2s.retrying(when=_no_agent_yet)(client.submit_job, **submission.kwargs)

@@ -32,20 +32,14 @@ from typing import Any, Iterable
 
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
-from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponential
+
+from pipeline.retry import RetryPolicy
 
 PENDING_FILE = "mlflow-pending.jsonl"  # inside a checkpoint folder
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limits per log_batch request
 MAX_TAGS_PER_BATCH = 100
 # {"key", "value", "timestamp", "step"} | {"tag", "value"} | {"restart": reason, "id"} | {"image": key, "step", "png"}
 Row = dict[str, Any]
-
-
-def retry_policy(*, stop: Any = stop_never, max_backoff_s: float = 10.0, on_retry: Any = None) -> Retrying:
-    """The project's one retry policy for MLflow and Ray job calls: exponential backoff from
-    0.5 s up to ``max_backoff_s``, retrying any exception until ``stop`` says enough."""
-    return Retrying(wait=wait_exponential(multiplier=0.5, min=0.5, max=max_backoff_s), stop=stop,
-                    retry=retry_if_exception_type(Exception), before_sleep=on_retry, reraise=True)
 
 
 def metric_rows(metrics: dict[str, float], step: int) -> list[Row]:
@@ -217,16 +211,18 @@ class RunLogger:
     def _send(self, rows: list[Row]) -> bool:
         failed = False
 
-        def count(_state) -> None:
+        def count(_err: BaseException) -> None:
             nonlocal failed
             failed = True
             self.failed_attempts += 1
 
-        def give_up(_state) -> bool:
+        def give_up() -> bool:
             return self._closing and time.monotonic() > self._deadline
 
+        # Any error, retried until the close deadline: exponential backoff from 0.5 s (never less) up to max_backoff_s.
+        policy = RetryPolicy(retries=None, backoff_s=0.5, max_backoff_s=max(0.5, self.max_backoff_s), jitter=False)
         try:
-            retry_policy(stop=give_up, max_backoff_s=self.max_backoff_s, on_retry=count)(self._store.write, rows)
+            policy.retrying(on_retry=count, give_up=give_up)(self._store.write, rows)
         except Exception:  # noqa: BLE001 - still unreachable at the close deadline
             self.failed_attempts += 1
             return False
@@ -285,7 +281,7 @@ def replay_metrics(path: str | Path, tracking_uri: str | None = None) -> int:
 
 def log_data_health(logger: RunLogger, step: int, metrics: dict[str, float], skipped_shards: Any = ()) -> None:
     """Data-layer health on rank 0: ``data/skipped_samples``, ``data/read_retries``, cache hits/misses
-    (from `pipeline.data.reader.DataHealth.metrics()`, summed over ranks by the caller), and the tag
+    (a worker's `pipeline.data.stats.ReadStats`, summed over ranks by the caller), and the tag
     ``data.skipped_shards`` listing every shard with skipped samples (URLs; MLflow caps tags at 5000 chars)."""
     logger.log_metrics(metrics, step)
     names = sorted(set(skipped_shards))

@@ -56,7 +56,10 @@ IMAGE_FORMATS = frozenset(ENCODED_FORMATS) | {"npy"}
 IGNORABLE = frozenset({"txt", "json", "cls", "caption", "url", "id", "key"}) | IMAGE_FORMATS
 UNSAFE = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "npz", "mp", "msgpack"})
 Resize = Literal["center-crop", "random-crop", "border"]
-_NPY_MAGIC = b"\x93NUMPY"
+NPY_MAGIC = b"\x93NUMPY"  # every .npy member starts so (np.load would also take zip archives)
+NPY_HEADER_MAX = 4096  # np.save headers are 128 bytes; anything much larger is not ours
+# Pillow modes of grey images (a source or member in any other mode has colour).
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _GREY_WITH_ALPHA = frozenset({"1", "L", "LA", "La"})  # composited as grey + alpha, kept grey
@@ -290,7 +293,7 @@ class SampleDecoder:
         return lambda: [future.result() for future in futures]
 
     def _load_npy(self, raw: bytes, url: str, member: str) -> np.ndarray:
-        if not raw.startswith(_NPY_MAGIC):  # np.load would otherwise also accept zip (npz) archives
+        if not raw.startswith(NPY_MAGIC):  # np.load would otherwise also accept zip (npz) archives
             raise ShardError(url, "not an .npy array", member=member)
         try:
             array = np.load(io.BytesIO(raw), allow_pickle=False)

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-_NPY_MAGIC = b"\x93NUMPY"
+from pipeline.data.contract import NPY_MAGIC
+
 _OCTAL_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345))
 
 
@@ -46,7 +47,7 @@ def _numeric_fields_ok(headers: np.ndarray) -> bool:
 def _npy_header(payload: bytes, shape: tuple[int, ...], dtype: np.dtype) -> int | None:
     """Length of the .npy header of ``payload`` if numpy's safe header reader says it is a C-order
     ``dtype`` array of ``shape`` (no pickle involved: np.load's own header parser), else None."""
-    if not payload.startswith(_NPY_MAGIC):
+    if not payload.startswith(NPY_MAGIC):
         return None
     try:
         stream = io.BytesIO(payload)

@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import fsspec
 import numpy as np
 
-from pipeline.data.contract import SampleSpec, encode_image, to_pixels
+from pipeline.data.contract import GREY_MODES, SampleSpec, encode_image, to_pixels
 from pipeline.data.errors import DataError
 from pipeline.data.progress import PROGRESS_DIR, end_with_parent, read_finished, record_finished, run_bounded
 from pipeline.data.shards import ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, write_shard
@@ -46,7 +46,6 @@ CLASSES_NAME = "classes.json"
 # Source files we open, by extension, and the only Pillow decoders they may reach.
 SOURCE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "gif", "tif", "tiff"})
 SOURCE_FORMATS = ("JPEG", "PNG", "WEBP", "PPM", "BMP", "GIF", "TIFF")
-GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 MAX_SOURCE_BYTES = 256 << 20  # a source file larger than this is refused before it is read
 ResizeMode = Literal["center-crop", "border", "none"]
 

@@ -3,7 +3,7 @@
     .venv/bin/python tests/bench_s3_read.py [--mnist ../shared/data/mnist] [--passes 2]
 
 Writes MNIST's 50,000 train samples (5,000 per shard) to a temp dir and to s3://bench-read/mnist,
-then reads the whole train split in one process through `read_shard` (decode included), and
+then reads the whole train split in one process through `ShardReader.read_shard` (decode included), and
 prints samples/s per source as JSON. Not collected by pytest (no test_ prefix).
 """
 
@@ -21,16 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moto_s3 import moto_server, s3_environment  # noqa: E402
 
 
-def rate(url: str, options, passes: int) -> list[float]:
+def rate(url: str, reader, passes: int) -> list[float]:
     from pipeline.data import read_manifest
-    from pipeline.data.reader import read_shard
 
     manifest = read_manifest(url)
     rates = []
     for _ in range(passes):
         started, count = time.perf_counter(), 0
         for shard in manifest.splits["train"].shards:
-            for _ in read_shard(manifest, url, shard, options=options):
+            for _ in reader.read_shard(manifest, url, shard):
                 count += 1
         rates.append(round(count / (time.perf_counter() - started)))
     return rates
@@ -45,7 +44,8 @@ def main() -> None:
     import fsspec
 
     from pipeline.data import load_mnist_splits, write_shards
-    from pipeline.data.reader import ReadOptions, data_health
+    from pipeline.data.reader import ReadOptions, ShardReader
+    from pipeline.data.stats import ReadStats
 
     splits = {"train": load_mnist_splits(args.mnist)["train"]}
     report = {}
@@ -54,11 +54,12 @@ def main() -> None:
         write_shards(splits, local, source="mnist", samples_per_shard=5000, progress=False)
         fsspec.filesystem("s3").mkdir("bench-read")
         write_shards(splits, "s3://bench-read/mnist", source="mnist", samples_per_shard=5000, progress=False)
-        report["local_samples_per_s"] = rate(local, ReadOptions(), args.passes)
-        report["s3_samples_per_s"] = rate("s3://bench-read/mnist", ReadOptions(), args.passes)
-        cached = ReadOptions(cache_dir=str(Path(tmp) / "cache"))
+        stats = ReadStats()  # every reader's retries, together
+        report["local_samples_per_s"] = rate(local, ShardReader(stats=stats), args.passes)
+        report["s3_samples_per_s"] = rate("s3://bench-read/mnist", ShardReader(stats=stats), args.passes)
+        cached = ShardReader(ReadOptions(cache_dir=str(Path(tmp) / "cache")), stats=stats)
         report["s3_cached_samples_per_s (pass 1 downloads)"] = rate("s3://bench-read/mnist", cached, args.passes)
-        report["read_retries"] = data_health().read_retries
+        report["read_retries"] = stats.read_retries
     print(json.dumps(report, indent=2))
 
 

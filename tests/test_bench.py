@@ -25,20 +25,13 @@ import pytest
 import torch
 
 from pipeline.data import Manifest, ShardError, ShardInfo, SplitInfo, load_digits_splits, read_manifest, write_shards
-from pipeline.data import fasttar, reader
+from pipeline.data import fasttar
 from pipeline.data.contract import ImageTarget, SampleDecoder
-from pipeline.data.reader import ReadOptions, data_health, read_shard, reset_data_health
+from pipeline.data.reader import ReadOptions, ShardReader
 from pipeline.data.sources import Split
 from pipeline.data.stream import eval_batches, prefetch, train_batches
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def clean_reader():
-    reset_data_health()
-    yield
-    reset_data_health()
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +54,12 @@ def digits(tmp_path_factory) -> str:
     return str(out)
 
 
-def _all_train(url: str, fast: bool, hflip: bool = False, **kwargs) -> list:
+def _all_train(url: str, fast: bool, hflip: bool = False, verify: bool = False, **kwargs) -> list:
     manifest = read_manifest(url)
     spec = manifest.spec
     decoder = SampleDecoder(spec, ImageTarget(spec.channels, tuple(spec.size), hflip=hflip))
-    return list(train_batches(manifest, url, options=ReadOptions(fast_path=fast), decoder=decoder, **kwargs))
+    return list(train_batches(manifest, url, options=ReadOptions(fast_path=fast, verify=verify), decoder=decoder,
+                              **kwargs))
 
 
 @pytest.mark.parametrize("dataset", ["mnist_like", "digits"])
@@ -86,7 +80,7 @@ def test_fast_path_is_taken_and_eval_matches(mnist_like):
     manifest = read_manifest(mnist_like)
     shard = manifest.splits["train"].shards[0]
     data = Path(mnist_like, shard.path).read_bytes()
-    found = reader._fast_samples(data, 0, shard.samples, (28, 28), np.dtype("uint8"), {"npy", "cls"}, 1 << 20)
+    found = fasttar._fast_samples(data, 0, shard.samples, (28, 28), np.dtype("uint8"), {"npy", "cls"}, 1 << 20)
     assert found is not None and len(found[0]) == shard.samples
     outs = []
     for fast in (True, False):
@@ -144,15 +138,15 @@ def test_damaged_shards_same_outcome_on_both_paths(tmp_path, mode, kind):
                             path="train-00000.tar", samples=6, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())])})
     outcomes = []
     for fast in (True, False):
-        reset_data_health()
+        reader = ShardReader(ReadOptions(on_corrupt=mode, fast_path=fast, verify=True))
         got, error = [], None
         try:
-            for key, image, label in read_shard(manifest, str(tmp_path), manifest.splits["train"].shards[0],
-                                                start=1, verify=True, options=ReadOptions(on_corrupt=mode, fast_path=fast)):
+            for key, image, label in reader.read_shard(manifest, str(tmp_path), manifest.splits["train"].shards[0],
+                                                       start=1):
                 got.append((key, image.tobytes(), label))
         except ShardError as err:
             error = str(err)
-        health = data_health()
+        health = reader.stats
         outcomes.append((got, error, health.skipped_samples, health.skipped_shards))
     assert outcomes[0] == outcomes[1]
 
@@ -322,13 +316,14 @@ def test_bench_train_plain_loop_runs_the_training_objective(request, config, dat
             assert type(model.likelihood).__name__ == "LogitLaplace" and model.entropy_weight == 0.1
             assert cfg.model.code_init == "data"  # as shipped: the code head set from the first train images
             from pipeline.data.contract import ImageTarget, SampleDecoder
-            from pipeline.data.reader import ReadOptions
+            from pipeline.data.reader import ReadOptions, ShardReader
             from pipeline.train.code_init import init_codes_from_data
 
             manifest = read_manifest(url)
             target = ImageTarget.from_config(manifest.spec, cfg.data)
-            init_codes_from_data(model, manifest, url, cfg, ReadOptions.from_config(cfg.data),
+            reader = ShardReader(ReadOptions.from_config(cfg.data),
                                  SampleDecoder(manifest.spec, target, cfg.data.decode_workers))
+            init_codes_from_data(model, manifest, url, cfg, reader)
         assert result["parameters"] == sum(p.numel() for p in model.parameters())
         x = images[next(batch_indices(len(images), 8, cfg.train.seed))]
         tau, beta = temperature(0, cfg.model.latent), kl_weight(0, cfg.train)

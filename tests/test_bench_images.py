@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from pipeline.bench.images import ROWS, make_image_dataset, resize_center
 from pipeline.data import read_manifest, shard_url
 from pipeline.data.contract import ImageTarget, SampleDecoder
-from pipeline.data.reader import read_shard
+from pipeline.data.reader import ShardReader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_made_dataset_is_real_jpeg_crops_and_deterministic(jpegs, tmp_path):
     assert manifest.splits["train"].samples == 48 and len(manifest.splits["train"].shards) == 4
     assert manifest.splits["val"].samples == 4
     decoder = SampleDecoder(spec, ImageTarget(channels=3, size=(32, 32)))
-    samples = list(read_shard(manifest, jpegs, manifest.splits["train"].shards[0], decoder=decoder))
+    samples = list(ShardReader(decoder=decoder).read_shard(manifest, jpegs, manifest.splits["train"].shards[0]))
     assert len(samples) == 12 and {label for _, _, label in samples} <= {0, 1}
     assert all(image.shape == (3, 32, 32) and image.dtype == np.uint8 and image.std() > 5 for _, image, _ in samples)
     again = make_image_dataset(str(tmp_path / "again"), 48, val_samples=4, samples_per_shard=12, sides=(40, 96))
@@ -111,15 +112,16 @@ def test_webdataset_and_raw_rows_read_fsspec_urls(jpegs):
     assert read_raw(urls, 32, processes=1, suffix=".jpg") == 24
 
 
-def _batches(url: str, workers: int, **kwargs) -> list:
-    from pipeline.data.reader import ReadOptions
+def _batches(url: str, workers: int, stats: Any = None, **kwargs) -> list:
+    from pipeline.data.reader import ReadOptions, ShardReader
     from pipeline.data.stream import train_batches
 
     manifest = read_manifest(url)
     decoder = SampleDecoder(manifest.spec, ImageTarget(channels=3, size=(24, 24), resize="random-crop", hflip=True),
                             workers=workers)
+    reader = ShardReader(ReadOptions(**kwargs), decoder, stats=stats)
     return list(train_batches(manifest, url, epoch=1, seed=3, rank=0, world_size=1, batch_per_rank=8,
-                              shuffle_buffer=16, decoder=decoder, options=ReadOptions(**kwargs)))
+                              shuffle_buffer=16, reader=reader))
 
 
 def test_loader_row_decodes_the_same_with_any_number_of_threads(jpegs):
@@ -138,8 +140,8 @@ def test_corrupt_jpeg_with_decoding_threads(jpegs, tmp_path):
     import tarfile
 
     from pipeline.data import ShardError
-    from pipeline.data.reader import data_health, reset_data_health
     from pipeline.data.shards import write_shard
+    from pipeline.data.stats import ReadStats
 
     copy = tmp_path / "data"
     shutil.copytree(jpegs, copy)
@@ -157,8 +159,8 @@ def test_corrupt_jpeg_with_decoding_threads(jpegs, tmp_path):
     for workers in (1, 2):
         with pytest.raises(ShardError, match=f"{bad}.jpg"):
             _batches(str(copy), workers)
-        reset_data_health()
-        batches = _batches(str(copy), workers, on_corrupt="skip")
-        assert data_health().skipped_samples == 1
+        stats = ReadStats()
+        batches = _batches(str(copy), workers, stats, on_corrupt="skip")
+        assert stats.skipped_samples == 1
         assert sum(len(b.keys) for b in batches) == 48  # the refill keeps every step
         assert bad not in {k for b in batches for k in b.keys}

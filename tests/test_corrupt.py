@@ -2,7 +2,7 @@
 
 error: a ShardError whose text names the shard (and the member/sample) and the problem.
 skip:  the damaged samples (or the rest of a damaged shard) are left out, counted once in
-       `data_health()` with the shard's URL, and the good samples still arrive. Nothing is unpickled.
+       the reader's `ReadStats` with the shard's URL, and the good samples still arrive. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from pipeline.data import DataError, Manifest, ShardError, ShardInfo, SplitInfo, read_manifest
-from pipeline.data.reader import ReadOptions, data_health, read_pieces, read_shard, reset_data_health
+from pipeline.data.reader import ReadOptions, ShardReader
+from pipeline.data.stats import ReadStats
 from pipeline.data.stream import train_batches
 
 GOOD_LABEL = 3
@@ -61,17 +62,17 @@ def dataset(folder: Path, shards: list[bytes], samples: list[int]) -> tuple[Mani
     return manifest, str(folder), paths
 
 
-@pytest.fixture(autouse=True)
-def clean_counters():
-    reset_data_health()
-    yield
-    reset_data_health()
+@pytest.fixture
+def stats() -> ReadStats:
+    """One reader's counts, shared by the readers of a test (as a worker's epochs share its reader's)."""
+    return ReadStats()
 
 
-def read(manifest: Manifest, url: str, mode: str, verify: bool = False, **options: Any) -> list[int]:
+def read(manifest: Manifest, url: str, mode: str, verify: bool = False, stats: ReadStats | None = None,
+         **options: Any) -> list[int]:
     shard = manifest.splits["train"].shards[0]
-    opts = ReadOptions(on_corrupt=mode, **options)  # type: ignore[arg-type]
-    return [label for _, _, label in read_shard(manifest, url, shard, verify=verify, options=opts)]
+    reader = ShardReader(ReadOptions(on_corrupt=mode, verify=verify, **options), stats=stats)  # type: ignore[arg-type]
+    return [label for _, _, label in reader.read_shard(manifest, url, shard)]
 
 
 class Unpickled:
@@ -102,17 +103,16 @@ def bad_sample_cases(tmp_path: Path) -> dict[str, tuple[list[tuple[str, bytes]],
 
 
 @pytest.mark.parametrize("case", ["pickle member", "pickled npy", "wrong shape", "wrong dtype", "missing label", "oversized member"])
-def test_bad_sample_error_names_shard_skip_drops_only_that_sample(tmp_path: Path, case: str) -> None:
+def test_bad_sample_error_names_shard_skip_drops_only_that_sample(tmp_path: Path, case: str, stats: ReadStats) -> None:
     members, complaint = bad_sample_cases(tmp_path)[case]
     manifest, url, paths = dataset(tmp_path, [tar_bytes(good(0) + members + good(2) + good(3))], [4])
     with pytest.raises(ShardError, match=f"^shard {paths[0]}.*{complaint}"):
         read(manifest, url, "error")
 
-    assert read(manifest, url, "skip") == [GOOD_LABEL] * 3
-    health = data_health()
-    assert health.skipped_samples == 1 and list(health.skipped_shards) == [paths[0]]
-    assert read(manifest, url, "skip") == [GOOD_LABEL] * 3  # a second epoch: the same sample is counted once
-    assert data_health().skipped_samples == 1
+    assert read(manifest, url, "skip", stats=stats) == [GOOD_LABEL] * 3
+    assert stats.skipped_samples == 1 and list(stats.skipped_shards) == [paths[0]]
+    assert read(manifest, url, "skip", stats=stats) == [GOOD_LABEL] * 3  # a second epoch: the same sample is counted once
+    assert stats.skipped_samples == 1
     assert not (tmp_path / "pwned").exists()
 
 
@@ -137,18 +137,19 @@ def cut_at_sample(whole: bytes, sample: int) -> bytes:
     ],
     ids=["cut mid-member", "cut at a member boundary", "garbage bytes", "empty file"],
 )
-def test_damaged_shard_error_names_it_skip_keeps_what_was_readable(tmp_path: Path, damage, complaint: str, kept: int) -> None:
+def test_damaged_shard_error_names_it_skip_keeps_what_was_readable(tmp_path: Path, damage, complaint: str, kept: int,
+                                                                   stats: ReadStats) -> None:
     whole = tar_bytes(sum((good(i) for i in range(10)), []))
     manifest, url, paths = dataset(tmp_path, [whole], [10])
     Path(paths[0]).write_bytes(damage(whole))
     with pytest.raises(ShardError, match=f"^shard {paths[0]}: {complaint}"):
         read(manifest, url, "error")
-    assert read(manifest, url, "skip") == [GOOD_LABEL] * kept
-    assert data_health().skipped_samples == 10 - kept
-    assert complaint.split(r"\(")[0].replace("\\", "") in data_health().skipped_shards[paths[0]]
+    assert read(manifest, url, "skip", stats=stats) == [GOOD_LABEL] * kept
+    assert stats.skipped_samples == 10 - kept
+    assert complaint.split(r"\(")[0].replace("\\", "") in stats.skipped_shards[paths[0]]
 
 
-def test_sha256_mismatch_error_and_skip_of_the_whole_shard(tmp_path: Path) -> None:
+def test_sha256_mismatch_error_and_skip_of_the_whole_shard(tmp_path: Path, stats: ReadStats) -> None:
     whole = tar_bytes(sum((good(i) for i in range(6)), []))
     manifest, url, paths = dataset(tmp_path, [whole], [6])
     tampered = whole.replace(b"3" + b"\0" * 511, b"4" + b"\0" * 511, 1)  # a label: still a valid tar
@@ -157,27 +158,27 @@ def test_sha256_mismatch_error_and_skip_of_the_whole_shard(tmp_path: Path) -> No
     with pytest.raises(ShardError, match=f"^shard {paths[0]}: sha256 mismatch: manifest expects {manifest.splits['train'].shards[0].sha256}"):
         read(manifest, url, "error", verify=True)
     # skip + verify hashes first: a tampered shard contributes no sample at all
-    assert read(manifest, url, "skip", verify=True) == []
-    assert data_health().skipped_samples == 6 and "sha256 mismatch" in data_health().skipped_shards[paths[0]]
+    assert read(manifest, url, "skip", verify=True, stats=stats) == []
+    assert stats.skipped_samples == 6 and "sha256 mismatch" in stats.skipped_shards[paths[0]]
 
 
-def test_unreachable_shard_error_and_skip(tmp_path: Path) -> None:
+def test_unreachable_shard_error_and_skip(tmp_path: Path, stats: ReadStats) -> None:
     manifest, _, _ = dataset(tmp_path, [tar_bytes(good(0))], [1])
     url = "http://127.0.0.1:9/nowhere"  # discard port: connection refused, a transient error retried then given up
     options = dict(retries=2, retry_backoff_s=0.01)
     with pytest.raises(ShardError, match=r"^shard http://127\.0\.0\.1:9/nowhere/train-00000\.tar: unreadable shard"):
-        read(manifest, url, "error", **options)
-    assert data_health().read_retries == 2
-    assert read(manifest, url, "skip", **options) == []
-    assert data_health().skipped_samples == 1
+        read(manifest, url, "error", stats=stats, **options)
+    assert stats.read_retries == 2
+    assert read(manifest, url, "skip", stats=stats, **options) == []
+    assert stats.skipped_samples == 1
 
 
-def test_missing_shard_file_is_not_retried(tmp_path: Path) -> None:
+def test_missing_shard_file_is_not_retried(tmp_path: Path, stats: ReadStats) -> None:
     manifest, url, paths = dataset(tmp_path, [tar_bytes(good(0))], [1])
     Path(paths[0]).unlink()
     with pytest.raises(ShardError, match=f"^shard {paths[0]}: unreadable shard .*FileNotFoundError"):
-        read(manifest, url, "error")
-    assert data_health().read_retries == 0
+        read(manifest, url, "error", stats=stats)
+    assert stats.read_retries == 0
 
 
 def test_empty_shard_list_is_refused_when_the_manifest_is_read(tmp_path: Path) -> None:
@@ -197,22 +198,23 @@ def test_unreachable_manifest_names_it() -> None:
 
 
 def test_refill_keeps_the_step_count_when_samples_are_skipped(tmp_path: Path) -> None:
-    """read_pieces(fill_to=...) re-reads the rank's good samples so its step count is still met."""
+    """ShardReader.read_pieces(fill_to=...) re-reads the rank's good samples so its step count is still met."""
     bad = [("train-0000099.npy", npy(np.zeros((3, 2), np.uint8))), ("train-0000099.cls", b"1")]
     shards = [tar_bytes(good(0) + bad + good(2)), tar_bytes(sum((good(i) for i in range(3, 8)), []))]
     manifest, url, _ = dataset(tmp_path, shards, [3, 5])
     infos = manifest.splits["train"].shards
     pieces = [(0, 0, 3), (1, 0, 5)]
-    keys = [k for k, _, _ in read_pieces(manifest, url, infos, pieces, on_corrupt="skip", fill_to=8)]
+    skip, error = ShardReader(ReadOptions(on_corrupt="skip")), ShardReader(ReadOptions(on_corrupt="error"))
+    keys = [k for k, _, _ in skip.read_pieces(manifest, url, infos, pieces, fill_to=8)]
     assert len(keys) == 8  # 7 good + 1 repeat
     assert keys[:7] == ["train-0000000", "train-0000002"] + [f"train-{i:07d}" for i in range(3, 8)]
     assert keys[7] == "train-0000000"  # the refill starts over the same pieces
     with pytest.raises(ShardError):
-        list(read_pieces(manifest, url, infos, pieces, on_corrupt="error", fill_to=8))
+        list(error.read_pieces(manifest, url, infos, pieces, fill_to=8))
     Path(tmp_path / "train-00000.tar").write_bytes(b"junk")
     Path(tmp_path / "train-00001.tar").write_bytes(b"junk")
     with pytest.raises(DataError, match="no readable sample"):
-        list(read_pieces(manifest, url, infos, pieces, on_corrupt="skip", fill_to=8))
+        list(skip.read_pieces(manifest, url, infos, pieces, fill_to=8))
 
 
 def test_epoch_through_the_stream_with_skip_in_the_read_options(tmp_path: Path) -> None:
@@ -224,9 +226,10 @@ def test_epoch_through_the_stream_with_skip_in_the_read_options(tmp_path: Path) 
     kwargs = dict(epoch=0, seed=0, rank=0, world_size=1, batch_per_rank=6, shuffle_buffer=8)
     with pytest.raises(ShardError, match=f"shard {paths[0]}, member train-0000050.pyd"):
         list(train_batches(manifest, url, **kwargs))
-    batches = list(train_batches(manifest, url, **kwargs, options=ReadOptions(on_corrupt="skip")))
+    reader = ShardReader(ReadOptions(on_corrupt="skip"))
+    batches = list(train_batches(manifest, url, **kwargs, reader=reader))
     assert len(batches) == 62 // 6
     assert all(b.x.shape == (6, 1, 2, 2) and b.x.dtype == torch.uint8 for b in batches)
     assert all(int(label) == GOOD_LABEL for b in batches for label in b.labels)
-    assert data_health().skipped_samples == 1 and list(data_health().skipped_shards) == [paths[0]]
+    assert reader.stats.skipped_samples == 1 and list(reader.stats.skipped_shards) == [paths[0]]
     assert not (tmp_path / "pwned").exists()

@@ -72,7 +72,8 @@ def test_mnist_validation_is_the_last_10000_training_images(mnist_dataset: tuple
     train_images = read_idx_independently(MNIST_DIR / "train-images-idx3-ubyte.gz")
     train_labels = read_idx_independently(MNIST_DIR / "train-labels-idx1-ubyte.gz")
     images, labels = [], []
-    for x, y in eval_batches(manifest, str(out), split="val", rank=0, world_size=1, batch_size=1000, verify=True):
+    for x, y in eval_batches(manifest, str(out), split="val", rank=0, world_size=1, batch_size=1000,
+                             options=ReadOptions(verify=True)):
         assert x.dtype == torch.uint8 and x.shape[1:] == (1, 28, 28)
         images.append(x.numpy())
         labels.append(y.numpy())
@@ -288,7 +289,7 @@ def test_a_format_1_manifest_still_parses_reads_and_keeps_its_digest(tmp_path: P
     assert again == manifest and again.digest() == FORMAT_1_DIGEST
 
     for fast_path in (True, False):
-        (x, y), = eval_batches(manifest, str(tmp_path), split="train", rank=0, world_size=1, batch_size=3, verify=True,
-                               options=ReadOptions(fast_path=fast_path))
+        (x, y), = eval_batches(manifest, str(tmp_path), split="train", rank=0, world_size=1, batch_size=3,
+                               options=ReadOptions(fast_path=fast_path, verify=True))
         assert x.dtype == torch.uint8 and torch.equal(x, torch.from_numpy(np.stack(images)[:, None]))
         assert y.tolist() == [0, 1, 2]

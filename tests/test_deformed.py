@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.data import read_manifest
 from pipeline.data.deformed import PROGRESS_DIR, deformed_sample, generate_deformed_mnist
-from pipeline.data.reader import read_shard
+from pipeline.data.reader import ReadOptions, ShardReader
 from pipeline.data.sources import Split, load_mnist_splits
 
 
@@ -48,7 +48,8 @@ def test_each_sample_is_a_function_of_seed_and_index(mnist) -> None:
 def read_split(url: str, split: str) -> list[tuple[str, np.ndarray, int]]:
     """(key, grey uint8 [H, W] image, label): the reader's [1, H, W] images without their channel axis."""
     manifest = read_manifest(url)
-    samples = [s for shard in manifest.splits[split].shards for s in read_shard(manifest, url, shard, verify=True)]
+    reader = ShardReader(ReadOptions(verify=True))
+    samples = [s for shard in manifest.splits[split].shards for s in reader.read_shard(manifest, url, shard)]
     assert all(image.dtype == np.uint8 and image.shape[0] == 1 for _, image, _ in samples)
     return [(key, image[0], label) for key, image, label in samples]
 
@@ -121,7 +122,7 @@ def test_killed_cli_run_resumes(tmp_path, mnist_dir) -> None:
     manifest = read_manifest(str(out))
     assert manifest.splits["train"].samples == 6000
     shard = manifest.splits["train"].shards[0]
-    first = list(read_shard(manifest, str(out), shard, stop=3, verify=True))
+    first = list(ShardReader(ReadOptions(verify=True)).read_shard(manifest, str(out), shard, stop=3))
     source = load_mnist_splits(str(mnist_dir))["train"]
     assert len(first) == 3 and all(image.shape == (1, 28, 28) for _, image, _ in first)
     assert all(np.array_equal(image[0], deformed_sample(source, 5, i)[0]) for i, (_, image, _) in enumerate(first))

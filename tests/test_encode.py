@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.data import read_manifest
 from pipeline.data.contract import ImageTarget, SampleDecoder
-from pipeline.data.reader import read_shard_chunks
+from pipeline.data.reader import ShardReader
 from pipeline.data.shards import Manifest
 from pipeline.data.progress import PROGRESS_DIR
 from pipeline.tokens.decode import decode_tokens, safe_name
@@ -78,7 +78,7 @@ def _logged_run(store: str, tmp_path: Path, dataset: str, *overrides: str, seed:
 def _source_samples(manifest: Manifest, url: str, shard, config) -> tuple[list[str], np.ndarray, np.ndarray]:
     decoder = SampleDecoder(manifest.spec, ImageTarget.from_config(manifest.spec, config.data))
     keys, images, labels = [], [], []
-    for k, x, y in read_shard_chunks(manifest, url, shard, decoder=decoder):
+    for k, x, y in ShardReader(decoder=decoder).read_shard_chunks(manifest, url, shard):
         keys += k
         images.append(decoder.finish(x, None))
         labels.append(y)

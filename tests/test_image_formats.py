@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from photos import crops, jpeg_bytes, png_bytes, write_tar
-from pipeline.data import DataError, ImageTarget, SampleDecoder, ShardError, eval_batches, read_manifest
+from pipeline.data import DataError, ImageTarget, ReadOptions, SampleDecoder, ShardError, eval_batches, read_manifest
 from pipeline.data.images import list_source, plan_jobs, shard_images
 from pipeline.data.index import index_shards
 
@@ -47,8 +47,8 @@ def read_split(url: str, split: str = "train", channels: int = 3) -> tuple[np.nd
     """(uint8 [N, C, H, W], labels) of a split through the training reader, at the stored 16 x 24."""
     manifest = read_manifest(url)
     decoder = SampleDecoder(manifest.spec, ImageTarget(channels=channels, size=(H, W)))
-    batches = list(eval_batches(manifest, url, split=split, rank=0, world_size=1, batch_size=64, verify=True,
-                                decoder=decoder))
+    batches = list(eval_batches(manifest, url, split=split, rank=0, world_size=1, batch_size=64,
+                                options=ReadOptions(verify=True), decoder=decoder))
     return np.concatenate([x.numpy() for x, _ in batches]), np.concatenate([y.numpy() for _, y in batches])
 
 
@@ -283,8 +283,7 @@ def test_indexed_empty_member_named(tmp_path) -> None:
 
 def test_indexed_truncated_jpeg_named_when_read_or_skipped_and_counted(tmp_path) -> None:
     """The index reads headers only: a JPEG cut short in its image data is found when it is decoded."""
-    from pipeline.data.health import data_health, reset_data_health
-    from pipeline.data.reader import ReadOptions
+    from pipeline.data.reader import ShardReader
 
     write_tar(tmp_path / "s-00000.tar", [("a.jpg", rgb_jpeg()), ("a.cls", b"0"),
                                          ("b.jpg", cut_in_the_scan(rgb_jpeg(12), 0.5)), ("b.cls", b"0"),
@@ -293,10 +292,10 @@ def test_indexed_truncated_jpeg_named_when_read_or_skipped_and_counted(tmp_path)
                             progress=False)
     with pytest.raises(ShardError, match=r"s-00000\.tar.*b\.jpg.*truncated"):
         read_split(str(tmp_path))
-    reset_data_health()
     decoder = SampleDecoder(manifest.spec, ImageTarget(channels=3, size=(H, W)))
+    reader = ShardReader(ReadOptions(on_corrupt="skip"), decoder)
     batches = list(eval_batches(manifest, str(tmp_path), split="train", rank=0, world_size=1, batch_size=8,
-                                decoder=decoder, options=ReadOptions(on_corrupt="skip")))
+                                reader=reader))
     assert sum(len(x) for x, _ in batches) == 2
-    health = data_health()
+    health = reader.stats
     assert health.skipped_samples == 1 and "b.jpg" in str(health.skipped_shards)

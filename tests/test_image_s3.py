@@ -6,6 +6,7 @@ each failed read retried and counted once, sha256-verified, cached — give exac
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import fsspec
@@ -15,7 +16,8 @@ import torch
 from moto_s3 import FaultyProxy, moto_server, s3_environment
 from pipeline.data import read_manifest, train_batches
 from pipeline.data.contract import ImageTarget, SampleDecoder
-from pipeline.data.reader import ReadOptions, data_health, reset_data_health
+from pipeline.data.reader import ReadOptions, ShardReader
+from pipeline.data.stats import ReadStats
 from test_image_stream import photo_crops, write_image_dataset
 
 
@@ -23,12 +25,13 @@ class _CountedFaults(FaultyProxy):
     KINDS = ("500", "truncate")  # the faults each of which is exactly one failed, counted read attempt
 
 
-def _epoch(url: str, epoch: int, options: ReadOptions, manifest=None) -> list[tuple[torch.Tensor, list[str]]]:
+def _epoch(url: str, epoch: int, options: ReadOptions, manifest=None,
+           stats: ReadStats | None = None) -> list[tuple[torch.Tensor, list[str]]]:
     manifest = manifest or read_manifest(url)
     decoder = SampleDecoder(manifest.spec, ImageTarget(channels=3, size=(24, 24), resize="random-crop", hflip=True))
+    reader = ShardReader(replace(options, verify=True), decoder, stats=stats)
     return [(b.x, b.keys) for b in train_batches(manifest, url, epoch=epoch, seed=3, rank=0, world_size=1,
-                                                 batch_per_rank=6, shuffle_buffer=10, verify=True, options=options,
-                                                 decoder=decoder)]
+                                                 batch_per_rank=6, shuffle_buffer=10, reader=reader)]
 
 
 @pytest.mark.timeout(300)
@@ -43,20 +46,18 @@ def test_gzip_jpeg_shards_from_flaky_s3_read_exactly_as_local_and_cache(tmp_path
         write_image_dataset(url, images, per_shard=12, gzipped=True)
         assert read_manifest(url).digest() == read_manifest(local).digest()  # same bytes, same sha256s
         options = ReadOptions(cache_dir=str(tmp_path / "cache"), retries=8, retry_backoff_s=0.01)
-        reset_data_health()
+        health = ReadStats()  # the two epochs' reads, as one worker's reader counts them
         shards = len(read_manifest(url).splits["train"].shards)
         assert shards == 3
         with _CountedFaults(endpoint, every=2, ranged_gets_only=True) as proxy, s3_environment(proxy.endpoint):
             manifest = read_manifest(url)
-            first = _epoch(url, 0, options, manifest)
-            health = data_health()
+            first = _epoch(url, 0, options, manifest, health)
             assert proxy.faults >= 2 and all(proxy.by_kind.values()), proxy.by_kind
             assert health.read_retries == proxy.faults  # each injected fault met, retried and counted once
             assert (health.cache_misses, health.cache_hits) == (shards, 0)  # each shard downloaded once
             received = proxy.received
-            second = _epoch(url, 1, options, manifest)
+            second = _epoch(url, 1, options, manifest, health)
             assert proxy.received == received  # not one request: every shard from the verified local cache
-    health = data_health()
     assert (health.cache_misses, health.cache_hits, health.read_retries) == (shards, shards, proxy.faults)
     for got, want in ((first, expected[0]), (second, expected[1])):
         assert [keys for _, keys in got] == [keys for _, keys in want]

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.data import eval_batches, read_manifest, train_batches
 from pipeline.data.contract import ImageTarget, SampleDecoder, SampleSpec, encode_image
 from pipeline.data.errors import ShardError
-from pipeline.data.reader import ReadOptions, data_health, reset_data_health
+from pipeline.data.reader import ReadOptions, ShardReader
 from pipeline.data.shards import ShardInfo, SplitInfo, begin_dataset, finish_dataset, write_shard
 from photos import crops
 
@@ -194,13 +194,13 @@ def test_corrupt_jpeg_skipped_and_counted_with_lockstep_kept(tmp_path: Path) -> 
     url = _corrupt_dataset(tmp_path)
     manifest = read_manifest(url)
     decoder = SampleDecoder(manifest.spec, ImageTarget(channels=3, size=(32, 32)))
-    reset_data_health()
+    reader = ShardReader(ReadOptions(on_corrupt="skip"), decoder)
     batches = list(train_batches(manifest, url, epoch=0, seed=0, rank=0, world_size=1, batch_per_rank=4,
-                                 shuffle_buffer=0, decoder=decoder, options=ReadOptions(on_corrupt="skip")))
+                                 shuffle_buffer=0, reader=reader))
     assert len(batches) == 5  # 20 samples / 4: the lost one is made up by a refill, every step still runs
     keys = [k for b in batches for k in b.keys]
     assert "train-000005" not in keys and len(keys) == 20
-    health = data_health()
+    health = reader.stats
     assert health.skipped_samples == 1 and any("train-000005.jpg" in p for p in health.skipped_shards.values())
 
 

@@ -16,15 +16,15 @@ import psutil
 import pytest
 
 from photos import crops, encode, write_image_folder
-from pipeline.data import DataError, ImageTarget, SampleDecoder, eval_batches, read_manifest
+from pipeline.data import DataError, ImageTarget, ReadOptions, SampleDecoder, eval_batches, read_manifest
 from pipeline.data.images import PROGRESS_DIR, list_source, plan_jobs, shard_images
 
 
 def read_back(url: str, split: str, size: tuple[int, int], channels: int = 3):
     manifest = read_manifest(url)
     decoder = SampleDecoder(manifest.spec, ImageTarget(channels=channels, size=size))
-    batches = list(eval_batches(manifest, url, split=split, rank=0, world_size=1, batch_size=16, verify=True,
-                                decoder=decoder))
+    batches = list(eval_batches(manifest, url, split=split, rank=0, world_size=1, batch_size=16,
+                                options=ReadOptions(verify=True), decoder=decoder))
     return np.concatenate([x.numpy() for x, _ in batches]), np.concatenate([y.numpy() for _, y in batches])
 
 

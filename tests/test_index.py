@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from photos import encode, write_img2dataset, write_mnist_png_shards, write_png_shards, write_tar
-from pipeline.data import DataError, ImageTarget, SampleDecoder, ShardError, eval_batches, read_manifest
+from pipeline.data import DataError, ImageTarget, ReadOptions, SampleDecoder, ShardError, eval_batches, read_manifest
 from pipeline.data.index import assign_splits, index_shards
 
 
@@ -21,8 +21,8 @@ def read_back(url: str, split: str, size: tuple[int, int] = (32, 32), channels: 
     """(uint8 [N, C, H, W], labels [N]) of a whole split through the training reader (sha256 verified)."""
     manifest = read_manifest(url)
     decoder = SampleDecoder(manifest.spec, ImageTarget(channels=channels, size=size))
-    batches = list(eval_batches(manifest, url, split=split, rank=0, world_size=1, batch_size=16, verify=True,
-                                decoder=decoder))
+    batches = list(eval_batches(manifest, url, split=split, rank=0, world_size=1, batch_size=16,
+                                options=ReadOptions(verify=True), decoder=decoder))
     return np.concatenate([x.numpy() for x, _ in batches]), np.concatenate([y.numpy() for _, y in batches])
 
 

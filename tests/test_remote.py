@@ -15,18 +15,13 @@ import pytest
 from moto_s3 import FaultyProxy, moto_server, s3_environment
 from pipeline.data import ShardError, Split, read_manifest, write_shards
 from pipeline.data.cache import ShardCache
-from pipeline.data.reader import ReadOptions, data_health, read_shard, reset_data_health
-from pipeline.data.remote import RetryingReader, RetryPolicy, is_transient
+from pipeline.data.reader import ReadOptions, ShardReader
+from pipeline.data.remote import RetryingReader, is_transient
+from pipeline.data.stats import ReadStats
 from pipeline.data.stream import eval_batches
+from pipeline.retry import RetryPolicy
 
 FAST = RetryPolicy(retries=5, backoff_s=0.01)
-
-
-@pytest.fixture(autouse=True)
-def clean_counters():
-    reset_data_health()
-    yield
-    reset_data_health()
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +53,12 @@ def test_reads_survive_a_faulty_server_and_count_retries(s3) -> None:
     data = os.urandom(1_500_000)
     fsspec.filesystem("s3").pipe("remote-tests/blob.bin", data)
     with FaultyProxy(s3, every=3) as proxy, s3_environment(proxy.endpoint):
-        reader = RetryingReader("s3://remote-tests/blob.bin", FAST, block_size=150_000)
+        stats = ReadStats()
+        reader = RetryingReader("s3://remote-tests/blob.bin", FAST, block_size=150_000, on_retry=stats.count_retry)
         got = b"".join(iter(lambda: reader.read(64_000), b""))
     assert got == data
     assert proxy.faults >= 4 and all(proxy.by_kind.values())  # 500s, resets and cut-off bodies all happened
-    assert 1 <= data_health().read_retries <= proxy.faults  # exact per kind of fault: the next test
+    assert 1 <= stats.read_retries <= proxy.faults  # exact per kind of fault: the next test
 
 
 class _OneKind(FaultyProxy):
@@ -79,10 +75,11 @@ def test_every_failed_read_is_counted_exactly_once(s3, kind) -> None:
     data = os.urandom(1_500_000)
     fsspec.filesystem("s3").pipe("remote-tests/exact.bin", data)
     with _OneKind(kind, s3, every=3, ranged_gets_only=True) as proxy, s3_environment(proxy.endpoint):
-        reader = RetryingReader("s3://remote-tests/exact.bin", FAST, block_size=150_000)
+        stats = ReadStats()
+        reader = RetryingReader("s3://remote-tests/exact.bin", FAST, block_size=150_000, on_retry=stats.count_retry)
         got = b"".join(iter(lambda: reader.read(64_000), b""))
     assert got == data and proxy.faults >= 2
-    assert data_health().read_retries == proxy.faults  # each fault is one failed read attempt, counted once
+    assert stats.read_retries == proxy.faults  # each fault is one failed read attempt, counted once
 
 
 def digits_like(n: int, seed: int) -> Split:
@@ -95,16 +92,17 @@ def test_an_epoch_over_a_faulty_server_completes_with_the_same_samples(s3, tmp_p
     url = "s3://remote-tests/faulty-epoch"
     write_shards(splits, url, source="random", samples_per_shard=100, progress=False)
     manifest = read_manifest(url)
+    reader = ShardReader(ReadOptions(verify=True))
 
     def labels() -> list[int]:
         return [int(v) for _, y in eval_batches(manifest, url, split="train", rank=0, world_size=1, batch_size=64,
-                                                verify=True) for v in y]
+                                                reader=reader) for v in y]
 
     clean = labels()
     assert clean == splits["train"].labels.tolist()
     with FaultyProxy(s3, every=2, max_faults=30) as proxy, s3_environment(proxy.endpoint):
         assert labels() == clean
-    assert proxy.faults > 0 and data_health().read_retries > 0
+    assert proxy.faults > 0 and reader.stats.read_retries > 0
 
 
 def test_persistent_failure_gives_up_naming_the_shard(s3) -> None:
@@ -113,9 +111,10 @@ def test_persistent_failure_gives_up_naming_the_shard(s3) -> None:
     write_shards(splits, url, source="random", samples_per_shard=20, progress=False)
     manifest = read_manifest(url)
     with _OneKind("500", s3, every=1, ranged_gets_only=True) as proxy, s3_environment(proxy.endpoint):
+        reader = ShardReader(ReadOptions(retries=2, retry_backoff_s=0.01))
         with pytest.raises(ShardError, match=r"^shard s3://remote-tests/down/train-00000\.tar: unreadable shard"):
-            list(read_shard(manifest, url, manifest.splits["train"].shards[0], options=ReadOptions(retries=2, retry_backoff_s=0.01)))
-    assert (proxy.faults, data_health().read_retries) == (3, 2)  # the first attempt and exactly 2 retries
+            list(reader.read_shard(manifest, url, manifest.splits["train"].shards[0]))
+    assert (proxy.faults, reader.stats.read_retries) == (3, 2)  # the first attempt and exactly 2 retries
 
 
 # --- cache ------------------------------------------------------------------------------------------
@@ -130,31 +129,31 @@ def memory_dataset():
     fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
 
 
-def epoch(manifest, url: str, options: ReadOptions) -> list[int]:
+def epoch(manifest, url: str, reader: ShardReader) -> list[int]:
     return [label for shard in manifest.splits["train"].shards
-            for _, _, label in read_shard(manifest, url, shard, options=options)]
+            for _, _, label in reader.read_shard(manifest, url, shard)]
 
 
 def test_second_epoch_reads_from_the_cache(memory_dataset, tmp_path: Path) -> None:
     url, manifest = memory_dataset
-    options = ReadOptions(cache_dir=str(tmp_path / "cache"))
-    first = epoch(manifest, url, options)
-    assert (data_health().cache_misses, data_health().cache_hits) == (3, 0)
+    reader = ShardReader(ReadOptions(cache_dir=str(tmp_path / "cache")))
+    first = epoch(manifest, url, reader)
+    assert (reader.stats.cache_misses, reader.stats.cache_hits) == (3, 0)
     fsspec.filesystem("memory").rm(url.removeprefix("memory://") + "/train-00001.tar")  # the remote copy is gone ...
-    assert epoch(manifest, url, options) == first  # ... and not needed
-    assert (data_health().cache_misses, data_health().cache_hits) == (3, 3)
+    assert epoch(manifest, url, reader) == first  # ... and not needed
+    assert (reader.stats.cache_misses, reader.stats.cache_hits) == (3, 3)
     assert sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").iterdir()) == [f"train-0000{i}.tar" for i in range(3)]
 
 
 def test_cache_evicts_least_recently_used_within_its_size(memory_dataset, tmp_path: Path) -> None:
     url, manifest = memory_dataset
     shard_bytes = manifest.splits["train"].shards[0].bytes
-    options = ReadOptions(cache_dir=str(tmp_path / "cache"), cache_max_bytes=int(2.5 * shard_bytes))
+    reader = ShardReader(ReadOptions(cache_dir=str(tmp_path / "cache"), cache_max_bytes=int(2.5 * shard_bytes)))
     for _ in range(2):
-        epoch(manifest, url, options)
+        epoch(manifest, url, reader)
         held = list((tmp_path / "cache").iterdir())
-        assert len(held) == 2 and sum(p.stat().st_size for p in held) <= options.cache_max_bytes
-    assert data_health().cache_misses == 6  # a cyclic scan larger than the cache misses every time (LRU)
+        assert len(held) == 2 and sum(p.stat().st_size for p in held) <= reader.options.cache_max_bytes
+    assert reader.stats.cache_misses == 6  # a cyclic scan larger than the cache misses every time (LRU)
     assert {p.name.split("-", 1)[1] for p in held} == {"train-00001.tar", "train-00002.tar"}
 
 
@@ -165,12 +164,12 @@ def test_cache_never_stores_a_shard_that_disagrees_with_the_manifest(memory_data
     tampered = bytearray(memory.cat(path))
     tampered[700] ^= 0xFF  # one pixel of the first image: still a valid tar
     memory.pipe(path, bytes(tampered))
-    options = ReadOptions(cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ShardError, match=f"^shard {url}/train-00000.tar: sha256 mismatch"):
-        epoch(manifest, url, options)
+        epoch(manifest, url, ShardReader(ReadOptions(cache_dir=str(tmp_path / "cache"))))
     assert list((tmp_path / "cache").iterdir()) == []
-    skipped = epoch(manifest, url, ReadOptions(cache_dir=str(tmp_path / "cache"), on_corrupt="skip"))
-    assert len(skipped) == 200 and data_health().skipped_samples == 100
+    reader = ShardReader(ReadOptions(cache_dir=str(tmp_path / "cache"), on_corrupt="skip"))
+    skipped = epoch(manifest, url, reader)
+    assert len(skipped) == 200 and reader.stats.skipped_samples == 100
 
 
 def test_concurrent_readers_share_one_complete_copy(memory_dataset, tmp_path: Path) -> None:

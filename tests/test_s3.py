@@ -104,11 +104,12 @@ def test_deformed_mnist_writes_to_s3_in_parallel(s3_ray, mnist_dir) -> None:
     assert read_manifest(url).digest() == manifest.digest()
     # what the two worker processes wrote is the deterministic function of (seed, index)
     from pipeline.data.deformed import deformed_sample
-    from pipeline.data.reader import read_shard
+    from pipeline.data.reader import ReadOptions, ShardReader
     from pipeline.data.sources import load_mnist_splits
 
     source = load_mnist_splits(str(mnist_dir))["train"]
-    samples = list(read_shard(manifest, url, manifest.splits["train"].shards[0], start=1195, verify=True))
+    reader = ShardReader(ReadOptions(verify=True))
+    samples = list(reader.read_shard(manifest, url, manifest.splits["train"].shards[0], start=1195))
     assert [key for key, _, _ in samples] == [f"train-{i:09d}" for i in range(1195, 1200)]
     assert all(np.array_equal(image[0], deformed_sample(source, 0, i)[0]) and label == source.labels[i]
                for i, (_, image, label) in zip(range(1195, 1200), samples))

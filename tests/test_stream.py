@@ -32,14 +32,12 @@ from pipeline.data import (
     load_digits_splits,
     partitions_of_rank,
     rank_assignment,
-    read_pieces,
-    read_shard,
     steps_per_epoch,
     train_batches,
     write_shards,
 )
 from pipeline.data.contract import ImageTarget, SampleDecoder
-from pipeline.data.reader import ReadOptions, data_health, reset_data_health
+from pipeline.data.reader import ReadOptions, ShardReader
 from pipeline.models.likelihoods import Bernoulli
 
 
@@ -204,7 +202,8 @@ def good_sample(key: str, label: int = 3) -> list[tuple[str, bytes]]:
 
 
 def read_all(manifest: Manifest, url: str, verify: bool = False) -> list[int]:
-    return [int(v) for _, y in eval_batches(manifest, url, split="train", rank=0, world_size=1, batch_size=4, verify=verify) for v in y]
+    return [int(v) for _, y in eval_batches(manifest, url, split="train", rank=0, world_size=1, batch_size=4,
+                                            options=ReadOptions(verify=verify)) for v in y]
 
 
 class CreatesFileWhenUnpickled:
@@ -308,11 +307,12 @@ def test_verify_catches_a_tampered_shard(tmp_path: Path) -> None:
 def test_verify_covers_whole_shard_when_a_rank_reads_part_of_it(tmp_path: Path) -> None:
     manifest, url = write_indexed_dataset(tmp_path, [40])
     shard = manifest.splits["train"].shards[0]
-    assert [label for _, _, label in read_shard(manifest, url, shard, start=10, stop=15, verify=True)] == [10, 11, 12, 13, 14]
+    verifying = ShardReader(ReadOptions(verify=True))
+    assert [label for _, _, label in verifying.read_shard(manifest, url, shard, start=10, stop=15)] == [10, 11, 12, 13, 14]
     bad = shard.model_copy(update={"sha256": "0" * 64})
     with pytest.raises(ShardError, match="sha256 mismatch: manifest expects 0{64}"):
-        list(read_shard(manifest, url, bad, start=10, stop=15, verify=True))
-    assert len(list(read_shard(manifest, url, bad, start=10, stop=15))) == 5  # without verify, no hashing
+        list(verifying.read_shard(manifest, url, bad, start=10, stop=15))
+    assert len(list(ShardReader().read_shard(manifest, url, bad, start=10, stop=15))) == 5  # without verify, no hashing
 
 
 def _global_batches(manifest: Manifest, url: str, world_size: int, partitions: int, **kw: Any) -> list[list[str]]:
@@ -497,7 +497,7 @@ def _ref_partition(manifest: Manifest, url: str, positions: list[tuple[int, int]
 
 def _reference_train_batches(manifest: Manifest, url: str, *, epoch: int, seed: int, rank: int, world_size: int,
                              batch_per_rank: int, shuffle_buffer: int, partitions: int, start_step: int = 0,
-                             verify: bool = False, options: ReadOptions = ReadOptions(),
+                             options: ReadOptions = ReadOptions(),
                              crop: tuple[int, int] | None = None, hflip: bool = False) -> tuple[list, Any, Any]:
     """(batches [(uint8 x, labels, keys)], expected error (shard, text) or None, (skipped count, shard urls))."""
     seed = seed % 2**64
@@ -514,7 +514,7 @@ def _reference_train_batches(manifest: Manifest, url: str, *, epoch: int, seed: 
     for number, v in enumerate(mine):
         positions = flat[v * total // partitions: (v + 1) * total // partitions]
         skips.append([])
-        samples, error = _ref_partition(manifest, url, positions, mode=options.on_corrupt, verify=verify,
+        samples, error = _ref_partition(manifest, url, positions, mode=options.on_corrupt, verify=options.verify,
                                         needed=steps * per_partition, skipped=skips[-1])
         shuffled = []
         for k, first in enumerate(range(0, len(samples), block)):
@@ -560,23 +560,22 @@ def _reference_train_batches(manifest: Manifest, url: str, *, epoch: int, seed: 
 
 
 def _outcome(manifest: Manifest, url: str, **kw: Any) -> tuple[list[tuple[bytes, bytes, list[str]]], str | None, Any]:
-    """The loader's batches (as exact bytes) up to its error, if any, and what the process counted as skipped."""
+    """The loader's batches (as exact bytes) up to its error, if any, and what its reader counted as skipped."""
     crop, hflip = kw.pop("crop", None), kw.pop("hflip", False)
     decoder = None
     if crop or hflip:
         size = crop or tuple(manifest.image_shape[-2:])
         decoder = SampleDecoder(manifest.spec, ImageTarget(1, size, resize="random-crop" if crop else "center-crop",
                                                            hflip=hflip))
-    reset_data_health()
+    reader = ShardReader(kw.pop("options", ReadOptions()), decoder)
     got, error = [], None
     try:
-        for x, y, keys in train_batches(manifest, url, decoder=decoder, **kw):
+        for x, y, keys in train_batches(manifest, url, reader=reader, **kw):
             assert x.dtype == torch.uint8 and y.dtype == torch.int64 and x.is_contiguous()
             got.append((x.numpy().tobytes(), y.numpy().tobytes(), list(keys)))
     except (DataError, ShardError) as err:
         error = str(err)
-    health = data_health()
-    return got, error, (health.skipped_samples, set(health.skipped_shards))
+    return got, error, (reader.stats.skipped_samples, set(reader.stats.skipped_shards))
 
 
 def _assert_same_batches(manifest: Manifest, url: str, **kw: Any) -> int:
@@ -617,8 +616,8 @@ def test_loader_equals_the_reference_on_the_tarfile_path(digits_shards: tuple[Ma
     manifest, url = digits_shards
     for shuffle_buffer in (0, 50):  # one chunk per group of samples from the reader
         _assert_same_batches(manifest, url, epoch=1, seed=4, rank=1, world_size=2, batch_per_rank=16,
-                             shuffle_buffer=shuffle_buffer, partitions=2, start_step=2, verify=True, hflip=True,
-                             options=ReadOptions(fast_path=False))
+                             shuffle_buffer=shuffle_buffer, partitions=2, start_step=2, hflip=True,
+                             options=ReadOptions(fast_path=False, verify=True))
 
 
 def test_the_reference_catches_a_wrong_loader(digits_shards: tuple[Manifest, str]) -> None:
@@ -648,17 +647,14 @@ def test_loader_skips_and_fails_like_the_reference(tmp_path: Path, damage: str) 
     elif damage == "tampered shard":  # a still valid tar: only verify tells
         Path(paths[1]).write_bytes(second.replace(b"3" + b"\0" * 511, b"4" + b"\0" * 511, 1))
     outcomes = set()
-    try:
-        for mode, shuffle_buffer, partitions, verify in itertools.product(("error", "skip"), (0, 1, 8, 30), (1, 2),
-                                                                          (False, True)):
-            _, error, health = _reference_train_batches(
-                manifest, url, epoch=1, seed=2, rank=0, world_size=1, batch_per_rank=6, shuffle_buffer=shuffle_buffer,
-                partitions=partitions, verify=verify, options=ReadOptions(on_corrupt=mode))  # type: ignore[arg-type]
-            outcomes.add((mode, error is not None, health[0] > 0))
-            _assert_same_batches(manifest, url, epoch=1, seed=2, rank=0, world_size=1, batch_per_rank=6,
-                                 shuffle_buffer=shuffle_buffer, partitions=partitions, verify=verify, hflip=True,
-                                 options=ReadOptions(on_corrupt=mode))  # type: ignore[arg-type]
-    finally:
-        reset_data_health()
+    for mode, shuffle_buffer, partitions, verify in itertools.product(("error", "skip"), (0, 1, 8, 30), (1, 2),
+                                                                      (False, True)):
+        options = ReadOptions(on_corrupt=mode, verify=verify)  # type: ignore[arg-type]
+        _, error, health = _reference_train_batches(
+            manifest, url, epoch=1, seed=2, rank=0, world_size=1, batch_per_rank=6, shuffle_buffer=shuffle_buffer,
+            partitions=partitions, options=options)
+        outcomes.add((mode, error is not None, health[0] > 0))
+        _assert_same_batches(manifest, url, epoch=1, seed=2, rank=0, world_size=1, batch_per_rank=6,
+                             shuffle_buffer=shuffle_buffer, partitions=partitions, hflip=True, options=options)
     # Both policies were exercised on this damage: errors in "error" mode, skips (and no error) in "skip" mode.
     assert ("error", True, False) in outcomes and ("skip", False, True) in outcomes

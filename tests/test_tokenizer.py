@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import load_config
 from pipeline.data import read_manifest
 from pipeline.data.contract import ImageTarget, SampleDecoder
-from pipeline.data.reader import read_shard_chunks
+from pipeline.data.reader import ShardReader
 from pipeline.models import build_vae
 from pipeline.tokens.codes import read_tokens
 from photos import crops
@@ -76,7 +76,7 @@ def images(trained) -> np.ndarray:
     manifest = read_manifest(trained["dataset"])
     decoder = SampleDecoder(manifest.spec, ImageTarget.from_config(manifest.spec, trained["config"].data))
     chunks = [decoder.finish(x, None) for shard in manifest.splits["train"].shards
-              for _, x, _ in read_shard_chunks(manifest, trained["dataset"], shard, decoder=decoder)]
+              for _, x, _ in ShardReader(decoder=decoder).read_shard_chunks(manifest, trained["dataset"], shard)]
     return np.ascontiguousarray(np.concatenate(chunks))
 
 

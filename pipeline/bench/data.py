@@ -80,11 +80,11 @@ def load_in_memory(url: str) -> tuple[Any, Any]:
     import numpy as np
     import torch
 
-    from pipeline.data import read_manifest, read_pieces
+    from pipeline.data import ShardReader, read_manifest
 
     manifest = read_manifest(url)
     shards = manifest.splits["train"].shards
-    samples = list(read_pieces(manifest, url, shards, [(i, 0, s.samples) for i, s in enumerate(shards)]))
+    samples = list(ShardReader().read_pieces(manifest, url, shards, [(i, 0, s.samples) for i, s in enumerate(shards)]))
     images = torch.from_numpy(np.stack([s[1] for s in samples]))
     labels = torch.from_numpy(np.asarray([s[2] for s in samples], dtype=np.int64))
     return images, labels

@@ -77,7 +77,7 @@ def build_like_training(cfg: Any, url: str) -> Any:
 
     from pipeline.data import read_manifest
     from pipeline.data.contract import ImageTarget, SampleDecoder
-    from pipeline.data.reader import ReadOptions
+    from pipeline.data.reader import ReadOptions, ShardReader
     from pipeline.models import build_vae
 
     manifest = read_manifest(url)
@@ -87,8 +87,9 @@ def build_like_training(cfg: Any, url: str) -> Any:
     if cfg.model.code_init == "data":
         from pipeline.train.code_init import init_codes_from_data
 
-        init_codes_from_data(model, manifest, url, cfg, ReadOptions.from_config(cfg.data),
-                             SampleDecoder(manifest.spec, target, cfg.data.decode_workers))
+        init_codes_from_data(model, manifest, url, cfg, ShardReader(ReadOptions.from_config(cfg.data),
+                                                                    SampleDecoder(manifest.spec, target,
+                                                                                  cfg.data.decode_workers)))
     return model
 
 

@@ -23,13 +23,12 @@ _EXPORTS = {
     "shard_url": "shards",
     "rank_assignment": "stream",
     "steps_per_epoch": "stream",
-    "read_shard": "reader",
-    "read_pieces": "reader",
+    "ShardReader": "reader",
     "ReadOptions": "reader",
+    "ReadStats": "stats",
     "SampleSpec": "contract",
     "SampleDecoder": "contract",
     "ImageTarget": "contract",
-    "data_health": "health",
     "generate_deformed_mnist": "deformed",
     "train_batches": "stream",
     "TrainBatch": "stream",
@@ -45,8 +44,8 @@ if TYPE_CHECKING:
     from pipeline.data.binarized import load_binarized_mnist_splits
     from pipeline.data.deformed import generate_deformed_mnist
     from pipeline.data.contract import ImageTarget, SampleDecoder, SampleSpec
-    from pipeline.data.health import data_health
-    from pipeline.data.reader import ReadOptions, read_pieces, read_shard
+    from pipeline.data.reader import ReadOptions, ShardReader
+    from pipeline.data.stats import ReadStats
     from pipeline.data.stream import (
         TrainBatch, eval_batches, partitions_of_rank, rank_assignment, steps_per_epoch, train_batches,
     )

@@ -18,39 +18,27 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.errors import ShardError
-from pipeline.data.remote import RetryingReader, RetryPolicy
+from pipeline.data.remote import RetryingReader
+from pipeline.data.stats import ReadStats
+from pipeline.retry import RetryPolicy
 
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600  # temp files this old belong to a crashed download
 _CHUNK = 1 << 20
 
 
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    evicted: int = 0
-
-
-_STATS = CacheStats()
-_LOCK = threading.Lock()
-
-
-def cache_stats() -> CacheStats:
-    """This process's cache hits, misses (downloads) and evictions, cumulative."""
-    return CacheStats(_STATS.hits, _STATS.misses, _STATS.evicted)
-
-
 class ShardCache:
-    def __init__(self, directory: str | os.PathLike, max_bytes: int) -> None:
+    """The cache folder as one reader uses it: hits, misses (downloads), evictions and the
+    downloads' retries are counted in ``stats`` (the reader's)."""
+
+    def __init__(self, directory: str | os.PathLike, max_bytes: int, stats: ReadStats | None = None) -> None:
         self.directory = Path(directory).expanduser()
         self.max_bytes = max_bytes
+        self.stats = ReadStats() if stats is None else stats
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def entry_path(self, url: str, sha256: str, size: int) -> Path:
@@ -65,14 +53,12 @@ class ShardCache:
         path = self.entry_path(url, sha256, size)
         try:
             os.utime(path)  # an LRU hit: refresh its age
-            with _LOCK:
-                _STATS.hits += 1
+            self.stats.count_cache("hits")
             return path
         except FileNotFoundError:
             pass
         self._download(url, sha256, path, policy)
-        with _LOCK:
-            _STATS.misses += 1
+        self.stats.count_cache("misses")
         self.evict(keep=path)
         return path
 
@@ -80,7 +66,7 @@ class ShardCache:
         digest, written = hashlib.sha256(), 0
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.directory)
         try:
-            with os.fdopen(fd, "wb") as out, RetryingReader(url, policy) as remote:
+            with os.fdopen(fd, "wb") as out, RetryingReader(url, policy, on_retry=self.stats.count_retry) as remote:
                 while chunk := remote.read(_CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
@@ -114,5 +100,4 @@ class ShardCache:
                 continue
             item.unlink(missing_ok=True)
             total -= size
-            with _LOCK:
-                _STATS.evicted += 1
+            self.stats.count_cache("evicted")

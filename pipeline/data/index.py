@@ -38,17 +38,19 @@ from typing import Callable, Sequence
 import fsspec
 import numpy as np
 from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext
 
-from pipeline.data.contract import ENCODED_FORMATS, IGNORABLE, IMAGE_FORMATS, UNSAFE, SampleSpec, upright_size
+from pipeline.data.contract import (ENCODED_FORMATS, GREY_MODES, IGNORABLE, IMAGE_FORMATS, UNSAFE, SampleSpec,
+                                    upright_size)
 from pipeline.data.errors import DataError, ShardError
-from pipeline.data.reader import _MAX_ENCODED_MEMBER, _HashingReader
-from pipeline.data.remote import RetryPolicy, open_for_reading
+from pipeline.data.remote import open_for_reading
 from pipeline.data.shards import Manifest, ShardInfo, SplitInfo, begin_dataset, finish_dataset
+from pipeline.data.tarsamples import MAX_ENCODED_MEMBER, HashingReader
+from pipeline.retry import RetryPolicy
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # When several image members are in every sample, the first of these is the image.
 IMAGE_PREFERENCE = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "npy")
-GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 DEFAULT_VAL_FRACTION = 0.01  # of the shards, when the user names no val split
 _GLOB = re.compile(r"[*?\[]")
 _MISSING = "no such shard"
@@ -86,15 +88,6 @@ def is_shard(path: str) -> bool:
     return path.lower().endswith(SHARD_SUFFIXES)
 
 
-# webdataset's `base_plus_ext` (the reader's grouping rule, so both agree on what a sample is), compiled once.
-_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-def _base_plus_ext(name: str) -> tuple[str | None, str | None]:
-    match = _KEY_SUFFIX.match(name)
-    return (match.group(1), match.group(2)) if match else (None, None)
-
-
 # --- scanning one shard ----------------------------------------------------------------------------------
 
 
@@ -126,7 +119,7 @@ def scan_shard(url: str, label: str | None, policy: RetryPolicy = RetryPolicy())
     json_field = label.split(":", 1)[1] if label and label.startswith("json:") else None
     try:
         with open_for_reading(url, policy) as stream:
-            hasher = _HashingReader(stream)
+            hasher = HashingReader(stream)
             with tarfile.open(fileobj=hasher, mode="r|*") as tar:
                 compression = getattr(tar.fileobj, "comptype", "tar")  # detected from the bytes, not the name
                 if compression not in ("tar", "gz"):
@@ -154,7 +147,7 @@ def _scan_members(tar: tarfile.TarFile, scan: ShardScan, json_field: str | None)
     for info in tar:
         if not info.isfile():
             continue
-        prefix, suffix = _base_plus_ext(info.name)
+        prefix, suffix = base_plus_ext(info.name)  # the reader's grouping rule
         if prefix is None or suffix is None:
             raise ShardError(scan.url, "member is not named KEY.SUFFIX (a WebDataset sample member)", member=info.name)
         suffix = suffix.lower()
@@ -170,8 +163,8 @@ def _scan_members(tar: tarfile.TarFile, scan: ShardScan, json_field: str | None)
         seen.add(suffix)
         scan.members[suffix] += 1
         if suffix in IMAGE_FORMATS or suffix == "cls" or (suffix == "json" and json_field):
-            if info.size > _MAX_ENCODED_MEMBER:
-                raise ShardError(scan.url, f"member of {info.size} bytes refused (limit {_MAX_ENCODED_MEMBER})",
+            if info.size > MAX_ENCODED_MEMBER:
+                raise ShardError(scan.url, f"member of {info.size} bytes refused (limit {MAX_ENCODED_MEMBER})",
                                  member=info.name)
             raw = tar.extractfile(info).read()  # type: ignore[union-attr]
             if len(raw) != info.size:

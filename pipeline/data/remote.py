@@ -4,7 +4,8 @@ One retry layer, ours, and it is counted: transient errors (connection reset or 
 timeouts, truncated bodies, HTTP 5xx) are retried with exponential backoff and jitter, and
 a read that fails part-way reopens the object at the byte offset already consumed, so the
 tar stream above never notices. For s3:// the lower layers' own silent retries (botocore,
-s3fs) are turned down to one attempt so that every retry shows up in `retry_count()`.
+s3fs) are turned down to one attempt so that every retry reaches ``on_retry`` (a reader's
+`ReadStats.count_retry`).
 
 Credentials and endpoints come from the environment and fsspec configuration
 (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.config/fsspec, ...): nothing here takes them
@@ -15,16 +16,15 @@ from __future__ import annotations
 
 import errno
 import http.client
-import random
 import socket
-import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterator
 
 import fsspec
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity import Retrying
+
+from pipeline.retry import RetryPolicy
 
 # Errno values of OSErrors that mean "the service or network hiccuped", not "the object is bad".
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE,
@@ -38,55 +38,19 @@ _TRANSIENT_TYPE_NAMES = {  # matched by name so optional libraries need not be i
 READ_BLOCK_BYTES = 8 << 20  # ranged GETs of 8 MiB: bounded memory per open shard, few requests
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How hard to try: ``retries`` consecutive retries per operation, backoff doubling from ``backoff_s``."""
-
-    retries: int = 5
-    backoff_s: float = 0.2
-    max_backoff_s: float = 5.0
-
-    def delay(self, attempt: int) -> float:
-        # Full jitter on the upper half: concurrent readers that failed together do not retry together.
-        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
-
-    def retrying(self, before_retry: Callable[[BaseException], None] = lambda err: None) -> Retrying:
-        """The project's retry loop (tenacity) under this policy: transient errors only, each retry
-        counted (`retry_count`) and announced to ``before_retry`` before the backoff; the last
-        error is re-raised unchanged."""
-        def count(state: RetryCallState) -> None:
-            err = state.outcome.exception()  # type: ignore[union-attr]
-            _COUNTER.add(err)
-            before_retry(err)
-
-        return Retrying(stop=stop_after_attempt(self.retries + 1), retry=retry_if_exception(is_transient),
-                        wait=lambda state: self.delay(state.attempt_number - 1), before_sleep=count, reraise=True)
+OnRetry = Callable[[BaseException], None]
 
 
-class _RetryCounter:
-    """Process-wide count of retried operations (per Ray worker / DataLoader process)."""
+def retrying_transient(policy: RetryPolicy, *on_retry: OnRetry | None) -> Retrying:
+    """``policy``'s retry loop over transient errors only (`is_transient`); each retry is announced
+    to every ``on_retry`` (a counter, a handle to drop) before the backoff."""
+    listeners = [listener for listener in on_retry if listener is not None]
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.retries = 0
-        self.last_error = ""
+    def announce(err: BaseException) -> None:
+        for listener in listeners:
+            listener(err)
 
-    def add(self, err: BaseException) -> None:
-        with self._lock:
-            self.retries += 1
-            self.last_error = f"{type(err).__name__}: {err}"[:300]
-
-
-_COUNTER = _RetryCounter()
-
-
-def retry_count() -> int:
-    """Transient read errors this process has retried so far (cumulative)."""
-    return _COUNTER.retries
-
-
-def reset_retry_count() -> None:
-    _COUNTER.retries, _COUNTER.last_error = 0, ""
+    return policy.retrying(when=is_transient, on_retry=announce)
 
 
 def is_transient(err: BaseException) -> bool:
@@ -122,11 +86,6 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith(("file://", "local://"))
 
 
-def call_with_retries(what: str, func: Any, policy: RetryPolicy) -> Any:
-    """``func()`` (``what`` it does), retried on transient errors; the last error is re-raised unchanged."""
-    return policy.retrying()(func)
-
-
 @lru_cache(maxsize=None)
 def reader_filesystem(protocol: str) -> fsspec.AbstractFileSystem:
     """A filesystem instance of our own for reading shards (the writer's cached instance is untouched).
@@ -156,9 +115,11 @@ class RetryingReader:
     already handed out: callers see one uninterrupted byte stream.
     """
 
-    def __init__(self, url: str, policy: RetryPolicy | None = None, block_size: int = READ_BLOCK_BYTES) -> None:
+    def __init__(self, url: str, policy: RetryPolicy | None = None, block_size: int = READ_BLOCK_BYTES,
+                 on_retry: OnRetry | None = None) -> None:
         self.url = url
         self.policy = policy or RetryPolicy()
+        self.on_retry = on_retry  # told of every retried error (a reader's stats count them)
         self.block_size = block_size
         self.fs, self.path = split_url(url)
         self.offset = 0
@@ -173,11 +134,11 @@ class RetryingReader:
             return handle
 
         self._close_quietly()
-        self._file = call_with_retries(f"open {self.url}", open_at_offset, self.policy)
+        self._file = retrying_transient(self.policy, self.on_retry)(open_at_offset)
 
     def read(self, size: int = -1) -> bytes:
         # A failed read drops the handle; the next attempt (after the backoff) reopens at the offset.
-        return self.policy.retrying(before_retry=lambda err: self._close_quietly())(self._read_once, size)
+        return retrying_transient(self.policy, self.on_retry, lambda err: self._close_quietly())(self._read_once, size)
 
     def _read_once(self, size: int) -> bytes:
         if self._file is None:
@@ -208,13 +169,13 @@ class RetryingReader:
 
 
 @contextmanager
-def open_for_reading(url: str, policy: RetryPolicy | None = None) -> Iterator[Any]:
+def open_for_reading(url: str, policy: RetryPolicy | None = None, on_retry: OnRetry | None = None) -> Iterator[Any]:
     """A binary stream of ``url``: plain ``open`` for local files, a RetryingReader otherwise."""
     if is_local(url):
         with fsspec.open(url, "rb") as local:
             yield local
         return
-    with RetryingReader(url, policy) as remote:
+    with RetryingReader(url, policy, on_retry=on_retry) as remote:
         yield remote
 
 

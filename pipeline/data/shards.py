@@ -323,11 +323,12 @@ def manifest_location(url: str) -> tuple[str, str]:
 def read_manifest(url: str) -> Manifest:
     """Load the manifest of the dataset at ``url`` (its folder, or the manifest.json itself)."""
     _, path = manifest_location(url)
-    from pipeline.data.remote import RetryPolicy, call_with_retries
+    from pipeline.data.remote import retrying_transient
+    from pipeline.retry import RetryPolicy
 
     try:
         fs, fs_path = fsspec.core.url_to_fs(path)
-        raw = call_with_retries(f"read {path}", lambda: fs.cat_file(fs_path), RetryPolicy(retries=3))
+        raw = retrying_transient(RetryPolicy(retries=3))(fs.cat_file, fs_path)
     except FileNotFoundError:
         raise DataError(
             f"no {MANIFEST_NAME} at {path} — create one with `pipeline data digits --out {manifest_location(url)[0]}`"

@@ -37,8 +37,9 @@ import torch
 
 from pipeline.data.contract import SampleDecoder
 from pipeline.data.errors import DataError
-from pipeline.data.reader import Chunk, ReadOptions, default_decoder, read_piece_chunks
+from pipeline.data.reader import ReadOptions, ShardReader
 from pipeline.data.shards import Manifest, ShardInfo
+from pipeline.data.tarsamples import Chunk
 
 Piece = tuple[int, int, int]  # (shard index in the manifest's list, first sample, stop sample)
 
@@ -177,8 +178,7 @@ def _join(parts: list[Chunk]) -> Chunk:
 
 def _partition_stream(
     manifest: Manifest, dataset_url: str, shards: list[ShardInfo], pieces: list[Piece], *,
-    block: int, rng_parts: tuple[int, ...], start: int, verify: bool, needed: int, options: ReadOptions,
-    decoder: SampleDecoder,
+    block: int, rng_parts: tuple[int, ...], start: int, needed: int, reader: ShardReader,
 ) -> Iterator[Chunk]:
     """One partition's samples in block-shuffled order, from position ``start`` on, one chunk per block.
 
@@ -190,8 +190,8 @@ def _partition_stream(
     first_block = start // block
     # fill_to: with data.on_corrupt=skip, damaged samples are made up by re-reading good ones, so the
     # partition still fills its steps (lockstep); with "error" it has no effect.
-    chunks = read_piece_chunks(manifest, dataset_url, shards, _skip_pieces(pieces, first_block * block),
-                               verify=verify, fill_to=needed - first_block * block, options=options, decoder=decoder)
+    chunks = reader.read_piece_chunks(manifest, dataset_url, shards, _skip_pieces(pieces, first_block * block),
+                                      fill_to=needed - first_block * block)
     if block == 1:  # no shuffling: the samples as read (whole shards on the fast path)
         yield from chunks
         return
@@ -251,10 +251,10 @@ def train_batches(
     world_size: int,
     batch_per_rank: int,
     shuffle_buffer: int,
-    verify: bool = False,
     start_step: int = 0,
     partitions: int | None = None,
-    options: ReadOptions = ReadOptions(),
+    reader: ShardReader | None = None,
+    options: ReadOptions | None = None,
     decoder: SampleDecoder | None = None,
 ) -> Iterator[TrainBatch]:
     """Exactly ``steps_per_epoch`` batches on every rank, from ``start_step`` on.
@@ -264,8 +264,12 @@ def train_batches(
     the sample at position p of partition v are seeded by (seed, epoch, v, p), so they too
     are independent of W. Iterate to exhaustion: the final ``next`` reads the leftover
     samples, so the truncation and sha256 checks cover every shard this rank touched.
+
+    ``reader``: the worker's reader (its options, decoder and stats); without one, ``options`` and
+    ``decoder`` make a reader of this call's own.
     """
-    decoder = decoder or default_decoder(manifest)
+    reader = ShardReader.given(reader, options, decoder)
+    decoder = reader.decoder_for(manifest)
     partitions = partitions or world_size
     mine = partitions_of_rank(partitions, world_size, rank)
     if batch_per_rank % len(mine):
@@ -278,8 +282,8 @@ def train_batches(
     streams = [
         _Rows(_partition_stream(
             manifest, dataset_url, shards, rank_assignment(shards, epoch=epoch, seed=seed, world_size=partitions, rank=v),
-            block=shuffle_buffer, rng_parts=(seed, epoch, v), start=start_step * per_partition, verify=verify,
-            needed=steps * per_partition, options=options, decoder=decoder,
+            block=shuffle_buffer, rng_parts=(seed, epoch, v), start=start_step * per_partition,
+            needed=steps * per_partition, reader=reader,
         ))
         for v in mine
     ]
@@ -369,8 +373,8 @@ def eval_batches(
     rank: int,
     world_size: int,
     batch_size: int,
-    verify: bool = False,
-    options: ReadOptions = ReadOptions(),
+    reader: ShardReader | None = None,
+    options: ReadOptions | ShardReader | None = None,
     decoder: SampleDecoder | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every sample of this rank's share of ``split``, in manifest order, as (uint8 [B, C, H, W],
@@ -378,12 +382,16 @@ def eval_batches(
 
     Ranks split the unpermuted concatenation of the shards contiguously, so the union over
     ranks is the whole split exactly once (callers all-reduce sums and counts).
+
+    ``reader``: the worker's reader (its options, decoder and stats); without one, ``options`` and
+    ``decoder`` make a reader of this call's own.
     """
-    decoder = decoder or default_decoder(manifest)
+    reader = ShardReader.given(reader, options, decoder)
+    decoder = reader.decoder_for(manifest)
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     shards = _split_shards(manifest, split)
     pieces = _range_pieces([s.samples for s in shards], range(len(shards)), world_size, rank)
-    chunks = read_piece_chunks(manifest, dataset_url, shards, pieces, verify=verify, options=options, decoder=decoder)
+    chunks = reader.read_piece_chunks(manifest, dataset_url, shards, pieces)
     for images, labels in _batches(chunks, batch_size):
         yield torch.from_numpy(np.array(decoder.finish(images, None))), torch.from_numpy(labels.copy())

@@ -16,7 +16,7 @@ Token format (a dataset like any other: WebDataset tars + manifest.json, any fss
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.errors import DataError, ShardError
-from pipeline.data.reader import ReadOptions, read_shard
+from pipeline.data.reader import ReadOptions, ShardReader
 from pipeline.data.shards import Manifest, ShardInfo, shard_url
 from pipeline.models import VAE
 
@@ -113,7 +113,8 @@ def read_tokens(manifest: Manifest, url: str, shard: ShardInfo,
     if tokens is None:
         raise DataError(f"{url} is not a token dataset (its manifest has no 'tokens' section)")
     shape = tuple(tokens.shape)
-    for key, array, label in read_shard(manifest, url, shard, verify=True, on_corrupt="error", options=options):
+    reader = ShardReader(replace(options, verify=True, on_corrupt="error"))
+    for key, array, label in reader.read_shard(manifest, url, shard):
         if array.size and int(array.max()) >= tokens.categories:
             raise ShardError(shard_url(url, shard), f"token {int(array.max())} is outside the code book: tokens are below {tokens.categories} (K)",
                              member=f"{key}.npy")

@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -118,9 +118,10 @@ def _npy(array: np.ndarray) -> bytes:
 def _token_samples(ctx: EncodeContext, job: ShardJob, model: VAE, manifest: Manifest,
                    device: torch.device) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(source key, {npy, cls}) of every sample of the job's source shard, in order."""
-    from pipeline.data.reader import read_shard_chunks
+    from pipeline.data.reader import ShardReader
 
     decoder = SampleDecoder(manifest.spec, ctx.target, ctx.decode_workers)
+    reader = ShardReader(replace(ctx.options, verify=True, on_corrupt="error"), decoder)
     # Stored as the manifest's [h, w] (a flat latent's [N] as [1, N]: the contract's 2-D npy).
     empty = _npy(np.zeros(ctx.layout.spec_size, np.uint16))
     npy_header = empty[: len(empty) - 2 * int(np.prod(ctx.layout.shape))]  # np.save's, for this shape and dtype
@@ -145,8 +146,7 @@ def _token_samples(ctx: EncodeContext, job: ShardJob, model: VAE, manifest: Mani
             pending_images[:] = [images[n:]] if n < len(images) else []
             pending_labels[:] = [labels[n:]] if n < len(labels) else []
 
-    for keys, images, labels in read_shard_chunks(manifest, ctx.data_url, job.source, verify=True,
-                                                  on_corrupt="error", options=ctx.options, decoder=decoder):
+    for keys, images, labels in reader.read_shard_chunks(manifest, ctx.data_url, job.source):
         pending_keys.extend(keys)
         pending_images.append(images)
         pending_labels.append(labels)

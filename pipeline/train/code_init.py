@@ -9,15 +9,13 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.data import eval_batches
-from pipeline.data.contract import SampleDecoder
-from pipeline.data.reader import ReadOptions
+from pipeline.data.reader import ShardReader
 from pipeline.models.vae import VAE
 
 MIN_IMAGES = 256  # the centres are drawn from this many images at least (more when K needs them)
 
 
-def init_codes_from_data(model: VAE, manifest: Any, dataset_url: str, cfg: RunConfig, options: ReadOptions,
-                         decoder: SampleDecoder) -> None:
+def init_codes_from_data(model: VAE, manifest: Any, dataset_url: str, cfg: RunConfig, reader: ShardReader) -> None:
     """Set the code head from the first images of the train split (manifest order, center crops).
     Every rank reads the same images and draws with the same seed, so all start from one model
     (DDP broadcasts rank 0's weights as well)."""
@@ -25,7 +23,7 @@ def init_codes_from_data(model: VAE, manifest: Any, dataset_url: str, cfg: RunCo
     needed = max(MIN_IMAGES, math.ceil(2 * model.latent.categories / grid_positions))
     images: list[torch.Tensor] = []
     for x, _ in eval_batches(manifest, dataset_url, split="train", rank=0, world_size=1,
-                             batch_size=min(needed, 256), options=options, decoder=decoder):
+                             batch_size=min(needed, 256), reader=reader):
         images.append(x)
         if sum(len(i) for i in images) >= needed:
             break

@@ -27,8 +27,8 @@ from pipeline.config import RunConfig
 from pipeline.data import partitions_of_rank, read_manifest, steps_per_epoch, train_batches
 from pipeline.data.stream import prefetch
 from pipeline.data.contract import ImageTarget, SampleDecoder
-from pipeline.data.health import data_health
-from pipeline.data.reader import ReadOptions
+from pipeline.data.reader import ReadOptions, ShardReader
+from pipeline.data.stats import ReadStats
 from pipeline.models import build_vae
 from pipeline.train.collectives import all_gather, all_reduce
 from pipeline.train.code_init import init_codes_from_data
@@ -100,6 +100,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     manifest = read_manifest(args.dataset_url)
     target = ImageTarget.from_config(manifest.spec, cfg.data)  # what the model is fed: [C, H, W]
     decoder = SampleDecoder(manifest.spec, target, cfg.data.decode_workers)
+    reader = ShardReader(options, decoder)  # this worker's reads, counted in reader.stats
     model = build_vae(cfg.model, image_shape=target.shape, binarize=cfg.data.binarize)
     optimizer = build_optimizer(model, cfg.train)
     position, partitions = Position(), cfg.partitions
@@ -116,7 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         load_initial_weights(model, cfg.train.init_from, args.tracking_uri)
     elif cfg.model.code_init == "data":  # a fresh grid: every code starts in use (models/resnet.py)
-        init_codes_from_data(model, manifest, args.dataset_url, cfg, options, decoder)
+        init_codes_from_data(model, manifest, args.dataset_url, cfg, reader)
 
     global_batch = cfg.train.batch_size
     steps = steps_per_epoch(manifest.splits["train"].samples, partitions, global_batch // partitions)
@@ -146,7 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"from epoch {position.epoch + 1} step {position.step_in_epoch}")
     my_partitions = partitions_of_rank(partitions, world_size, rank)
     # Rank 0 shows the same validation images every epoch (reconstruction grids at their step).
-    preview = _preview_images(manifest, args.dataset_url, options, decoder) if is_master else None
+    preview = _preview_images(manifest, args.dataset_url, reader) if is_master else None
     recorder = _SampleRecorder(args.sample_log, rank) if args.sample_log else None
     latent, skipped_nonfinite, setup_logged = cfg.model.latent, 0, False
 
@@ -156,7 +157,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = prefetch(train_batches(  # same batches, same order, prepared ahead in a background thread
             manifest, args.dataset_url, epoch=epoch, seed=cfg.train.seed, rank=rank, world_size=world_size,
             batch_per_rank=global_batch // world_size, shuffle_buffer=cfg.data.shuffle_buffer,
-            verify=cfg.data.verify, start_step=position.step_in_epoch, options=options, decoder=decoder,
+            start_step=position.step_in_epoch, reader=reader.with_options(verify=cfg.data.verify),
             partitions=partitions,
         ), cfg.data.prefetch_batches, pin_memory=device.type == "cuda")
         tic = time.perf_counter()
@@ -229,8 +230,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         stats: dict[str, Any] = {}  # the all-reduced arrays behind the code-use plots
         val = evaluate_split(ema.module if ema else model, manifest, args.dataset_url, "val", rank=rank,
                              world_size=world_size, batch_size=global_batch // world_size, cfg=cfg, step=position.step,
-                             options=options, decoder=decoder, stats=stats)
-        data_health = _data_health_across_ranks(world_size)  # a collective: every rank, same point
+                             options=reader, decoder=decoder, stats=stats)
+        data_health = _data_health_across_ranks(world_size, reader.stats)  # a collective: every rank, same point
         if logger:
             log_data_health(logger, position.step, *data_health)
             logger.log_metrics(val, position.step)
@@ -243,12 +244,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _report(logger, report, model, optimizer, position, partitions, args.config, precision, ema)
 
 
-def _preview_images(manifest: Any, url: str, options: ReadOptions, decoder: SampleDecoder) -> torch.Tensor:
+def _preview_images(manifest: Any, url: str, reader: ShardReader) -> torch.Tensor:
     """The first 16 validation images, uint8 [16, C, H, W]."""
     from pipeline.data import eval_batches
 
     images, _ = next(iter(eval_batches(manifest, url, split="val", rank=0, world_size=1, batch_size=16,
-                                       options=options, decoder=decoder)))
+                                       reader=reader)))
     return images
 
 
@@ -270,9 +271,8 @@ def _node_ids(world_size: int) -> list[str]:
     return all_gather(ray.get_runtime_context().get_node_id(), world_size)
 
 
-def _data_health_across_ranks(world_size: int) -> tuple[dict[str, float], set[str]]:
+def _data_health_across_ranks(world_size: int, health: ReadStats) -> tuple[dict[str, float], set[str]]:
     """Skipped samples, read retries and cache use summed over ranks; the union of skipped shards."""
-    health = data_health()
     keys = ["data/skipped_samples", "data/read_retries", "data/cache_hits", "data/cache_misses"]
     totals = all_reduce(torch.tensor([health.skipped_samples, health.read_retries, health.cache_hits,
                                       health.cache_misses], dtype=torch.float64), ray.train.torch.get_device())

@@ -9,13 +9,36 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+# Every command's --help ends with these (see `_with_exit_codes`).
+EXIT_CODES = ("Exit codes: 0 done; 1 failed (the error names the file, shard, run or address); 2 bad usage or "
+              "config (the error names the option or key); 3 done, but declined or partial (promote: not promoted; "
+              "sweep: some trials failed for good); 130 interrupted.")
+
 app = typer.Typer(
     help="Distributed training of VAEs with a categorical (multinomial) prior: "
     "WebDataset shards -> Ray Train DDP -> MLflow.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it
+    epilog=EXIT_CODES,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"pipeline {version('pipeline')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the installed version and exit")] = False,
+) -> None:
+    """Distributed training of VAEs with a categorical (multinomial) prior: WebDataset shards -> Ray Train
+    DDP -> MLflow."""
 from pipeline.data_commands import OutUrl, data_app  # noqa: E402 - `pipeline data ...`
 
 app.add_typer(data_app, name="data")
@@ -341,7 +364,8 @@ def sweep(
 
 
 @app.command("config")
-def show_config(config: str, override: Overrides = None) -> None:
+def show_config(config: Annotated[str, typer.Argument(help="YAML config, e.g. configs/images-dvae.yaml")],
+                override: Overrides = None) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""
     from pipeline.train.tracking import config_yaml
 
@@ -351,6 +375,18 @@ def show_config(config: str, override: Overrides = None) -> None:
 from pipeline.ops.commands import register as _register_ops_commands  # noqa: E402
 
 _register_ops_commands(app)  # submit, jobs list|logs|stop, schedule, promote, compare (pipeline/ops/)
+
+
+def _with_exit_codes(typer_app: typer.Typer) -> None:
+    """Give every command and command group of ``typer_app`` the exit codes as its help epilog."""
+    typer_app.info.epilog = typer_app.info.epilog or EXIT_CODES
+    for command in typer_app.registered_commands:
+        command.epilog = command.epilog or EXIT_CODES
+    for group in typer_app.registered_groups:
+        _with_exit_codes(group.typer_instance)
+
+
+_with_exit_codes(app)
 
 
 def main() -> None:

@@ -231,8 +231,8 @@ def data_markdown(report: dict[str, Any], command: str) -> str:
 def bench_data(
     source: SourceOption = "",
     samples: SamplesOption = 50_000,
-    batch: Annotated[int, typer.Option("--batch", min=1)] = 100,
-    shuffle_buffer: Annotated[int, typer.Option("--shuffle-buffer", min=0)] = 1000,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Samples per batch, for every reader")] = 100,
+    shuffle_buffer: Annotated[int, typer.Option("--shuffle-buffer", min=0, help="The loader's shuffle buffer (samples; 0: none)")] = 1000,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved runs per reader; medians reported")] = 3,
     raydata: Annotated[bool, typer.Option("--raydata/--no-raydata", help="Include Ray Data read_webdataset")] = True,
     processes: Annotated[int, typer.Option("--processes", min=1, help="Processes (cores) every image reader uses; "

@@ -142,7 +142,7 @@ def bench_memory(
     source: Annotated[str, typer.Option("--source", help="MNIST idx folder for the deformed-MNIST generator")] = str(DEFAULT_MNIST),
     config: Annotated[str, typer.Option("--config", help="Training config (mode train)")] = str(REPO / "configs" / "mnist-categorical.yaml"),
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers, and generator processes")] = 2,
-    samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", min=1)] = 1000,
+    samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", min=1, help="Samples per shard of the datasets it writes")] = 1000,
     work_dir: Annotated[Optional[str], typer.Option("--work-dir", help="Keep the data here (default: a temp dir)")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Largest 10x/1x peak-RSS ratio called flat")] = 1.05,
     json_out: Annotated[Optional[str], typer.Option("--json-out", help="Also write the report here")] = None,

@@ -115,7 +115,7 @@ def submit(
 
 
 @jobs_app.command("list")
-def jobs_list(address: Address = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def jobs_list(address: Address = None, as_json: Annotated[bool, typer.Option("--json", help="Print the jobs as JSON")] = False) -> None:
     """Jobs on the cluster, newest first."""
     _ray_auth()
     from dataclasses import asdict
@@ -139,7 +139,7 @@ def jobs_list(address: Address = None, as_json: Annotated[bool, typer.Option("--
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: str, address: Address = None,
+def jobs_logs(job_id: Annotated[str, typer.Argument(help="Ray job id (from `pipeline submit` or `jobs list`)")], address: Address = None,
               follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends; exit with its status")] = False) -> None:
     """The job's log (driver output)."""
     _ray_auth()
@@ -155,7 +155,7 @@ def jobs_logs(job_id: str, address: Address = None,
 
 
 @jobs_app.command("stop")
-def jobs_stop(job_id: str, address: Address = None) -> None:
+def jobs_stop(job_id: Annotated[str, typer.Argument(help="Ray job id (from `pipeline submit` or `jobs list`)")], address: Address = None) -> None:
     """Ask the cluster to stop the job."""
     _ray_auth()
     stopped = _client(address).stop_job(job_id)
@@ -170,7 +170,7 @@ def schedule(
     address: Address = None,
     state: Annotated[Optional[Path], typer.Option("--state", help="State file (default .pipeline/schedule-<experiment>.json)")] = None,
     warm_start: Annotated[bool, typer.Option("--warm-start/--cold-start", help="Start from the champion")] = True,
-    poll_seconds: Annotated[float, typer.Option("--poll-seconds", min=0.05)] = 30.0,
+    poll_seconds: Annotated[float, typer.Option("--poll-seconds", min=0.05, help="Seconds between looks at the clock and the data")] = 30.0,
     max_triggers: Annotated[Optional[int], typer.Option("--max-triggers", help="Exit after this many jobs")] = None,
     once: Annotated[bool, typer.Option("--once", help="Look once, then exit")] = False,
     working_dir: WorkingDir = None,

@@ -505,9 +505,17 @@ def _run_sweep(spec: SweepSpec, *, address: str | None, max_concurrent: int | No
         if reused:
             console.print(f"reusing {len(reused)} trial(s) an earlier attempt finished or gave up on; "
                           f"{len(todo)} to run" + (" or evaluate" if evaluate_k else ""))
-        limit = max_concurrent or trials_that_fit(spec)
-        errors = _run_tune(spec, todo, parent_id=parent_id, attempt=attempt, limit=limit, evaluate_k=evaluate_k,
-                           retry_failed=retry_failed) if todo else {}
+        fits = trials_that_fit(spec)
+        if max_concurrent and max_concurrent > fits:
+            console.print(f"[yellow]warning:[/] --max-concurrent {max_concurrent}, but the cluster holds {fits} "
+                          f"trial(s) of {trial_resources(spec)} at once: the others wait for their workers")
+        try:
+            errors = _run_tune(spec, todo, parent_id=parent_id, attempt=attempt, limit=max_concurrent or fits,
+                               evaluate_k=evaluate_k, retry_failed=retry_failed) if todo else {}
+        except BaseException as err:  # the sweep itself broke or was interrupted: the same command continues it
+            why = _root(err) if isinstance(err, Exception) else type(err).__name__
+            end_run(uri, parent_id, failed=True, reason=f"attempt {attempt} stopped: {why}")
+            raise
         outcomes = _outcomes(spec, uri, parent_id, reused, errors, evaluate_k)
         aggregates = aggregates_by_point(outcomes)
         failed = {point: sum(o.outcome == "failed" for o in outcomes if o.trial.point == point)
@@ -556,6 +564,7 @@ def _run_tune(spec: SweepSpec, todo: list[Trial], *, parent_id: str, attempt: in
                                   **ray_storage_kwargs(spec.base.train.storage)),
     )
     grid = tuner.fit()
+    _stop_echoing_worker_logs()
     errors = {}
     for result in grid:
         key = result.config["trial"]["key"]
@@ -564,6 +573,16 @@ def _run_tune(spec: SweepSpec, todo: list[Trial], *, parent_id: str, attempt: in
         elif (result.metrics or {}).get("outcome") == "failed":
             errors[key] = (result.metrics or {}).get("reason") or "failed"
     return errors
+
+
+def _stop_echoing_worker_logs() -> None:
+    """Every trial has ended and said how: what Ray's processes print from here on is the teardown of
+    the trial actors Tune ends (a SIGTERM traceback per cached actor), which reads as a failure on the
+    console. The handler is Ray's own (ray/_private/worker.py), as in `pipeline train`'s shutdown."""
+    from ray._private import worker as ray_worker
+
+    with contextlib.suppress(Exception):
+        ray_worker.global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
 
 
 def _trial_dir_name(trial: Any) -> str:
@@ -611,7 +630,8 @@ def _cell(stats: dict[str, float] | None) -> str:
     if not stats:
         return "-"
     sd = stats.get("sd")
-    return f"{stats['mean']:.2f} ± {sd:.2f} ({int(stats['n'])})" if sd is not None else f"{stats['mean']:.2f} ({int(stats['n'])})"
+    spread = f" ± {sd:.2f}" if sd is not None else ""
+    return f"{stats['mean']:.2f}{spread} ({int(stats['n'])})"
 
 
 def render_summary(result: SweepResult):

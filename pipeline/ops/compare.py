@@ -43,12 +43,14 @@ def run_row(run, champion: str | None) -> dict[str, Any]:
 
 
 def _sweep_label(tags: dict[str, str]) -> str | None:
-    """A `pipeline sweep` parent: its trial counts; a child: its grid point and seed (and if it failed)."""
+    """A `pipeline sweep` parent: its trial count (and how many failed); a trial: its parent (and if it failed)."""
     if tags.get("sweep.role") == "parent":
         failed = tags.get("sweep.trials.failed")
-        return f"parent of {tags.get('sweep.trials', '?')} trials" + (f", {failed} failed" if failed not in (None, "0") else "")
+        return f"parent of {tags.get('sweep.trials', '?')} trials" + (f", {failed} failed" if failed not in (None, "0")
+                                                                      else "")
     if "sweep.trial_key" in tags:
-        return f"trial of {tags['mlflow.parentRunId'][:8]}" + (" (failed)" if tags.get("sweep.outcome") == "failed" else "")
+        failed = " (failed)" if tags.get("sweep.outcome") == "failed" else ""
+        return f"trial of {tags['mlflow.parentRunId'][:8]}{failed}"
     return None
 
 

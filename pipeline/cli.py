@@ -82,6 +82,9 @@ def train(
                            "checkpoint's step on their new shape")
     ] = False,
     trigger: Annotated[str, typer.Option("--trigger", help="Tag the run with what started it: manual, cron, new-data")] = "manual",
+    tracking_uri: Annotated[Optional[str], typer.Option(
+        "--tracking-uri", help="MLflow store (default: the config's tracking.uri, else $MLFLOW_TRACKING_URI, else "
+        "./mlflow.db); with --resume, where the run is looked up")] = None,
     warm_start: Annotated[
         bool, typer.Option("--warm-start", help="Start from the weights of the registered 'champion' (when compatible)")
     ] = False,
@@ -98,6 +101,9 @@ def train(
         _fail("give a CONFIG file, or --resume RUN_ID_OR_NAME", code=2)
     if reschedule and not resume:
         _fail("--reschedule applies to a resumed run (--resume RUN_ID_OR_NAME)", code=2)
+    if tracking_uri:  # beats the config's tracking.uri (an override) and the environment (looked up on --resume)
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        override = [*(override or []), f"tracking.uri={tracking_uri}"]
     try:
         if resume:
             cfg, run_id = resume_config(resume, config_path=config, overrides=override or [], reschedule=reschedule)
@@ -207,7 +213,7 @@ def evaluate(
     ] = 5000,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Inputs per batch")] = 100,
     data_url: Annotated[
-        Optional[str], typer.Option("--data-url", help="Dataset to read (default: the run's dataset.url tag)")
+        Optional[str], typer.Option("--data", help="Dataset to read (default: the run's dataset.url tag)")
     ] = None,
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default as for train)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object")] = False,
@@ -266,7 +272,7 @@ def encode(
 @app.command()
 def decode(
     run_id: Annotated[str, typer.Argument(help="MLflow run id whose model wrote the tokens")],
-    tokens: Annotated[str, typer.Option("--tokens", help="Token dataset written by `pipeline encode`")],
+    tokens: Annotated[str, typer.Option("--data", help="Token dataset written by `pipeline encode`")],
     out: Annotated[str, typer.Option("--out", help="Directory (or fsspec URL) for <key>.png")],
     limit: Annotated[Optional[int], typer.Option("--limit", min=0, help="Render at most N samples")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default as for train)")] = None,

@@ -89,7 +89,7 @@ def data_deformed_mnist(
     source: Annotated[str, typer.Option("--source", help="Directory or URL with the four MNIST idx .gz files")],
     samples: Annotated[int, typer.Option("--samples", min=1, help="Train samples to generate (any number)")],
     out: OutUrl = "data/deformed-mnist",
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel generator processes")] = 1,
+    workers: Annotated[int, typer.Option("--processes", min=1, help="Parallel generator processes")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Deformations are a function of (seed, index)")] = 0,
     samples_per_shard: ShardSize = 5000,
 ) -> None:
@@ -123,7 +123,7 @@ def data_index(
     no_val: Annotated[bool, typer.Option("--no-val", help="Allow a manifest without val (not trainable; encode only)")] = False,
     label: Annotated[str, typer.Option("--label", help="auto (cls when every sample has one), cls, json:FIELD or none")] = "auto",
     image: Annotated[Optional[str], typer.Option("--image", help="Image member when several are present (jpg, png, ...)")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Shards scanned at once (threads)")] = 8,
+    workers: Annotated[int, typer.Option("--threads", min=1, help="Shards scanned at once (threads)")] = 8,
 ) -> None:
     """Adopt existing WebDataset shards (img2dataset, webdataset) without rewriting them: one streaming pass per
     shard for its sha256, bytes, samples and members; the sample contract inferred; a manifest written at --out."""
@@ -165,7 +165,7 @@ def data_images(
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of images for val (0: none)")] = 0.05,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of images for test (0: none)")] = 0.05,
     samples_per_shard: ShardSize = 1000,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel encoder processes")] = 1,
+    workers: Annotated[int, typer.Option("--processes", min=1, help="Parallel encoder processes")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the split and the order (a hash of each path)")] = 0,
 ) -> None:
     """Shard an image folder: decoded with Pillow, RGB (grey when every image is), resized, encoded; split by a

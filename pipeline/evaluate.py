@@ -184,7 +184,7 @@ def open_run(run_id: str, *, tracking_uri: str | None = None, data_url: str | No
         try:
             manifest = read_manifest(url)
         except DataError as err:
-            raise EvaluationError(f"dataset of run {run_id} not readable: {err} (pass --data-url)") from None
+            raise EvaluationError(f"dataset of run {run_id} not readable: {err} (pass --data)") from None
         try:
             target = ImageTarget.from_config(manifest.spec, config.data)
         except ValueError as err:

@@ -68,7 +68,7 @@ def test_resize_center_matches_the_contract_decoder(jpegs):
 def test_image_bench_end_to_end(jpegs, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- bench:data-images:start -->\nold\n<!-- bench:data-images:end -->\ny\n")
-    report = _bench("--source", jpegs, "--image-size", "32", "--processes", "2", "--batch", "8", "--repeats", "1",
+    report = _bench("--source", jpegs, "--image-size", "32", "--processes", "2", "--batch-size", "8", "--repeats", "1",
                     "--shuffle-buffer", "16", "--readme", str(readme))
     assert report["bench"] == "data-images"
     assert set(report["samples_per_s"]) == set(ROWS)
@@ -83,7 +83,7 @@ def test_image_bench_end_to_end(jpegs, tmp_path):
 def test_make_images_option_writes_the_dataset_it_benches(tmp_path):
     out = tmp_path / "made"
     report = _bench("--make-images", "12", "--source", str(out), "--image-size", "32", "--processes", "2",
-                    "--batch", "4", "--repeats", "1", "--no-raydata")
+                    "--batch-size", "4", "--repeats", "1", "--no-raydata")
     assert read_manifest(str(out)).splits["train"].samples == 12
     assert set(report["samples"]) == set(ROWS) - {"raydata"}
     assert set(report["samples"].values()) == {12}

@@ -240,7 +240,7 @@ def test_flat_latent_tokens_are_n_argmaxes_and_reproducible(ray_cluster, digits_
     np.testing.assert_array_equal(np.stack([t for _, t, _ in read]), expected)
     assert read[0][1].shape == (8,) and read[0][1].dtype == np.uint16
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "decode", run_id, "--tokens", str(out), "--out",
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "decode", run_id, "--data", str(out), "--out",
                            str(tmp_path / "png"), "--limit", "3", "--tracking-uri", store],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

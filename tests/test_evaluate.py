@@ -85,9 +85,9 @@ def test_evaluate_missing_dataset_fails_clearly(tmp_path, tracking_uri, digits_d
     run_id = tracking.start_run(config, tracking_uri=tracking_uri, manifest_digest="0" * 64)
     out = CliRunner().invoke(app, ["evaluate", run_id, "--tracking-uri", tracking_uri])
     assert out.exit_code == 1
-    assert "gone" in out.output and "--data-url" in out.output
+    assert "gone" in out.output and "--data)" in out.output
     # With a readable dataset but no weights or model logged, the error says that instead.
-    out = CliRunner().invoke(app, ["evaluate", run_id, "--tracking-uri", tracking_uri, "--data-url", digits_dataset])
+    out = CliRunner().invoke(app, ["evaluate", run_id, "--tracking-uri", tracking_uri, "--data", digits_dataset])
     assert out.exit_code == 1 and "checkpoint/model.pt" in out.output
 
 

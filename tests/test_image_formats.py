@@ -178,7 +178,7 @@ def test_colour_folder_pixel_for_pixel(tmp_path) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["data", "images", "--source", str(tmp_path / "src"), "--out", str(out),
                                       "--resize", "none", "--format", "png", "--val-fraction", "0",
-                                      "--test-fraction", "0", "--workers", "1"])
+                                      "--test-fraction", "0", "--processes", "1"])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(str(out))
     assert manifest.spec.model_dump() == {"image": "png", "channels": 3, "size": [H, W], "label": "cls",

@@ -145,7 +145,7 @@ def test_killed_cli_run_resumes(tmp_path) -> None:
     src = tmp_path / "src"
     write_image_folder(src, classes=("a", "b"), per_class=200, formats=("jpg",))  # ~100 shards: still running at the kill
     args = [sys.executable, "-m", "pipeline", "data", "images", "--source", str(src), "--out", str(tmp_path / "out"),
-            "--size", "32", "--samples-per-shard", "4", "--workers", "2"]  # spawned workers must die with it
+            "--size", "32", "--samples-per-shard", "4", "--processes", "2"]  # spawned workers must die with it
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = tmp_path / "out" / PROGRESS_DIR
     deadline = time.monotonic() + 120

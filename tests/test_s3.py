@@ -94,12 +94,12 @@ def test_unreachable_dataset_fails_before_workers(s3_ray, tracking_uri) -> None:
 def test_deformed_mnist_writes_to_s3_in_parallel(s3_ray, mnist_dir) -> None:
     url = f"s3://{BUCKET}/deformed"
     proc = cli("data", "deformed-mnist", "--source", str(mnist_dir), "--samples", "1200", "--out", url,
-               "--workers", "2", "--samples-per-shard", "5000")
+               "--processes", "2", "--samples-per-shard", "5000")
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = read_manifest(url)
     assert [manifest.splits[s].samples for s in ("train", "val", "test")] == [1200, 10_000, 10_000]
     again = cli("data", "deformed-mnist", "--source", str(mnist_dir), "--samples", "1200", "--out", url,
-                "--workers", "2", "--samples-per-shard", "5000")
+                "--processes", "2", "--samples-per-shard", "5000")
     assert again.returncode == 0 and "wrote 0 shards, reused 5 finished" in " ".join(again.stderr.split())
     assert read_manifest(url).digest() == manifest.digest()
     # what the two worker processes wrote is the deterministic function of (seed, index)

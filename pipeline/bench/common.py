@@ -1,7 +1,7 @@
 """Shared by `pipeline bench data` and `pipeline bench train`: the dataset, the machine, the README table.
 
 A bench's dataset is either an existing shard dataset (a folder or URL with manifest.json),
-MNIST idx files (a folder; default ../shared/data/mnist, first ``samples`` train images),
+MNIST idx files (a folder; default $PIPELINE_MNIST_DIR when set, first ``samples`` train images),
 or ``digits`` (sklearn's bundled 8x8 digits: the small-data mode the tests use). Shards are
 written with `pipeline.data.write_shards`, exactly as `pipeline data ...` writes them.
 """
@@ -22,7 +22,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist"
+MNIST_DIR_ENV = "PIPELINE_MNIST_DIR"  # a folder of MNIST's four idx files, when the machine has one
 README = REPO / "README.md"
 
 
@@ -35,8 +35,15 @@ ReadmeOption = Annotated[Optional[str], typer.Option("--readme", help="Also writ
                                                      "its <!-- bench:NAME:start/end --> markers")]
 
 
+def default_mnist() -> str | None:
+    """$PIPELINE_MNIST_DIR when it holds MNIST's idx files, else None."""
+    folder = os.environ.get(MNIST_DIR_ENV)
+    return folder if folder and (Path(folder) / "train-images-idx3-ubyte.gz").exists() else None
+
+
 def default_source() -> str:
-    return str(DEFAULT_MNIST) if (DEFAULT_MNIST / "train-images-idx3-ubyte.gz").exists() else "digits"
+    """MNIST from $PIPELINE_MNIST_DIR, else the bundled digits."""
+    return default_mnist() or "digits"
 
 
 def prepare_dataset(source: str, work: Path, samples: int, samples_per_shard: int = 5000) -> tuple[str, str]:

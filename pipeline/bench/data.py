@@ -231,7 +231,7 @@ def data_markdown(report: dict[str, Any], command: str) -> str:
 def bench_data(
     source: SourceOption = "",
     samples: SamplesOption = 50_000,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Samples per batch, for every reader")] = 100,
+    batch: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per batch, for every reader")] = 100,
     shuffle_buffer: Annotated[int, typer.Option("--shuffle-buffer", min=0, help="The loader's shuffle buffer (samples; 0: none)")] = 1000,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved runs per reader; medians reported")] = 3,
     raydata: Annotated[bool, typer.Option("--raydata/--no-raydata", help="Include Ray Data read_webdataset")] = True,
@@ -264,7 +264,7 @@ def bench_data(
             url, _ = prepare_dataset(source or default_source(), Path(tmp), samples)
         if read_manifest(url).spec.image != "npy":
             if batch % processes:
-                raise typer.BadParameter(f"--batch {batch} must be a multiple of --processes {processes}")
+                raise typer.BadParameter(f"--batch-size {batch} must be a multiple of --processes {processes}")
             report = run_image_bench(url, side=image_size, processes=processes, batch=batch,
                                      shuffle_buffer=shuffle_buffer, repeats=repeats, raydata=raydata)
             markdown, section = images_markdown(report, command), "data-images"

@@ -30,8 +30,6 @@ import typer
 from pipeline.bench import bench_app
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist"
-
 
 def peak_rss_bytes(pid: int | str = "self") -> int:
     """Peak resident set size (VmHWM) of a live Linux process, in bytes; 0 if it is gone."""
@@ -139,7 +137,8 @@ def bench_memory(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Train samples at 1x")] = 10_000,
     scale: Annotated[int, typer.Option("--scale", min=2, help="The large run has this many times the data")] = 10,
     mode: Annotated[str, typer.Option("--mode", help="train: pipeline train on Ray; stream: the data path alone")] = "train",
-    source: Annotated[str, typer.Option("--source", help="MNIST idx folder for the deformed-MNIST generator")] = str(DEFAULT_MNIST),
+    source: Annotated[Optional[str], typer.Option("--source", help="MNIST idx folder for the deformed-MNIST generator "
+                                                  "(default: $PIPELINE_MNIST_DIR)")] = None,
     config: Annotated[str, typer.Option("--config", help="Training config (mode train)")] = str(REPO / "configs" / "mnist-categorical.yaml"),
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers, and generator processes")] = 2,
     samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", min=1, help="Samples per shard of the datasets it writes")] = 1000,
@@ -150,6 +149,11 @@ def bench_memory(
     """Peak RSS of the driver and of each worker at 1x vs SCALE x the data (JSON on stdout; exit 1 if not flat)."""
     if mode not in ("train", "stream"):
         raise typer.BadParameter("--mode must be train or stream")
+    from pipeline.bench.common import MNIST_DIR_ENV, default_mnist
+
+    source = source or default_mnist()
+    if not source:
+        raise typer.BadParameter(f"give --source MNIST_DIR (a folder of MNIST's idx files) or set ${MNIST_DIR_ENV}")
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         work = Path(work_dir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)

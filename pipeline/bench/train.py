@@ -382,7 +382,7 @@ def bench_train(
         "--config", help="Model/train config, e.g. configs/images-dvae.yaml (default: mnist-categorical, "
         "or digits-categorical for digits)")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs of each Ray run (the plain loop runs as many steps)")] = 1,
-    batch: Annotated[Optional[int], typer.Option("--batch", min=2, help="Global batch (default: the config's)")] = None,
+    batch: Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Global batch (default: the config's)")] = None,
     override: Annotated[Optional[list[str]], typer.Option(
         "--override", "-o", help="Extra config override; -o data.url=DATASET is the same as --source DATASET")] = None,
     as_json: JsonOption = False,

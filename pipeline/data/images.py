@@ -264,7 +264,7 @@ def shard_images(source: str, out_url: str, *, size: int | None = None, resize: 
     if resize == "none":
         size = None
     if size is not None and size < 1 or samples_per_shard < 1 or workers < 1 or not 1 <= quality <= 100:
-        raise DataError("--size, --samples-per-shard and --workers must be >= 1, --quality in 1..100")
+        raise DataError("--size, --samples-per-shard and --processes must be >= 1, --quality in 1..100")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1):
         raise DataError("--val-fraction and --test-fraction must lie in [0, 1)")
     if workers > 1 and any(url.startswith("memory://") for url in (source, out_url)):

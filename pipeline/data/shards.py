@@ -320,15 +320,16 @@ def manifest_location(url: str) -> tuple[str, str]:
     return url, f"{url}/{MANIFEST_NAME}"
 
 
-def read_manifest(url: str) -> Manifest:
-    """Load the manifest of the dataset at ``url`` (its folder, or the manifest.json itself)."""
+def read_manifest(url: str, on_retry: Callable[[BaseException], None] | None = None) -> Manifest:
+    """Load the manifest of the dataset at ``url`` (its folder, or the manifest.json itself); transient
+    errors are retried (3 times), each retry told to ``on_retry`` (a worker's `ReadStats.count_retry`)."""
     _, path = manifest_location(url)
     from pipeline.data.remote import retrying_transient
     from pipeline.retry import RetryPolicy
 
     try:
         fs, fs_path = fsspec.core.url_to_fs(path)
-        raw = retrying_transient(RetryPolicy(retries=3))(fs.cat_file, fs_path)
+        raw = retrying_transient(RetryPolicy(retries=3), on_retry)(fs.cat_file, fs_path)
     except FileNotFoundError:
         raise DataError(
             f"no {MANIFEST_NAME} at {path} — create one with `pipeline data digits --out {manifest_location(url)[0]}`"

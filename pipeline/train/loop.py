@@ -97,10 +97,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
 
     options = ReadOptions.from_config(cfg.data)  # retries, cache, on_corrupt
-    manifest = read_manifest(args.dataset_url)
+    read_stats = ReadStats()  # this worker's reads (the manifest's too): skips, retries, cache use
+    manifest = read_manifest(args.dataset_url, on_retry=read_stats.count_retry)
     target = ImageTarget.from_config(manifest.spec, cfg.data)  # what the model is fed: [C, H, W]
     decoder = SampleDecoder(manifest.spec, target, cfg.data.decode_workers)
-    reader = ShardReader(options, decoder)  # this worker's reads, counted in reader.stats
+    reader = ShardReader(options, decoder, stats=read_stats)
     model = build_vae(cfg.model, image_shape=target.shape, binarize=cfg.data.binarize)
     optimizer = build_optimizer(model, cfg.train)
     position, partitions = Position(), cfg.partitions

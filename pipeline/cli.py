@@ -83,7 +83,7 @@ def train(
     ] = False,
     trigger: Annotated[str, typer.Option("--trigger", help="Tag the run with what started it: manual, cron, new-data")] = "manual",
     tracking_uri: Annotated[Optional[str], typer.Option(
-        "--tracking-uri", help="MLflow store (default: the config's tracking.uri, else $MLFLOW_TRACKING_URI, else "
+        "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the config's tracking.uri, else "
         "./mlflow.db); with --resume, where the run is looked up")] = None,
     warm_start: Annotated[
         bool, typer.Option("--warm-start", help="Start from the weights of the registered 'champion' (when compatible)")
@@ -101,9 +101,8 @@ def train(
         _fail("give a CONFIG file, or --resume RUN_ID_OR_NAME", code=2)
     if reschedule and not resume:
         _fail("--reschedule applies to a resumed run (--resume RUN_ID_OR_NAME)", code=2)
-    if tracking_uri:  # beats the config's tracking.uri (an override) and the environment (looked up on --resume)
+    if tracking_uri:  # flag > $MLFLOW_TRACKING_URI > the config's tracking.uri > ./mlflow.db, here as everywhere
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        override = [*(override or []), f"tracking.uri={tracking_uri}"]
     try:
         if resume:
             cfg, run_id = resume_config(resume, config_path=config, overrides=override or [], reschedule=reschedule)
@@ -315,8 +314,8 @@ def sweep(
         Optional[str], typer.Option("--address", help="Ray cluster to use (default $RAY_ADDRESS, else a local cluster)")
     ] = None,
     tracking_uri: Annotated[
-        Optional[str], typer.Option("--tracking-uri", help="MLflow store (default: tracking.uri, $MLFLOW_TRACKING_URI, "
-                                    "else ./mlflow.db)")
+        Optional[str], typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the "
+                                    "config's tracking.uri, else ./mlflow.db)")
     ] = None,
     evaluate: Annotated[
         bool, typer.Option("--evaluate", help="After training, evaluate every trial once on the test split "

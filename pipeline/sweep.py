@@ -218,7 +218,7 @@ def build_spec(config_path: str, overrides: list[str], seeds: list[int], grid: l
 
         config.data.url = _absolute(config.data.url)
         config.train.storage = _absolute(config.train.storage or "ray_results")
-        config.tracking.uri = resolve_tracking_uri(tracking_uri or config.tracking.uri)
+        config.tracking.uri = resolve_tracking_uri(tracking_uri, config=config.tracking.uri)
         return config
 
     base = _normalized(load_config(config_path, overrides))

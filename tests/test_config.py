@@ -107,3 +107,18 @@ def test_worker_range_makes_training_elastic_with_a_partition_count_every_size_d
         load_config(DEFAULT, ["train.workers=2..4", "train.batch_size=64"])  # 3 workers cannot split 64
     with pytest.raises(ConfigError, match="every worker count in train.workers=1..2"):
         load_config(DEFAULT, ["train.workers=1..2", "data.partitions=1"])
+
+
+def test_tracking_store_precedence_is_flag_environment_config_default(tmp_path, monkeypatch) -> None:
+    """One rule for every command: --tracking-uri > $MLFLOW_TRACKING_URI > the config's tracking.uri >
+    ./mlflow.db (absolute, for workers in other directories)."""
+    from pipeline.train.tracking import resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_tracking_uri(config="http://config:5000") == "http://config:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri(config="http://config:5000") == "http://env:5000"
+    assert resolve_tracking_uri("http://flag:5000", config="http://config:5000") == "http://flag:5000"
+    assert resolve_tracking_uri("sqlite:///runs.db") == f"sqlite:///{tmp_path / 'runs.db'}"

@@ -34,7 +34,7 @@ def prepare_run(config: RunConfig, *, warm_start: bool = False) -> RunConfig:
     if config.tracking.run_name is None:
         config.tracking.run_name = default_run_name(config)
     if warm_start and config.train.init_from is None:
-        uri = resolve_tracking_uri(config.tracking.uri)
+        uri = resolve_tracking_uri(config=config.tracking.uri)
         champion = tracking.model_version_by_alias(uri, model_name(config), registry.CHAMPION)
         if champion is None:
             console.print(f"warm start: no '{registry.CHAMPION}' of model '{model_name(config)}' yet; training from scratch")

@@ -34,13 +34,15 @@ MODEL_NAME = "model"  # the LoggedModel every training run logs
 TOKENIZER_MODEL_CODE = Path(pipeline.__file__).resolve().parent / "tokens" / "serving.py"
 
 
-def resolve_tracking_uri(configured: str | None = None) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else a sqlite file in the working directory.
+def resolve_tracking_uri(flag: str | None = None, *, config: str | None = None) -> str:
+    """The MLflow store, by the one precedence every command follows: the command's ``--tracking-uri``
+    (``flag``), else $MLFLOW_TRACKING_URI, else the config's ``tracking.uri`` (``config``), else a
+    sqlite file in the working directory.
 
     Relative sqlite paths are made absolute here, on the driver, because Ray workers
     do not share the driver's working directory.
     """
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or config or f"sqlite:///{DEFAULT_STORE}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     elif "://" not in uri:  # a bare directory means a file store

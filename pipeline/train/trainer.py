@@ -136,7 +136,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     if layout_warning:
         console.print(f"[yellow]warning:[/] {layout_warning}")
     _tune_ray_train_env()
-    tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
+    tracking_uri = tracking.resolve_tracking_uri(config=config.tracking.uri)
     storage = absolute_url(config.train.storage or "ray_results")
     # Ray first: a cluster that cannot take this run refuses it before an MLflow run exists.
     with console.status("starting Ray"):
@@ -221,7 +221,7 @@ def resume_config(run: str, *, config_path: str | None, overrides: list[str],
     from pipeline.train.schedules import schedule_changes
 
     base = load_config(config_path, overrides) if config_path else None
-    tracking_uri = tracking.resolve_tracking_uri(base.tracking.uri if base else None)
+    tracking_uri = tracking.resolve_tracking_uri(config=base.tracking.uri if base else None)
     try:
         found = tracking.find_run(tracking_uri, run, base.tracking.experiment if base else None)
     except LookupError as err:

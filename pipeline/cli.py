@@ -381,6 +381,10 @@ from pipeline.ops.commands import register as _register_ops_commands  # noqa: E4
 
 _register_ops_commands(app)  # submit, jobs list|logs|stop, schedule, promote, compare (pipeline/ops/)
 
+from pipeline.docs import docs_command  # noqa: E402
+
+app.command("docs")(docs_command)  # docs/reference/config.md and cli.md, generated from the code
+
 
 def _with_exit_codes(typer_app: typer.Typer) -> None:
     """Give every command and command group of ``typer_app`` the exit codes as its help epilog."""

@@ -398,7 +398,40 @@ def _with_exit_codes(typer_app: typer.Typer) -> None:
 _with_exit_codes(app)
 
 
+# Flags renamed so that each name means one thing everywhere; the old names still work, with a notice.
+RENAMED_FLAGS = {
+    ("data", "images"): {"--workers": "--processes"},
+    ("data", "deformed-mnist"): {"--workers": "--processes"},
+    ("data", "index"): {"--workers": "--threads"},
+    ("evaluate",): {"--data-url": "--data"},
+    ("decode",): {"--tokens": "--data"},
+    ("bench", "data"): {"--batch": "--batch-size"},
+    ("bench", "train"): {"--batch": "--batch-size"},
+}
+
+
+def renamed_flags(argv: list[str], warn=lambda old, new: None) -> list[str]:
+    """``argv`` (after the program name) with deprecated flag names of its command replaced by the
+    current ones (``--old VALUE`` and ``--old=VALUE``); ``warn(old, new)`` is told of each."""
+    for path, renames in RENAMED_FLAGS.items():
+        if tuple(argv[: len(path)]) != path:
+            continue
+        out = list(argv[: len(path)])
+        for arg in argv[len(path):]:
+            name, eq, value = arg.partition("=")
+            if name in renames:
+                warn(name, renames[name])
+                arg = renames[name] + eq + value
+            out.append(arg)
+        return out
+    return list(argv)
+
+
 def main() -> None:
+    def warn(old: str, new: str) -> None:
+        console.print(f"[yellow]warning:[/] {old} is deprecated here: use {new}")
+
+    sys.argv[1:] = renamed_flags(sys.argv[1:], warn)
     app()
 
 

@@ -52,3 +52,34 @@ def test_version_and_completion() -> None:
     options = {opt for param in ROOT.params for opt in param.opts}
     assert {"--version", "--install-completion", "--show-completion", "-h", "--help"} <= options | {"-h", "--help"}
     assert ROOT.context_settings["help_option_names"] == ["-h", "--help"]
+
+
+def test_renamed_flags_still_work_with_a_notice() -> None:
+    """Old names of renamed flags keep working for scripts: rewritten to the current name, each with a notice."""
+    from pipeline.cli import RENAMED_FLAGS, renamed_flags
+
+    told = []
+    argv = ["data", "images", "--source", "x", "--workers", "4", "--out=y"]
+    assert renamed_flags(argv, lambda old, new: told.append((old, new))) == [
+        "data", "images", "--source", "x", "--processes", "4", "--out=y"]
+    assert renamed_flags(["evaluate", "RUN", "--data-url=s3://b/d"], lambda *a: told.append(a)) == [
+        "evaluate", "RUN", "--data=s3://b/d"]
+    assert told == [("--workers", "--processes"), ("--data-url", "--data")]
+    # only within the command that renamed it: plan's --workers are Ray workers and stay
+    assert renamed_flags(["plan", "--workers", "64"]) == ["plan", "--workers", "64"]
+    # every new name exists on its command, every old one is gone from it
+    for path, renames in RENAMED_FLAGS.items():
+        command = dict(COMMANDS)[path]
+        options = {opt for param in command.params for opt in param.opts}
+        assert set(renames.values()) <= options and not set(renames) & options, path
+
+
+def test_the_command_line_applies_the_renames(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "data", "images", "--source", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "out"), "--workers", "2"], capture_output=True, text=True, timeout=120)
+    text = " ".join(proc.stderr.split())
+    assert "warning: --workers is deprecated here: use --processes" in text
+    assert "No such option" not in text and proc.returncode == 1, text  # the folder is missing, the flag was fine

@@ -23,6 +23,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    """Where the samples come from and how each is read, decoded and shuffled."""
+
     url: str = Field(description="Directory or fsspec URL holding manifest.json and the shards")
     binarize: Literal["dynamic", "threshold", "none"] = Field(
         "dynamic",
@@ -46,7 +48,7 @@ class DataConfig(_Section):
     on_corrupt: Literal["error", "skip"] = Field(
         "error", description="A damaged sample or shard: error (stop, naming the shard) or skip it (counted, logged)"
     )
-    cache_dir: str | None = Field(None, description="Local folder caching remote shards across epochs (None: no cache)")
+    cache_dir: str | None = Field(None, description="Local folder caching remote shards across epochs (null: no cache)")
     cache_max_bytes: int = Field(10 * 2**30, ge=0, description="Size limit of cache_dir; least recently used evicted")
     read_retries: int = Field(5, ge=0, description="Retries of a transient read error (reset, timeout, 5xx) per request")
     retry_backoff_s: float = Field(0.2, ge=0, description="First retry's backoff; doubles per retry (max 5 s), jittered")
@@ -69,7 +71,12 @@ class DataConfig(_Section):
 
 
 class LatentConfig(_Section):
-    kind: Literal["categorical", "gaussian", "mixture"] = "categorical"
+    """The latent variables z: their kind, size, prior and KL, and the Gumbel-Softmax temperature schedule."""
+
+    kind: Literal["categorical", "gaussian", "mixture"] = Field(
+        "categorical", description="categorical: N variables of K classes (Gumbel-Softmax); gaussian: a diagonal "
+        "Gaussian z; mixture: a categorical y of K components and a Gaussian z given y (GMVAE)"
+    )
     variables: int = Field(
         20, ge=1, description="Categorical: number of variables N. Gaussian and mixture: latent dimension of z"
     )
@@ -115,6 +122,8 @@ class LatentConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The encoder and decoder: architecture, widths and the likelihood p(x|z)."""
+
     arch: Literal["mlp", "conv", "resnet"] = Field(
         "mlp", description="mlp: fully connected; conv: conv stack, then the hidden widths; resnet: residual "
         "encoder/decoder producing a grid latent of (H/f)x(W/f) categorical variables (latent.variables is derived)"
@@ -142,7 +151,7 @@ class ModelConfig(_Section):
         0.0, ge=0.0, description="resnet: weight of the code entropy term N * (H(q) per position - H(q pooled "
         "over the batch)) added to the loss: confident positions spread over the whole codebook (MAGVIT-v2)"
     )
-    latent: LatentConfig = Field(default_factory=LatentConfig)
+    latent: LatentConfig = Field(default_factory=LatentConfig, description="The latent variables (model.latent.*)")
 
     @model_validator(mode="after")
     def _positive_widths(self) -> "ModelConfig":
@@ -169,17 +178,21 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(10, ge=1)
+    """Ray Train workers, optimizer and schedules, checkpoints and fault tolerance."""
+
+    epochs: int = Field(10, ge=1, description="Passes over the train split")
     batch_size: int = Field(100, ge=1, description="Global batch: split evenly across train.workers")
     workers: int = Field(
         2, ge=1, description="Ray Train workers (DDP ranks). A range MIN..MAX (e.g. 1..4) trains elastically: "
         "it starts with what the cluster can place and, after losing a node, goes on with fewer (at least MIN)"
     )
     min_workers: int | None = Field(
-        None, ge=1, description="Elastic training's lower bound (set by train.workers=MIN..MAX; None: fixed size)"
+        None, ge=1, description="Elastic training's lower bound (set by train.workers=MIN..MAX; null: fixed size)"
     )
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = False
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves for each worker; also its torch threads (the integer part, at least 1)"
+    )
+    use_gpu: bool = Field(False, description="One GPU per worker (Ray Train's use_gpu)")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (the schedule's start, after any warm-up)")
     lr_schedule: Literal["constant", "exponential", "cosine"] = Field(
         "constant", description="constant; exponential: lr * lr_decay_rate^(step // lr_decay_every) (Jang's "
@@ -195,11 +208,11 @@ class TrainConfig(_Section):
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr over this many steps")
     lr_min: float = Field(0.0, ge=0, description="Floor of the exponential and cosine schedules")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="adam (weight_decay = L2) or adamw (decoupled)")
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this (None: off)")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay of the optimizer (see optimizer; 0: none)")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this (null: off)")
     ema: float | None = Field(
         None, gt=0, lt=1, description="Decay of an exponential moving average of the weights, used for validation "
-        "and the logged model (None: off)"
+        "and the logged model (null: off)"
     )
     kl_weight: float = Field(1.0, ge=0, description="beta in loss = recon + beta * KL (after the warm-up)")
     kl_warmup_steps: int = Field(0, ge=0, description="beta rises from 0 to kl_weight over this many steps")
@@ -209,7 +222,7 @@ class TrainConfig(_Section):
         "kl_y_anneal_steps (deterministic annealing against the collapse onto one component)"
     )
     kl_y_anneal_steps: int = Field(0, ge=0, description="Mixture: steps of the KL(y) annealing (0: off, the plain ELBO)")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the initial weights, shard order, shuffling, dynamic binarization and sampling noise")
     log_every: int = Field(20, ge=1, description="Log train/* metrics every this many steps")
     storage: str | None = Field(None, description="Ray Train storage_path for checkpoints (default: ./ray_results)")
     init_from: str | None = Field(None, description="Warm start: initial weights from a logged model (models:/NAME/VERSION, runs:/ID/model)")
@@ -271,9 +284,12 @@ class TrainConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    experiment: str = "pipeline"
+    """Where the run is recorded in MLflow, and whether its model is registered."""
+
+    experiment: str = Field("pipeline", description="MLflow experiment the run is logged under")
     uri: str | None = Field(
-        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd"
+        None, description="MLflow tracking URI, used unless --tracking-uri or $MLFLOW_TRACKING_URI is given "
+        "(null: sqlite:///mlflow.db in the working directory)"
     )
     run_name: str | None = Field(None, description="MLflow run name; default <dataset>-<latent>-<UTC time>")
     register_model: bool = Field(True, description="Register the model and decide on the 'champion' alias after training")

@@ -185,3 +185,114 @@ def data_images(
     counts = ", ".join(f"{name} {info.samples}" for name, info in splits.items())
     labels = f"{len(classes)} classes (classes.json)" if classes else "no labels"
     console.print(f"wrote {shards - reused} shards, reused {reused} finished ({counts}; {labels}) + manifest.json to {out}")
+
+
+@data_app.command("show")
+def data_show(
+    dataset: Annotated[str, typer.Argument(help="Dataset: a folder or fsspec URL with manifest.json")],
+    split: Annotated[str, typer.Option("--split", help="Split the samples of the grid come from")] = "val",
+    out: Annotated[Optional[str], typer.Option("--out", help="Write a PNG grid of the split's first samples, "
+                                                             "decoded as training decodes them for validation")] = None,
+    count: Annotated[int, typer.Option("--count", min=1, max=1024, help="Samples in the grid")] = 64,
+    config: Annotated[Optional[str], typer.Option("--config", help="A training config whose data section (image_size, "
+                                                                   "channels, resize) says how samples are decoded "
+                                                                   "(default: as stored)")] = None,
+    override: Annotated[Optional[list[str]], typer.Option("--override", "-o", help="Config override, as for train "
+                                                                                   "(e.g. -o data.image_size=[32,32])")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
+) -> None:
+    """Look at a dataset: its splits (samples, shards, bytes), its sample contract and source, and with --out a grid of
+    its samples exactly as the model would be fed them (validation's center crops, the config's size and channels)."""
+    import json
+
+    from pipeline.data import DataError, read_manifest
+
+    try:
+        manifest = read_manifest(dataset)
+    except DataError as err:
+        _fail(str(err))
+    summary = _dataset_summary(manifest)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for line in _summary_lines(dataset, summary):
+            console.print(line, highlight=False)
+    if out:
+        if manifest.tokens is not None:
+            _fail(f"{dataset} holds tokens, not images: `pipeline decode RUN --data {dataset}` renders them", code=2)
+        if split not in manifest.splits:
+            _fail(f"{dataset} has no split {split!r} (it has {', '.join(manifest.splits)})", code=2)
+        from pipeline.config import ConfigError
+
+        try:
+            grid = _sample_grid(manifest, dataset, split, count, config, override or [])
+        except ConfigError as err:
+            _fail(str(err), code=2)
+        except (DataError, ValueError) as err:
+            _fail(str(err))
+        grid.save(out)
+        console.print(f"wrote {out}: the first {min(count, manifest.splits[split].samples)} {split} samples")
+
+
+def _dataset_summary(manifest) -> dict:
+    splits = {name: {"samples": info.samples, "shards": len(info.shards), "bytes": sum(s.bytes for s in info.shards)}
+              for name, info in manifest.splits.items()}
+    summary = {"format_version": manifest.format_version, "source": manifest.source, "created": manifest.created,
+               "digest": manifest.digest(), "splits": splits}
+    if manifest.tokens is not None:
+        summary["tokens"] = manifest.tokens.model_dump()
+    else:
+        summary["sample"] = manifest.spec.model_dump()
+    return summary
+
+
+def _summary_lines(dataset: str, summary: dict) -> list[str]:
+    lines = [f"{dataset}: format {summary['format_version']}, from {summary['source']}, created {summary['created']}",
+             f"digest (dataset.manifest_sha256 of runs trained on it): {summary['digest']}"]
+    for name, info in summary["splits"].items():
+        lines.append(f"  {name:<6} {info['samples']:>12,} samples  {info['shards']:>6,} shards  "
+                     f"{info['bytes'] / 1e6:>12,.1f} MB")
+    if "sample" in summary:
+        spec = summary["sample"]
+        size = "x".join(map(str, spec["size"])) if spec["size"] else "varies"
+        lines.append(f"sample: image .{spec['image']}, {spec['channels']} channel(s), size {size}, "
+                     f"label {spec['label'] or 'none'}, compression {spec['compression']}")
+    else:
+        lines.append(f"tokens: {summary['tokens']}")
+    return lines
+
+
+def _sample_grid(manifest, url: str, split: str, count: int, config: str | None, overrides: list[str]):
+    """The first ``count`` samples of ``split`` as `eval_batches` feeds validation, tiled into one image."""
+    from pipeline.config import DataConfig, load_config
+    from pipeline.data import eval_batches
+    from pipeline.data.contract import ImageTarget, SampleDecoder
+    from pipeline.data.reader import ReadOptions
+    from pipeline.train.artifacts import image_grid
+
+    data = load_config(config, overrides).data if config else DataConfig(url=url, **_data_overrides(overrides))
+    target = ImageTarget.from_config(manifest.spec, data)
+    decoder = SampleDecoder(manifest.spec, target, data.decode_workers)
+    batches = eval_batches(manifest, url, split=split, rank=0, world_size=1, batch_size=min(count, 256),
+                           options=ReadOptions.from_config(data), decoder=decoder)
+    images = []
+    for x, _ in batches:
+        images.append(x.numpy())
+        if sum(len(i) for i in images) >= count:
+            break
+    import numpy as np
+
+    pixels = np.concatenate(images)[:count].astype(np.float32) / 255.0
+    return image_grid(pixels, columns=min(16, len(pixels)), scale=max(1, 128 // max(target.size)))
+
+
+def _data_overrides(overrides: list[str]) -> dict:
+    """``data.*`` overrides without a config file (e.g. -o data.image_size=[32,32])."""
+    from pipeline.config import ConfigError, apply_override
+
+    tree: dict = {}
+    for assignment in overrides:
+        if not assignment.startswith("data."):
+            raise ConfigError(f"without --config only data.* overrides apply, got {assignment!r}")
+        apply_override(tree, assignment)
+    return tree.get("data", {})

@@ -6,6 +6,7 @@ names the key and lists the allowed ones instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -379,7 +380,7 @@ def _section_at(path: tuple) -> type[BaseModel] | None:
 
 
 def parse_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    tree = dict(tree)
+    tree = copy.deepcopy(tree)  # overrides edit nested sections: the caller's tree stays as it was
     for assignment in overrides:
         apply_override(tree, assignment)
     try:
@@ -389,16 +390,40 @@ def parse_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A YAML config file (after its ``base:`` chain, if any) plus dotted overrides, validated."""
     path = Path(path)
+    tree = read_config_tree(path)
+    try:
+        return parse_config(tree, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def read_config_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping a config file describes. A file may name ``base: other.yaml`` (relative to its own
+    folder): the base is read first and this file's keys override it, section by section (a list or
+    a scalar replaces the base's value; a mapping merges into it)."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (the base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: base configs form a cycle: {' -> '.join(map(str, (*chain, path.resolve())))}")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections (data, model, train, tracking)")
-    try:
-        return parse_config(tree, overrides)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must name another config file, got {base!r}")
+    return _merged(read_config_tree(path.parent / base, (*chain, path.resolve())), tree)
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -122,3 +122,42 @@ def test_tracking_store_precedence_is_flag_environment_config_default(tmp_path, 
     assert resolve_tracking_uri(config="http://config:5000") == "http://env:5000"
     assert resolve_tracking_uri("http://flag:5000", config="http://config:5000") == "http://flag:5000"
     assert resolve_tracking_uri("sqlite:///runs.db") == f"sqlite:///{tmp_path / 'runs.db'}"
+
+
+def test_a_config_names_its_base_and_overrides_a_few_keys(tmp_path) -> None:
+    """`base: other.yaml` (relative to the file): the base's tree, this file's keys on top (a mapping merges, a list
+    or scalar replaces); unknown keys are still refused by name; cycles and missing bases are named."""
+    import subprocess
+    import sys
+
+    from pipeline.config import load_config
+
+    (tmp_path / "parent.yaml").write_text("data: {url: d, image_size: [32, 32]}\nmodel: {hidden: [8, 4], latent: {categories: 7}}\n"
+                                          "train: {epochs: 3, lr: 0.01}\n")
+    (tmp_path / "variants").mkdir()
+    (tmp_path / "variants" / "child.yaml").write_text("base: ../parent.yaml\nmodel: {hidden: [16], latent: {variables: 5}}\n"
+                                                      "train: {epochs: 9}\n")
+    cfg = load_config(tmp_path / "variants" / "child.yaml", ["train.lr=0.5"])
+    assert cfg.model.hidden == [16] and cfg.model.latent.categories == 7 and cfg.model.latent.variables == 5
+    assert cfg.train.epochs == 9 and cfg.train.lr == 0.5 and cfg.data.image_size == [32, 32]
+
+    (tmp_path / "typo.yaml").write_text("base: parent.yaml\ntrain: {epoch: 9}\n")
+    with pytest.raises(ConfigError, match="train.epoch"):
+        load_config(tmp_path / "typo.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"gone.yaml \(the base of"):
+        load_config(tmp_path / "orphan.yaml")
+
+    shown = subprocess.run([sys.executable, "-m", "pipeline", "config", str(tmp_path / "variants" / "child.yaml")],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "base" not in shown.stdout and "categories: 7" in shown.stdout, shown.stderr
+
+
+def test_overrides_leave_the_callers_tree_alone() -> None:
+    tree = {"data": {"url": "x"}, "train": {"epochs": 2}}
+    assert parse_config(tree, ["train.epochs=5"]).train.epochs == 5
+    assert tree == {"data": {"url": "x"}, "train": {"epochs": 2}}

@@ -368,6 +368,30 @@ def sweep(
     raise typer.Exit(0 if result.failed == 0 else 3 if result.finished else 1)
 
 
+@app.command("export")
+def export(
+    model: Annotated[str, typer.Argument(help="Run id, runs:/RUN_ID/model, models:/NAME@ALIAS or models:/NAME/VERSION")],
+    out: Annotated[str, typer.Option("--out", help="Folder to write (new or empty)")],
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default: "
+                                                        "$MLFLOW_TRACKING_URI, else ./mlflow.db)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what the model takes and gives as JSON")] = False,
+) -> None:
+    """Write a trained model into a folder that loads without MLflow: config.yaml, model.safetensors (weights
+    only), model.json and a README of its inputs and outputs. `Tokenizer.load(FOLDER)` loads a grid model from it."""
+    import json
+
+    from pipeline.export import ExportError, export_model
+    from pipeline.ops.tracking import ModelLoadError
+
+    try:
+        meta = export_model(model, out, tracking_uri=tracking_uri)
+    except (ExportError, ModelLoadError) as err:
+        _fail(str(err))
+    if as_json:
+        print(json.dumps(meta, indent=2))
+    console.print(f"exported {meta['arch']} model of run {meta['run_id']} to {out}")
+
+
 @app.command("config")
 def show_config(config: Annotated[str, typer.Argument(help="YAML config, e.g. configs/images-dvae.yaml")],
                 override: Overrides = None) -> None:

@@ -257,3 +257,26 @@ def test_import_pipeline_stays_light() -> None:
             "from pipeline import Tokenizer; assert 'torch' in sys.modules; print(Tokenizer.__name__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "Tokenizer", proc.stderr[-2000:]
+
+
+def test_an_exported_folder_tokenizes_without_mlflow(trained, images, tokenizer, tmp_path) -> None:
+    """`pipeline export` writes config.yaml + model.safetensors + model.json + README.md; a fresh process in
+    which MLflow cannot be imported loads it with `Tokenizer.load(FOLDER)` and gives the same codes."""
+    folder = tmp_path / "carried"
+    out = _cli("export", trained["run_id"], "--out", str(folder), "--tracking-uri", trained["uri"], "--json", timeout=120)
+    meta = json.loads(out[: out.rindex("}") + 1])
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.yaml", "model.json", "model.safetensors"]
+    assert meta["code_grid"] == list(tokenizer.grid) and meta["codebook_size"] == tokenizer.codebook_size
+    assert meta["image_shape"] == list(tokenizer.image_shape) and meta["run_id"] == trained["run_id"]
+    np.save(tmp_path / "images.npy", images)
+    code = ("import sys; sys.modules['mlflow'] = None\n"  # any import of mlflow now fails
+            "import numpy as np; from pipeline import Tokenizer\n"
+            f"tok = Tokenizer.load({str(folder)!r}, device='cpu')\n"
+            f"np.save({str(tmp_path / 'codes.npy')!r}, tok.encode(np.load({str(tmp_path / 'images.npy')!r})))\n"
+            "assert 'mlflow' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.array_equal(np.load(tmp_path / "codes.npy"), tokenizer.encode(images))
+    taken = subprocess.run([sys.executable, "-m", "pipeline", "export", trained["run_id"], "--out", str(trained["root"]),
+                            "--tracking-uri", trained["uri"]], capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 1 and "holds other files" in " ".join(taken.stderr.split())

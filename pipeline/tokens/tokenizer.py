@@ -53,7 +53,17 @@ class Tokenizer:
              batch_size: int = 256) -> "Tokenizer":
         """The grid model at ``uri``: ``models:/NAME@ALIAS`` (e.g. the champion), ``models:/NAME/VERSION``,
         ``runs:/RUN_ID/model`` or a bare RUN_ID, from the MLflow store ``tracking_uri`` (default:
-        $MLFLOW_TRACKING_URI, else ./mlflow.db, as for `pipeline train`)."""
+        $MLFLOW_TRACKING_URI, else ./mlflow.db, as for `pipeline train`); or a folder `pipeline export`
+        wrote, without MLflow."""
+        from pipeline.export import ExportError, is_export, load_exported
+
+        if is_export(uri):
+            try:
+                exported = load_exported(uri)
+            except ExportError as err:
+                raise TokenizerError(str(err)) from None
+            return cls(exported.model, exported.config, run_id=exported.meta.get("run_id", "?"), device=device,
+                       batch_size=batch_size)
         from pipeline.ops.tracking import ModelLoadError, load_model
 
         try:

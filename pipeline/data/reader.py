@@ -160,7 +160,7 @@ class ShardReader:
     def read_shard_chunks(self, manifest: Manifest, dataset_url: str, shard: ShardInfo, *, start: int = 0,
                           stop: int | None = None) -> Iterator[Chunk]:
         """Samples [start, stop) of one shard as chunks of uint8 [n, C, H, W] images (stage 1 of the
-        contract's decoding: see contract.py): all of them in one when the fast path reads the
+        contract's decoding: see pipeline/data/contract): all of them in one when the fast path reads the
         shard, else one per group of samples decoded together.
 
         Samples before ``start`` are skipped without being decoded; reading ends at ``stop``.

@@ -17,12 +17,12 @@ Lockstep: every rank yields exactly ``steps_per_epoch`` batches, dropping at mos
 batch's worth of leftover samples per partition, so DDP's collective calls never wait
 on a rank that has run out of data.
 
-Random transforms (crop, flip: contract.py's stage 2) are seeded by (seed, epoch, partition,
+Random transforms (crop, flip: the contract's stage 2) are seeded by (seed, epoch, partition,
 position in the partition's stream), so they too are independent of W and exact on resume.
 Batches are uint8 [B, C, H, W]: turning pixels into the model's inputs and targets (scaling,
 binarization) belongs to the likelihood (pipeline/models/likelihoods.py).
 
-Reading and safe decoding of one shard live in reader.py; the sample contract in contract.py.
+Reading and safe decoding of one shard live in reader.py; the sample contract in contract/.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
+        import pipeline
 
-        print(f"pipeline {version('pipeline')}")
+        print(f"pipeline {pipeline.__version__} (distribution catvae-pipeline)")
         raise typer.Exit()
 
 

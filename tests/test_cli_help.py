@@ -48,7 +48,8 @@ def test_every_argument_and_option_says_what_it_is() -> None:
 def test_version_and_completion() -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["--version"])
-    assert result.exit_code == 0 and result.output.strip() == f"pipeline {version('pipeline')}"
+    assert result.exit_code == 0
+    assert result.output.strip() == f"pipeline {version('catvae-pipeline')} (distribution catvae-pipeline)"
     options = {opt for param in ROOT.params for opt in param.opts}
     assert {"--version", "--install-completion", "--show-completion", "-h", "--help"} <= options | {"-h", "--help"}
     assert ROOT.context_settings["help_option_names"] == ["-h", "--help"]

@@ -44,3 +44,17 @@ def mnist_dir() -> Path:
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.fail(f"MNIST idx files expected in {MNIST_DIR} (set PIPELINE_MNIST_DIR)")
     return MNIST_DIR
+
+
+@pytest.fixture(autouse=True)
+def _one_tests_mlflow_store_stays_in_it():
+    """A test that points MLflow's fluent API at its store (mlflow.set_tracking_uri, which also exports
+    $MLFLOW_TRACKING_URI) must not send later tests' runs there: the environment beats a config's
+    tracking.uri. Put both back after every test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)
+

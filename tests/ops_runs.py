@@ -42,7 +42,7 @@ def _log_model_fast(uri: str, run_id: str, model, example) -> None:
     imports the model) takes 10-30 s per model on a loaded 2-core machine."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    from pipeline.train.tracking import fluent_store
+
+    with fluent_store(uri), mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch"])
-    mlflow.end_run()

@@ -161,3 +161,20 @@ def test_overrides_leave_the_callers_tree_alone() -> None:
     tree = {"data": {"url": "x"}, "train": {"epochs": 2}}
     assert parse_config(tree, ["train.epochs=5"]).train.epochs == 5
     assert tree == {"data": {"url": "x"}, "train": {"epochs": 2}}
+
+
+def test_mlflow_fluent_calls_leave_the_process_store_alone(tmp_path, monkeypatch) -> None:
+    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; the product's fluent calls (log_model, the
+    pytorch-flavour load) run inside fluent_store, which puts the variable back as it was."""
+    import os
+
+    from pipeline.train.tracking import fluent_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with fluent_store(f"sqlite:///{tmp_path / 'a.db'}"):
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith("a.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    with fluent_store(f"sqlite:///{tmp_path / 'a.db'}"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://env:5000"

@@ -176,8 +176,10 @@ def load_pytorch_model(tracking_uri: str, model_uri: str, map_location: str = "c
         # The registry follows the tracking URI when none is set. set_registry_uri would stay behind in
         # the process (and in MLFLOW_REGISTRY_URI for its children) and send every later
         # MlflowClient(other_store) to this store's registry.
-        mlflow.set_tracking_uri(tracking_uri)
-        return mlflow.pytorch.load_model(model_uri, map_location=map_location)
+        from pipeline.train.tracking import fluent_store
+
+        with fluent_store(tracking_uri):
+            return mlflow.pytorch.load_model(model_uri, map_location=map_location)
 
 
 def latest_experiment_name(tracking_uri: str) -> str | None:

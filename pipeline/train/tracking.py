@@ -150,6 +150,20 @@ def _model_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic>=2", "pyyaml"]
 
 
+@contextlib.contextmanager
+def fluent_store(tracking_uri: str) -> Iterator[None]:
+    """MLflow's fluent API (start_run, log_model, pyfunc/pytorch load_model) reads a process-global
+    store, and `mlflow.set_tracking_uri` also exports it as $MLFLOW_TRACKING_URI. Both are put back
+    afterwards: left behind, the variable would beat the tracking.uri of every later run this
+    process starts (the environment comes before the config, `resolve_tracking_uri`)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets the global and the variable alike
+
+
 def log_model(tracking_uri: str, run_id: str, model: Any, input_example: Any) -> None:
     """Log the torch model (flat and mixture models: the reconstruction) with a signature inferred
     from an example batch."""
@@ -157,15 +171,13 @@ def log_model(tracking_uri: str, run_id: str, model: Any, input_example: Any) ->
     from mlflow.models import infer_signature
 
     requirements = _model_requirements()
-    mlflow.set_tracking_uri(tracking_uri)
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
     signature = infer_signature(input_example, output)
     package = Path(pipeline.__file__).resolve().parent
-    with mlflow.start_run(run_id=run_id):
+    with fluent_store(tracking_uri), mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=signature, input_example=input_example,
                                  pip_requirements=requirements, code_paths=[str(package)])
-    mlflow.end_run()
 
 
 def tokenizer_signature(image_shape: tuple[int, int, int], grid: tuple[int, int]) -> Any:
@@ -185,13 +197,12 @@ def log_tokenizer_model(tracking_uri: str, run_id: str, *, config: RunConfig, we
     [B, C, H, W] into int64 codes [B, h, w]. Its artifacts are the raw weights (a state_dict,
     ``weights``) and the resolved config; the image shape travels in ``model_config``."""
     requirements = _model_requirements()
-    mlflow.set_tracking_uri(tracking_uri)
     package = Path(pipeline.__file__).resolve().parent
     shape, grid = [int(v) for v in image_shape], [int(v) for v in grid]
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "config.yaml"
         config_file.write_text(config_yaml(config))
-        with mlflow.start_run(run_id=run_id):
+        with fluent_store(tracking_uri), mlflow.start_run(run_id=run_id):
             mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=str(TOKENIZER_MODEL_CODE),
                 artifacts={"weights": str(weights), "config": str(config_file)},
@@ -200,7 +211,6 @@ def log_tokenizer_model(tracking_uri: str, run_id: str, *, config: RunConfig, we
                 metadata={"tokenizer": {"image_shape": shape, "grid": grid, "codebook_size": int(categories),
                                         "input": "uint8 images [B, C, H, W]",
                                         "output": "int64 codes [B, h, w] (argmax of the posterior)"}})
-        mlflow.end_run()
 
 
 def reopen_run(tracking_uri: str, run_id: str) -> None:

@@ -139,8 +139,13 @@ def register_model_version(tracking_uri: str, name: str, run_id: str, tags: dict
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    return client.create_model_version(name, source=model.model_uri, run_id=run_id, model_id=model.model_id,
-                                       tags={k: str(v) for k, v in (tags or {}).items()})
+    from pipeline.train.tracking import fluent_store
+
+    # MLflow's sqlite registry looks the logged model up through a client of the process-global store
+    # (MlflowClient() inside create_model_version), whatever store `client` names: point it here.
+    with fluent_store(tracking_uri):
+        return client.create_model_version(name, source=model.model_uri, run_id=run_id, model_id=model.model_id,
+                                           tags={k: str(v) for k, v in (tags or {}).items()})
 
 
 def model_version_by_alias(tracking_uri: str, name: str, alias: str):

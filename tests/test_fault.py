@@ -217,6 +217,7 @@ def test_one_and_two_workers_see_the_same_global_batches(ray_cluster, digits_dat
     assert losses[1] == pytest.approx(losses[2], rel=1e-4)
 
 
+@pytest.mark.slow  # ~130 s; the default run resumes runs of a killed driver through tests/test_sweep.py
 @pytest.mark.timeout(600)
 def test_killed_driver_resumes_the_same_run(mnist_dataset, tmp_path):
     """SIGKILL the whole `pipeline train` process group mid-epoch; `--resume` finishes the same run."""

@@ -110,6 +110,7 @@ def _wait_for_step(sample_log: Path, rank: int, step: int, proc: subprocess.Pope
     raise TimeoutError(f"rank {rank} never reached step {step}")
 
 
+@pytest.mark.slow  # ~130 s; the default run keeps two nodes with checkpoints in S3 and a killed worker's restart
 @pytest.mark.timeout(900)
 def test_losing_a_worker_node_continues_on_the_rest(cluster, tmp_path):
     """Elastic 1..2 workers: lose rank 1's node mid-epoch (its raylet and every process on it

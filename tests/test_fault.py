@@ -166,6 +166,7 @@ class _StoreLock:
             self.connection = None
 
 
+@pytest.mark.slow  # ~60 s; the default run kills a worker mid-epoch in test_killed_worker_resumes_exactly
 @pytest.mark.timeout(600)
 def test_killed_rank0_loses_no_metric_point(ray_cluster, digits_dataset, tmp_path, tracking_uri, sample_log):
     """Kill rank 0 just after an epoch-end checkpoint and just after a mid-epoch checkpoint, each
@@ -203,6 +204,7 @@ def test_killed_rank0_loses_no_metric_point(ray_cluster, digits_dataset, tmp_pat
         assert history(key) == list(range(steps, total + 1, steps)), key
 
 
+@pytest.mark.slow  # ~45 s; per-partition noise and batches are checked without Ray in tests/test_stream.py
 @pytest.mark.timeout(300)
 def test_one_and_two_workers_see_the_same_global_batches(ray_cluster, digits_dataset, tmp_path, tracking_uri):
     losses = {}
@@ -269,6 +271,7 @@ def test_nonfinite_skip_batch_continues_and_counts(ray_cluster, digits_dataset, 
     assert result.steps == steps_per_epoch(1297, 2, 32)
 
 
+@pytest.mark.slow  # ~25 s; the default run stops on a NaN loss in tests/test_train.py
 @pytest.mark.timeout(300)
 def test_nonfinite_stop_names_the_step(ray_cluster, digits_dataset, tmp_path, tracking_uri, monkeypatch):
     monkeypatch.setenv("PIPELINE_DEBUG_NAN_STEP", "7")

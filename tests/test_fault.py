@@ -22,6 +22,7 @@ from ops_services import free_port
 from pipeline.config import load_config
 from pipeline.data import load_mnist_splits, steps_per_epoch, write_shards
 from pipeline.train.trainer import TrainingError, train
+from processes import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits-categorical.yaml"
@@ -45,28 +46,6 @@ def _config(dataset: str, uri: str, tmp_path: Path, *extra: str):
     return load_config(DIGITS_CONFIG, [f"data.url={dataset}", f"tracking.uri={uri}",
                                        f"train.storage={tmp_path / 'ray'}", *extra])
 
-
-def _kill_session(session_id: int, timeout: float = 30) -> list[int]:
-    """SIGKILL every process of a session (what a lost machine does to a driver); returns survivors."""
-    def members() -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.getsid(int(entry.name)) == session_id:
-                        pids.append(int(entry.name))
-                except (ProcessLookupError, PermissionError):
-                    pass
-        return pids
-    deadline = time.monotonic() + timeout
-    while (pids := members()) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-    return [pid for pid in members() if not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"]
 
 
 def _complete_rows(path: Path) -> list[dict]:
@@ -236,7 +215,7 @@ def test_killed_driver_resumes_the_same_run(mnist_dataset, tmp_path):
     try:
         _wait_for_step(sample_log, rank=0, step=180)
     finally:
-        left = _kill_session(driver.pid)  # the driver and the local Ray cluster it started
+        left = kill_session(driver.pid)  # the driver and the local Ray cluster it started
         driver.wait(timeout=60)
     assert left == []
     client = MlflowClient(uri)
@@ -299,7 +278,7 @@ def _start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
                     return server
         except OSError:
             time.sleep(0.5)
-    _kill_session(server.pid)
+    kill_session(server.pid)
     raise TimeoutError("mlflow server did not become healthy")
 
 
@@ -318,14 +297,14 @@ def test_mlflow_server_outage_loses_no_metrics(ray_cluster, digits_dataset, tmp_
     servers = [server]
     try:
         outage_step = _wait_for_step(sample_log, rank=0, step=100)["step"]
-        _kill_session(server.pid)  # the server is gone: rank 0 must keep training and keep the metrics
+        kill_session(server.pid)  # the server is gone: rank 0 must keep training and keep the metrics
         time.sleep(5)
         servers.append(_start_mlflow_server(tmp_path, port))  # back ~20 s later, maybe after training ended
         runner.join(timeout=400)
         _check_outage_run(result, uri, outage_step)
     finally:
         for each in servers:
-            _kill_session(each.pid)
+            kill_session(each.pid)
 
 
 def _check_outage_run(result: dict, uri: str, outage_step: int) -> None:

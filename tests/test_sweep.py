@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import ConfigError
 from pipeline.sweep import (aggregate, build_spec, final_figures, metric_point, parent_metrics, parse_grid,
                             parse_seeds)
+from processes import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits-categorical.yaml"
@@ -89,27 +89,6 @@ def test_cli_refuses_a_bad_grid(tmp_path):
 # --- end to end: real Ray, real MLflow ---------------------------------------------------------------
 
 
-def _kill_session(session_id: int, timeout: float = 30) -> None:
-    """SIGKILL every process of the session: the sweep's driver and the local Ray cluster it started."""
-    def members() -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.getsid(int(entry.name)) == session_id:
-                        pids.append(int(entry.name))
-                except (ProcessLookupError, PermissionError):
-                    pass
-        return pids
-    deadline = time.monotonic() + timeout
-    while (pids := members()) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-
 
 def _children(client: MlflowClient, parent_id: str) -> list:
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -156,7 +135,7 @@ def test_sweep_killed_and_resumed(digits_dataset, tmp_path):
     try:
         done_before = {r.info.run_id: r for r in _wait_for_finished_trial(client, first)}
     finally:
-        _kill_session(first.pid)
+        kill_session(first.pid)
         first.wait(timeout=60)
     killed_s = time.perf_counter() - started
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
@@ -172,7 +151,7 @@ def test_sweep_killed_and_resumed(digits_dataset, tmp_path):
     try:
         stdout, stderr = second.communicate(timeout=600)
     finally:
-        _kill_session(second.pid)  # after a timeout: the driver and its Ray cluster
+        kill_session(second.pid)  # after a timeout: the driver and its Ray cluster
     resumed_s = time.perf_counter() - resumed
     assert second.returncode == 3, stderr[-4000:]  # some trials failed, some finished
     result = json.loads(stdout)

@@ -9,10 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-# Every command's --help ends with these (see `_with_exit_codes`).
-EXIT_CODES = ("Exit codes: 0 done; 1 failed (the error names the file, shard, run or address); 2 bad usage or "
-              "config (the error names the option or key); 3 done, but declined or partial (promote: not promoted; "
-              "sweep: some trials failed for good); 130 interrupted.")
+from pipeline.cli_common import EXIT_CODES
 
 app = typer.Typer(
     help="Distributed training of VAEs with a categorical (multinomial) prior: "
@@ -45,7 +42,7 @@ app.add_typer(data_app, name="data")
 from pipeline.bench import bench_app  # noqa: E402 - `pipeline bench ...` (one module per bench)
 
 app.add_typer(bench_app, name="bench")
-from pipeline.cli_common import console, fail as _fail  # noqa: E402
+from pipeline.cli_common import console, fail as _fail, renamed_flags, with_exit_codes  # noqa: E402
 
 Overrides = Annotated[
     Optional[list[str]],
@@ -410,45 +407,7 @@ from pipeline.docs import docs_command  # noqa: E402
 app.command("docs")(docs_command)  # docs/reference/config.md and cli.md, generated from the code
 
 
-def _with_exit_codes(typer_app: typer.Typer) -> None:
-    """Give every command and command group of ``typer_app`` the exit codes as its help epilog."""
-    typer_app.info.epilog = typer_app.info.epilog or EXIT_CODES
-    for command in typer_app.registered_commands:
-        command.epilog = command.epilog or EXIT_CODES
-    for group in typer_app.registered_groups:
-        _with_exit_codes(group.typer_instance)
-
-
-_with_exit_codes(app)
-
-
-# Flags renamed so that each name means one thing everywhere; the old names still work, with a notice.
-RENAMED_FLAGS = {
-    ("data", "images"): {"--workers": "--processes"},
-    ("data", "deformed-mnist"): {"--workers": "--processes"},
-    ("data", "index"): {"--workers": "--threads"},
-    ("evaluate",): {"--data-url": "--data"},
-    ("decode",): {"--tokens": "--data"},
-    ("bench", "data"): {"--batch": "--batch-size"},
-    ("bench", "train"): {"--batch": "--batch-size"},
-}
-
-
-def renamed_flags(argv: list[str], warn=lambda old, new: None) -> list[str]:
-    """``argv`` (after the program name) with deprecated flag names of its command replaced by the
-    current ones (``--old VALUE`` and ``--old=VALUE``); ``warn(old, new)`` is told of each."""
-    for path, renames in RENAMED_FLAGS.items():
-        if tuple(argv[: len(path)]) != path:
-            continue
-        out = list(argv[: len(path)])
-        for arg in argv[len(path):]:
-            name, eq, value = arg.partition("=")
-            if name in renames:
-                warn(name, renames[name])
-                arg = renames[name] + eq + value
-            out.append(arg)
-        return out
-    return list(argv)
+with_exit_codes(app)
 
 
 def main() -> None:

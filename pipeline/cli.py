@@ -132,7 +132,7 @@ def ui(
 ) -> None:
     """Serve the MLflow UI for the configured store (default: ./mlflow.db) on 127.0.0.1; stopping it
     (Ctrl-C, SIGTERM) stops every process of the server."""
-    from pipeline.train.tracking import resolve_tracking_uri
+    from pipeline.runs.store import resolve_tracking_uri
 
     store = resolve_tracking_uri(tracking_uri)
     if store.startswith(("http://", "https://")):
@@ -194,7 +194,7 @@ def replay_metrics(
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="Deliver to this store instead")] = None,
 ) -> None:
     """Deliver metrics a run could not deliver to MLflow while it trained."""
-    from pipeline.train.run_logger import replay_metrics as replay
+    from pipeline.runs.logger import replay_metrics as replay
 
     count = replay(path, tracking_uri)
     console.print(f"delivered {count} metric values from {path}")
@@ -378,7 +378,7 @@ def export(
     import json
 
     from pipeline.export import ExportError, export_model
-    from pipeline.ops.tracking import ModelLoadError
+    from pipeline.runs.load import ModelLoadError
 
     try:
         meta = export_model(model, out, tracking_uri=tracking_uri)
@@ -393,7 +393,7 @@ def export(
 def show_config(config: Annotated[str, typer.Argument(help="YAML config, e.g. configs/images-dvae.yaml")],
                 override: Overrides = None) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""
-    from pipeline.train.tracking import config_yaml
+    from pipeline.runs.store import config_yaml
 
     print(config_yaml(_load(config, override)), end="")
 

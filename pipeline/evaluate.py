@@ -1,8 +1,8 @@
 """`pipeline evaluate RUN_ID`: likelihood figures of a trained run on a whole split, in one process.
 
 Rebuilds the model from the run's resolved config.yaml and its raw weights
-(``checkpoint/model.pt``; runs that predate them fall back to the logged MLflow model), reads
-the run's dataset, and computes per input, summed over the split:
+(``checkpoint/model.pt``, loaded with ``weights_only=True``: `pipeline.runs.load`), reads the run's
+dataset, and computes per input, summed over the split:
 
 - the -ELBO with one un-relaxed (one-hot for categorical) posterior sample and the analytic KL
   (``<split>/loss``, ``<split>/recon``, ``<split>/kl``),
@@ -29,17 +29,14 @@ The figures go into the same MLflow run (at the run's last validation step) and 
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import yaml
 
-from pipeline.config import ConfigError, RunConfig, parse_config
-from pipeline.models import VAE, bits_per_dim, build_vae, discrete_elbo, exact_log_px_and_elbo, importance_log_px
+from pipeline.config import RunConfig
+from pipeline.models import VAE, bits_per_dim, discrete_elbo, exact_log_px_and_elbo, importance_log_px
 from pipeline.models.estimators import ENUMERATION_LIMIT
 
 
@@ -116,22 +113,6 @@ def evaluate_model(model: VAE, batches: Iterable[tuple[torch.Tensor, Any]], *, s
     return metrics, count
 
 
-def rebuild_model(config: RunConfig, image_shape: tuple[int, ...], weights: Path | None, *, tracking_uri: str,
-                   run_id: str) -> VAE:
-    """The run's VAE: rebuilt from its config with its raw weights, else the logged MLflow model's `.vae`."""
-    from pipeline import evaluate_tracking as tracking
-
-    if weights is not None:
-        model = build_vae(config.model, image_shape=image_shape, binarize=config.data.binarize)
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        return model.eval()
-    try:
-        logged = tracking.load_run_model(tracking_uri, run_id)
-    except Exception as err:  # MLflow raises several types for a missing model
-        raise EvaluationError(f"run {run_id} has neither checkpoint/model.pt nor a logged model ({err})") from None
-    return getattr(logged, "vae", logged).eval()
-
-
 @dataclass
 class OpenedRun:
     """A finished run ready to be evaluated: its config, its model, and its dataset read its way."""
@@ -161,39 +142,23 @@ class OpenedRun:
 
 
 def open_run(run_id: str, *, tracking_uri: str | None = None, data_url: str | None = None) -> OpenedRun:
-    """The run's config and model (rebuilt with its raw weights) and its dataset's manifest, or an
-    EvaluationError naming the run, file or URL that is wrong."""
-    from pipeline.data import DataError, read_manifest
-    from pipeline.data.contract import ImageTarget
-    from pipeline import evaluate_tracking as tracking
+    """The run's config and model (rebuilt with its raw weights, `pipeline.runs.load`) and its
+    dataset's manifest, or an EvaluationError naming the run, file or URL that is wrong."""
+    from pipeline.runs import load, store
 
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            run = tracking.run_for_evaluation(uri, run_id, Path(tmp))
-        except tracking.RunNotFoundError as err:
-            raise EvaluationError(str(err)) from None
-        config_file = run["files"]["config"]
-        if config_file is None:
-            raise EvaluationError(f"run {run_id} has no config.yaml artifact: not a `pipeline train` run")
-        try:
-            config = parse_config(yaml.safe_load(config_file.read_text()) or {})
-        except ConfigError as err:
-            raise EvaluationError(f"run {run_id}: its config.yaml no longer validates: {err}") from None
-        url = data_url or run["tags"].get("dataset.url") or config.data.url
-        try:
-            manifest = read_manifest(url)
-        except DataError as err:
-            raise EvaluationError(f"dataset of run {run_id} not readable: {err} (pass --data)") from None
-        try:
-            target = ImageTarget.from_config(manifest.spec, config.data)
-        except ValueError as err:
-            raise EvaluationError(f"run {run_id} on {url}: {err}") from None
-        model = rebuild_model(config, target.shape, run["files"]["weights"], tracking_uri=uri, run_id=run_id)
+    try:
+        loaded = load.load_run(run_id, tracking_uri=tracking_uri, data_url=data_url)
+    except load.RunDataError as err:
+        raise EvaluationError(f"{err} (pass --data)") from None
+    except load.ModelLoadError as err:
+        raise EvaluationError(str(err)) from None
     notes = []
-    if run["tags"].get("dataset.manifest_sha256") not in (None, manifest.digest()):
-        notes.append(f"warning: {url} is not the dataset the run trained on (manifest digest differs)")
-    return OpenedRun(run_id, uri, config, model, url, manifest, target, run["last_step"], run["tags"], notes)
+    if loaded.tags.get("dataset.manifest_sha256") not in (None, loaded.manifest.digest()):
+        notes.append(f"warning: {loaded.data_url} is not the dataset the run trained on (manifest digest differs)")
+    # evaluation figures follow training's: at the last step the run logged val/loss at
+    last_step = store.last_step(loaded.tracking_uri, loaded.run_id, "val/loss")
+    return OpenedRun(loaded.run_id, loaded.tracking_uri, loaded.config, loaded.model, loaded.data_url,
+                     loaded.manifest, loaded.target, last_step, loaded.tags, notes)
 
 
 def metric_prefix(split: str) -> str:
@@ -205,9 +170,9 @@ def metric_prefix(split: str) -> str:
 def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 5000, batch_size: int = 100,
                  tracking_uri: str | None = None, data_url: str | None = None, seed: int = 0,
                  enumeration_limit: int = ENUMERATION_LIMIT, log: bool = True) -> EvaluationResult:
-    from pipeline.data import DataError
-    from pipeline import evaluate_tracking as tracking
     from pipeline import tokenizer_report as report
+    from pipeline.data import DataError
+    from pipeline.runs import store
 
     started = time.perf_counter()
     opened = open_run(run_id, tracking_uri=tracking_uri, data_url=data_url)
@@ -235,8 +200,8 @@ def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 
     result = EvaluationResult(run_id, split, count, importance_samples, time.perf_counter() - started, metrics, notes,
                               tokenizer)
     if log:
-        tracking.log_evaluation(opened.tracking_uri, run_id, metrics, step=opened.last_step,
-                                tags={f"eval.{split}.seconds": f"{result.seconds:.1f}", f"eval.{split}.seed": seed})
+        store.log_summary(opened.tracking_uri, run_id, metrics, step=opened.last_step,
+                          tags={f"eval.{split}.seconds": f"{result.seconds:.1f}", f"eval.{split}.seed": seed})
     return result
 
 

@@ -44,8 +44,8 @@ def export_model(uri: str, out: str | Path, *, tracking_uri: str | None = None) 
     written under temporary names and renamed last, so a failed export leaves no half model."""
     from safetensors.torch import save_file
 
-    from pipeline.ops.tracking import load_model
-    from pipeline.train.tracking import config_yaml
+    from pipeline.runs.load import load_model
+    from pipeline.runs.store import config_yaml
 
     loaded = load_model(uri, tracking_uri=tracking_uri)
     model, config = loaded.model, loaded.config

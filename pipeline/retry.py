@@ -8,7 +8,7 @@ error is re-raised unchanged.
 
 Its users: shard and manifest reads on object storage (`data/remote.py`: transient errors only,
 each retry counted in the reader's stats), the cache's eviction race (`data/reader.py`), rank 0's
-MLflow writes (`train/run_logger.py`) and `pipeline submit` waiting for a Ray head's job agent
+MLflow writes (`runs/logger.py`) and `pipeline submit` waiting for a Ray head's job agent
 (`ops/submit.py`).
 """
 

@@ -214,7 +214,7 @@ def build_spec(config_path: str, overrides: list[str], seeds: list[int], grid: l
     """Every trial's config (file + overrides + its grid point + train.seed), or a ConfigError naming
     the override that does not fit. Local paths become absolute: trials run in other processes."""
     def _normalized(config: RunConfig) -> RunConfig:
-        from pipeline.train.tracking import resolve_tracking_uri
+        from pipeline.runs.store import resolve_tracking_uri
 
         config.data.url = _absolute(config.data.url)
         config.train.storage = _absolute(config.train.storage or "ray_results")
@@ -313,9 +313,9 @@ def aggregates_table(aggregates: dict[str, dict[str, dict[str, float]]], failed:
 
 def _find_child(tracking_uri: str, experiment: str, parent_id: str, key: str):
     """The child run of ``parent_id`` for a trial key: a FINISHED one first, else the newest."""
-    from pipeline.ops import tracking
+    from pipeline.runs import store
 
-    runs = tracking.runs_tagged(tracking_uri, experiment, {"mlflow.parentRunId": parent_id, "sweep.trial_key": key})
+    runs = store.runs_tagged(tracking_uri, experiment, {"mlflow.parentRunId": parent_id, "sweep.trial_key": key})
     finished = [r for r in runs if r.info.status == "FINISHED"]
     return (finished or runs or [None])[0]
 
@@ -345,8 +345,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     from pipeline.evaluate import EvaluationError
-    from pipeline.ops import tracking as ops_tracking
-    from pipeline.train.tracking import end_run
+    from pipeline.runs import store
     from pipeline.train.trainer import TrainingError, train
 
     config = parse_config(spec["config"])
@@ -367,8 +366,8 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
             child = _find_child(uri, experiment, parent, key)
             reason = str(err)
             if child is not None:
-                ops_tracking.set_run_tags(uri, child.info.run_id, {"sweep.outcome": "failed",
-                                                                   "sweep.failure": reason[:5000]})
+                store.set_run_tags(uri, child.info.run_id, {"sweep.outcome": "failed",
+                                                            "sweep.failure": reason[:5000]})
             return {"outcome": "failed", "run_id": child.info.run_id if child else None, "reason": reason}
         finally:
             if saved is None:
@@ -389,10 +388,10 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(cause, EvaluationError):
                 raise
             reason = f"evaluation: {cause}"
-            ops_tracking.set_run_tags(uri, run_id, {"sweep.outcome": "failed", "sweep.failure": reason[:5000]})
-            end_run(uri, run_id, failed=True)
+            store.set_run_tags(uri, run_id, {"sweep.outcome": "failed", "sweep.failure": reason[:5000]})
+            store.end_run(uri, run_id, failed=True)
             return {"outcome": "failed", "run_id": run_id, "reason": reason}
-    ops_tracking.set_run_tags(uri, run_id, {"sweep.outcome": "finished"})
+    store.set_run_tags(uri, run_id, {"sweep.outcome": "finished"})
     return {"outcome": "finished", "run_id": run_id}
 
 
@@ -418,33 +417,32 @@ def trials_that_fit(spec: SweepSpec) -> int:
 
 def _parent(spec: SweepSpec, uri: str, *, fresh: bool, evaluate_k: int | None, manifest_digest: str) -> tuple[str, int]:
     """The parent run (found by the sweep's key, else created) and this invocation's attempt number."""
-    from pipeline.ops import tracking
     from pipeline.ops.naming import default_run_name
-    from pipeline.train.tracking import code_version, config_yaml, reopen_run
+    from pipeline.runs import store
 
     experiment = spec.base.tracking.experiment
-    found = [] if fresh else tracking.runs_tagged(uri, experiment, {"sweep.key": spec.key, "sweep.role": "parent"})
+    found = [] if fresh else store.runs_tagged(uri, experiment, {"sweep.key": spec.key, "sweep.role": "parent"})
     if found:
         run = found[0]
         attempt = int(run.data.tags.get("sweep.attempts", "0")) + 1
-        reopen_run(uri, run.info.run_id)
-        tracking.set_run_tags(uri, run.info.run_id, {"sweep.attempts": attempt,
-                                                     "sweep.evaluate_k": evaluate_k or "none"})
+        store.reopen_run(uri, run.info.run_id)
+        store.set_run_tags(uri, run.info.run_id, {"sweep.attempts": attempt,
+                                                  "sweep.evaluate_k": evaluate_k or "none"})
         return run.info.run_id, attempt
     grid_keys = {key for key, _ in spec.grid}
     common = {k: v for k, v in spec.base.flat().items()
               if k not in grid_keys and k not in ("train.seed", "tracking.run_name")}
     params = {**common, "sweep.config": spec.config_path, "sweep.overrides": spec.overrides,
               "sweep.seeds": spec.seeds, **{f"sweep.grid.{key}": values for key, values in spec.grid}}
-    version = code_version()
+    version = store.code_version()
     tags = {"sweep.role": "parent", "sweep.key": spec.key, "sweep.attempts": 1, "sweep.evaluate_k": evaluate_k or "none",
             "sweep.trials": len(spec.trials), "sweep.points": len({t.point for t in spec.trials}),
             "dataset.url": spec.base.data.url, "dataset.manifest_sha256": manifest_digest, "code_version": version,
             "trigger": "sweep", "latent": spec.base.model.latent.kind,
             "mlflow.note.content": _note(spec)}
     name = spec.base.tracking.run_name or f"sweep-{default_run_name(spec.base)}"
-    run_id = tracking.start_parent_run(uri, experiment, run_name=name, tags=tags, params=params, files={
-        "sweep/definition.json": json.dumps(spec.definition(), indent=2), "config.yaml": config_yaml(spec.base)})
+    run_id = store.start_parent_run(uri, experiment, run_name=name, tags=tags, params=params, files={
+        "sweep/definition.json": json.dumps(spec.definition(), indent=2), "config.yaml": store.config_yaml(spec.base)})
     return run_id, 1
 
 
@@ -471,8 +469,7 @@ def _run_sweep(spec: SweepSpec, *, address: str | None, max_concurrent: int | No
     import ray
 
     from pipeline.data import DataError, read_manifest
-    from pipeline.ops import tracking
-    from pipeline.train.tracking import end_run
+    from pipeline.runs import store
     from pipeline.train.trainer import (TrainingError, _tune_ray_train_env, connect_ray,
                                         shutdown_local_ray_quietly)
 
@@ -514,7 +511,7 @@ def _run_sweep(spec: SweepSpec, *, address: str | None, max_concurrent: int | No
                                evaluate_k=evaluate_k, retry_failed=retry_failed) if todo else {}
         except BaseException as err:  # the sweep itself broke or was interrupted: the same command continues it
             why = _root(err) if isinstance(err, Exception) else type(err).__name__
-            end_run(uri, parent_id, failed=True, reason=f"attempt {attempt} stopped: {why}")
+            store.end_run(uri, parent_id, failed=True, reason=f"attempt {attempt} stopped: {why}")
             raise
         outcomes = _outcomes(spec, uri, parent_id, reused, errors, evaluate_k)
         aggregates = aggregates_by_point(outcomes)
@@ -522,13 +519,13 @@ def _run_sweep(spec: SweepSpec, *, address: str | None, max_concurrent: int | No
                   for point in aggregates}
         result = SweepResult(parent_id, uri, experiment, attempt, outcomes, aggregates, failed,
                              time.perf_counter() - started)
-        tracking.log_summary(uri, parent_id, parent_metrics(aggregates, outcomes), step=attempt, tags={
+        store.log_summary(uri, parent_id, parent_metrics(aggregates, outcomes), step=attempt, tags={
             "sweep.trials.finished": result.finished, "sweep.trials.failed": result.failed,
             "sweep.failed_trials": ", ".join(o.trial.name for o in outcomes if o.outcome == "failed")[:5000] or "none"})
-        tracking.log_text_files(uri, parent_id, {
+        store.log_text_files(uri, parent_id, {
             "sweep/aggregates.csv": aggregates_table(aggregates, failed),
             "sweep/result.json": json.dumps(result.as_dict(), indent=2)})
-        end_run(uri, parent_id, failed=result.finished == 0)
+        store.end_run(uri, parent_id, failed=result.finished == 0)
     finally:
         if own_cluster:
             shutdown_local_ray_quietly()
@@ -602,8 +599,7 @@ def _root(err: BaseException) -> str:
 def _outcomes(spec: SweepSpec, uri: str, parent_id: str, reused: dict[str, Any], errors: dict[str, str],
               evaluate_k: int | None) -> list[TrialOutcome]:
     """Every trial's outcome as MLflow now records it; a child Tune gave up on is marked failed."""
-    from pipeline.ops import tracking
-    from pipeline.train.tracking import end_run
+    from pipeline.runs import store
 
     experiment = spec.base.tracking.experiment
     outcomes = []
@@ -612,15 +608,15 @@ def _outcomes(spec: SweepSpec, uri: str, parent_id: str, reused: dict[str, Any],
         tags = child.data.tags if child is not None else {}
         if _completed(child, evaluate_k):
             if tags.get("sweep.outcome") != "finished":
-                tracking.set_run_tags(uri, child.info.run_id, {"sweep.outcome": "finished"})
+                store.set_run_tags(uri, child.info.run_id, {"sweep.outcome": "finished"})
             outcomes.append(TrialOutcome(trial, "finished", child.info.run_id, trial.key in reused,
                                          metrics=dict(child.data.metrics)))
             continue
         reason = tags.get("sweep.failure") or errors.get(trial.key) or tags.get("failure") or "did not finish"
         if child is not None and tags.get("sweep.outcome") != "failed":
-            tracking.set_run_tags(uri, child.info.run_id, {"sweep.outcome": "failed", "sweep.failure": reason[:5000]})
+            store.set_run_tags(uri, child.info.run_id, {"sweep.outcome": "failed", "sweep.failure": reason[:5000]})
             if child.info.status not in ("FINISHED", "FAILED"):
-                end_run(uri, child.info.run_id, failed=True)
+                store.end_run(uri, child.info.run_id, failed=True)
         outcomes.append(TrialOutcome(trial, "failed", child.info.run_id if child else None, trial.key in reused,
                                      reason=reason))
     return outcomes

@@ -112,7 +112,7 @@ def test_worker_range_makes_training_elastic_with_a_partition_count_every_size_d
 def test_tracking_store_precedence_is_flag_environment_config_default(tmp_path, monkeypatch) -> None:
     """One rule for every command: --tracking-uri > $MLFLOW_TRACKING_URI > the config's tracking.uri >
     ./mlflow.db (absolute, for workers in other directories)."""
-    from pipeline.train.tracking import resolve_tracking_uri
+    from pipeline.runs.store import resolve_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -164,11 +164,11 @@ def test_overrides_leave_the_callers_tree_alone() -> None:
 
 
 def test_mlflow_fluent_calls_leave_the_process_store_alone(tmp_path, monkeypatch) -> None:
-    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; the product's fluent calls (log_model, the
-    pytorch-flavour load) run inside fluent_store, which puts the variable back as it was."""
+    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; the product's fluent calls (log_model,
+    registering a model version) run inside fluent_store, which puts the variable back as it was."""
     import os
 
-    from pipeline.train.tracking import fluent_store
+    from pipeline.runs.store import fluent_store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with fluent_store(f"sqlite:///{tmp_path / 'a.db'}"):

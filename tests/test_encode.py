@@ -57,7 +57,7 @@ def grid_run(ray_cluster, digits_dataset, store, tmp_path_factory) -> str:
 
 def _logged_run(store: str, tmp_path: Path, dataset: str, *overrides: str, seed: int = 0) -> str:
     """A run as `pipeline train` logs it (config.yaml + checkpoint/model.pt), with untrained weights."""
-    from pipeline.train.tracking import config_yaml
+    from pipeline.runs.store import config_yaml
 
     config = load_config(DIGITS_CONFIG, [f"data.url={dataset}", f"tracking.uri={store}", *overrides])
     torch.manual_seed(seed)
@@ -135,7 +135,7 @@ def test_encode_writes_every_sample_once_in_source_order(grid_run, digits_datase
     assert [n.rsplit(".", 1)[1] for n in names] == ["npy", "cls"] and array.dtype == np.uint16
 
     # A complete re-run redoes nothing; once the model is registered the manifest names its version.
-    from pipeline.ops.tracking import register_model_version
+    from pipeline.runs.registry import register_model_version
 
     register_model_version(store, "encode-test-model", grid_run)
     again = encode_dataset(grid_run, digits_dataset, str(out), tracking_uri=store, progress=False)

@@ -79,10 +79,10 @@ def test_evaluate_unknown_run_fails_clearly(tracking_uri):
 
 
 def test_evaluate_missing_dataset_fails_clearly(tmp_path, tracking_uri, digits_dataset):
-    from pipeline.train import tracking
+    from pipeline.runs import store
 
     config = _digits_config(str(tmp_path / "gone"), tracking_uri, tmp_path)
-    run_id = tracking.start_run(config, tracking_uri=tracking_uri, manifest_digest="0" * 64)
+    run_id = store.start_run(config, tracking_uri=tracking_uri, manifest_digest="0" * 64)
     out = CliRunner().invoke(app, ["evaluate", run_id, "--tracking-uri", tracking_uri])
     assert out.exit_code == 1
     assert "gone" in out.output and "--data)" in out.output
@@ -163,7 +163,7 @@ def test_evaluate_reads_with_the_runs_read_options(tmp_path, tracking_uri, digit
     damaged test shard is skipped and the rest evaluated; with error, the shard is named."""
     import shutil
 
-    from pipeline.train import tracking
+    from pipeline.runs import store
 
     dataset = tmp_path / "digits"
     shutil.copytree(digits_dataset, dataset)
@@ -175,11 +175,11 @@ def test_evaluate_reads_with_the_runs_read_options(tmp_path, tracking_uri, digit
     for policy in ("skip", "error"):
         config = _digits_config(str(dataset), tracking_uri, tmp_path, f"data.on_corrupt={policy}",
                                 f"data.cache_dir={tmp_path / 'cache'}", "model.latent.variables=2")
-        run_id = tracking.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest())
+        run_id = store.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest())
         weights = tmp_path / policy / "model.pt"
         weights.parent.mkdir()
         torch.save(build_vae(config.model, image_shape=(1, 8, 8)).state_dict(), weights)
-        tracking.log_artifact_files(tracking_uri, run_id, [weights], artifact_path="checkpoint")
+        store.log_artifact_files(tracking_uri, run_id, [weights], artifact_path="checkpoint")
         results[policy] = CliRunner().invoke(app, ["evaluate", run_id, "-k", "2", "--json", "--tracking-uri",
                                                    tracking_uri])
     skipped = results["skip"]

@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 from ops_runs import make_run, tiny_config
 from pipeline.cli import app
 from pipeline.models import build_vae
-from pipeline.ops import registry
+from pipeline.ops import champion
 from pipeline.ops.retrain import prepare_run
-from pipeline.ops.warmstart import WarmStartError, load_initial_weights
-from pipeline.ops import tracking
-from pipeline.train.tracking import get_run
+from pipeline.runs import registry
+from pipeline.runs.load import WarmStartError, load_initial_weights, load_model
+from pipeline.runs.store import get_run
 
 EXPERIMENT = "ops-registry"
 
@@ -39,7 +39,7 @@ def store(tmp_path_factory) -> dict:
         "other_data": make_run(uri, EXPERIMENT, "digits-cat2x3-otherdata", val_loss=10.0, val_loss_onehot=10.0,
                                digest="b" * 64, seed=4),
     }
-    decisions = {key: registry.register_and_decide(uri, run_id, EXPERIMENT) for key, run_id in runs.items()}
+    decisions = {key: champion.register_and_decide(uri, run_id, EXPERIMENT) for key, run_id in runs.items()}
     return {"uri": uri, "runs": runs, "decisions": decisions}
 
 
@@ -110,12 +110,12 @@ def test_warm_start_resolves_the_champion_and_loads_its_weights(store):
     config = tiny_config(EXPERIMENT, "warm", **{"tracking.uri": uri})
     config.tracking.run_name = None
     prepared = prepare_run(config, warm_start=True)
-    champion = tracking.model_version_by_alias(uri, EXPERIMENT, "champion")
-    assert prepared.train.init_from == f"models:/{EXPERIMENT}/{champion.version}"
+    incumbent = registry.model_version_by_alias(uri, EXPERIMENT, "champion")
+    assert prepared.train.init_from == f"models:/{EXPERIMENT}/{incumbent.version}"
     assert prepared.tracking.run_name.startswith("digits-cat2x3-")  # <dataset>-<latent>-<time>
     model = build_vae(prepared.model, 64)
     load_initial_weights(model, prepared.train.init_from, uri)
-    logged = tracking.load_pytorch_model(uri, prepared.train.init_from).vae
+    logged = load_model(prepared.train.init_from, tracking_uri=uri).vae
     for key, value in logged.state_dict().items():
         assert torch.equal(model.state_dict()[key], value)
     other = build_vae(tiny_config(EXPERIMENT, "x", **{"model.hidden": "[16]"}).model, 64)
@@ -151,7 +151,7 @@ def fair(store) -> dict:
                                    seed=8),
         "no_onehot": make_run(uri, FAIR, "gs-unmeasured", val_loss=1.0, overrides=relaxed, seed=9),
     }
-    decisions = {key: registry.register_and_decide(uri, run_id, FAIR) for key, run_id in runs.items()}
+    decisions = {key: champion.register_and_decide(uri, run_id, FAIR) for key, run_id in runs.items()}
     return {"uri": uri, "runs": runs, "decisions": decisions}
 
 
@@ -241,7 +241,7 @@ def test_real_runs_of_each_estimator_on_shared_validation_shards_compare_and_a_r
     splits["train"] = replace(splits["train"], images=splits["train"].images[:1000], labels=splits["train"].labels[:1000])
     write_shards(splits, str(fewer), source="sklearn digits, fewer", samples_per_shard=500, progress=False)
     first, second = read_manifest(digits_dataset), read_manifest(str(fewer))
-    assert first.digest() != second.digest() and registry.val_data_id(first) == registry.val_data_id(second)
+    assert first.digest() != second.digest() and champion.val_data_id(first) == champion.val_data_id(second)
 
     results, decisions = [], []
     for name, data, hard in (("straight-through", digits_dataset, "true"), ("gumbel-softmax", str(fewer), "false")):

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from ops_services import free_port, running, spawn_mlflow_server
 from pipeline.cli import app
-from pipeline.train.run_logger import PENDING_FILE, RunLogger, load_pending
+from pipeline.runs.logger import PENDING_FILE, RunLogger, load_pending
 
 
 def _new_run(uri: str) -> str:
@@ -68,7 +68,7 @@ def test_tags_restarts_and_metrics_never_wait_for_a_server_that_is_down(tmp_path
 
 KILLED_LOGGER = textwrap.dedent("""
     import sys, time
-    from pipeline.train.run_logger import RunLogger
+    from pipeline.runs.logger import RunLogger
     uri, run_id, folder = sys.argv[1:]
     logger = RunLogger(uri, run_id, min_interval_s=600)  # the first write goes out, then none for 10 min
     logger.log_metrics({"train/loss": 1.0}, step=1)

@@ -288,7 +288,7 @@ def test_resume_refuses_a_changed_schedule_unless_rescheduled(tmp_path, tracking
     import sys
 
     from pipeline.train.trainer import resume_config
-    from pipeline.train.tracking import start_run
+    from pipeline.runs.store import start_run
 
     cosine = parse_config({"data": {"url": str(tmp_path)}, "tracking": {"uri": tracking_uri, "experiment": "resume"},
                            "train": {"lr_schedule": "cosine", "epochs": 10},

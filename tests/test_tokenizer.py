@@ -151,7 +151,7 @@ def test_logged_model_is_a_pyfunc_that_returns_the_codes(trained, images, tokeni
 
 
 def test_warm_start_loads_a_grid_champion(trained) -> None:
-    from pipeline.ops.warmstart import load_initial_weights
+    from pipeline.runs.load import load_initial_weights
 
     config = trained["config"]
     model = build_vae(config.model, image_shape=(3, 16, 16), binarize=config.data.binarize)
@@ -220,7 +220,7 @@ def _end_group(proc: subprocess.Popen) -> None:
 def test_clear_errors(trained, tokenizer, digits_dataset, tmp_path) -> None:
     from pipeline import Tokenizer
     from pipeline.tokens.tokenizer import TokenizerError
-    from pipeline.train.tracking import config_yaml
+    from pipeline.runs.store import config_yaml
 
     # a run of another architecture: config.yaml + raw weights as training logs them
     config = load_config(DIGITS_CONFIG, [f"data.url={digits_dataset}", "model.arch=conv"])

@@ -155,7 +155,7 @@ def _grid_run(photos: str, tracking_uri: str, tmp_path: Path) -> str:
     config at test widths (8x8 grid of 16 codes), trained 3 plain steps on the photo tiles."""
     from pipeline.data import eval_batches, read_manifest
     from pipeline.models import build_vae
-    from pipeline.train import tracking
+    from pipeline.runs import store
 
     config = load_config(DVAE_CONFIG, [f"data.url={photos}", f"tracking.uri={tracking_uri}",
                                        "model.channels=[8, 8, 8]", "model.codebook_dim=8",
@@ -170,10 +170,10 @@ def _grid_run(photos: str, tracking_uri: str, tmp_path: Path) -> str:
         optimizer.zero_grad()
         model(x).loss.backward()
         optimizer.step()
-    run_id = tracking.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest())
+    run_id = store.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest())
     weights = tmp_path / "model.pt"
     torch.save(model.state_dict(), weights)
-    tracking.log_artifact_files(tracking_uri, run_id, [weights], artifact_path="checkpoint")
+    store.log_artifact_files(tracking_uri, run_id, [weights], artifact_path="checkpoint")
     return run_id
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from ops_runs import make_run
 from ops_services import Service, free_port, running, wait_http
-from pipeline.ops import tracking
+from pipeline.runs import store
 
 EXPERIMENT = "ops-ui"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -42,7 +42,7 @@ def test_mlflow_ui_lists_the_runs(tmp_path):
     names = ["digits-cat2x3-ui-first", "digits-cat2x3-ui-second"]
     for seed, name in enumerate(names):
         make_run(uri, EXPERIMENT, name, val_loss=100.0 - seed, seed=seed)
-    experiment_id = tracking.experiment_id(uri, EXPERIMENT)
+    experiment_id = store.experiment_id(uri, EXPERIMENT)
 
     port = free_port()
     log = tmp_path / "ui.log"

@@ -172,17 +172,15 @@ def plain_loop(cfg: Any, url: str, images: Any, steps: int, window: int,
 
 
 def ray_run(cfg: Any) -> dict[str, Any]:
-    from mlflow.tracking import MlflowClient
-
+    from pipeline.runs import store
     from pipeline.train.trainer import train
 
     called = time.time()
     result = train(cfg)
     ended = time.time()
-    client = MlflowClient(cfg.tracking.uri)
 
     def history(name: str) -> list[Any]:
-        return sorted(client.get_metric_history(result.run_id, name), key=lambda m: m.step)
+        return store.metric_history(cfg.tracking.uri, result.run_id, name)
 
     speed, wait = history("perf/samples_per_s"), history("perf/data_wait_frac")
     steady = [m.value for m in speed[1:]] or [m.value for m in speed]  # step 1 is warm-up
@@ -192,7 +190,7 @@ def ray_run(cfg: Any) -> dict[str, Any]:
     setup = history("perf/worker_setup_s")
     # Every other per-window perf/* metric the loop logs (medians over the same steady windows)
     perf = {}
-    for name in sorted(client.get_run(result.run_id).data.metrics):
+    for name in sorted(store.get_run(cfg.tracking.uri, result.run_id).data.metrics):
         if name.startswith("perf/") and name not in ("perf/samples_per_s", "perf/worker_setup_s"):
             values = history(name)
             values = [m.value for m in values[1:]] or [m.value for m in values]

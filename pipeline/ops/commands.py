@@ -220,8 +220,8 @@ def promote(
     """Register the run's model and make it champion if its un-relaxed validation -ELBO (val/loss_onehot
     for categorical latents, else val/loss) is lower than the champion's on the same validation data and
     likelihood (or with --force). Prints the decision as JSON, and why on stderr; exit 3 when not promoted."""
-    from pipeline.ops.registry import register_and_decide
-    from pipeline.train.tracking import get_run, resolve_tracking_uri
+    from pipeline.ops.champion import register_and_decide
+    from pipeline.runs.store import get_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     try:
@@ -249,8 +249,7 @@ def compare(
 ) -> None:
     """One row per run, best val/loss first: latent, epochs, losses, speed, duration, trigger, champion."""
     from pipeline.ops.compare import compare_rows, render_table
-    from pipeline.ops.tracking import latest_experiment_name
-    from pipeline.train.tracking import resolve_tracking_uri
+    from pipeline.runs.store import latest_experiment_name, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     experiment = experiment or latest_experiment_name(uri)

@@ -6,8 +6,8 @@ import math
 from typing import Any
 
 from pipeline.ops.naming import latent_label
-from pipeline.ops.registry import champion_run_id
-from pipeline.ops import tracking
+from pipeline.runs.registry import champion_run_id
+from pipeline.runs.store import search_experiment_runs
 
 
 def _metric(metrics: dict[str, float], key: str) -> float | None:
@@ -57,7 +57,7 @@ def _sweep_label(tags: dict[str, str]) -> str | None:
 def compare_rows(tracking_uri: str, experiment: str, model: str | None = None) -> list[dict[str, Any]]:
     """Rows for every run, sorted by val/loss (runs without one last); `model` names the registry entry."""
     champion = champion_run_id(tracking_uri, model or experiment)
-    rows = [run_row(run, champion) for run in tracking.search_experiment_runs(tracking_uri, experiment)]
+    rows = [run_row(run, champion) for run in search_experiment_runs(tracking_uri, experiment)]
     names = {r["run_id"]: r["name"] for r in rows}
     for r in rows:  # a sweep's trial names its parent run
         if r["sweep"] and r["parent_run_id"] in names:

@@ -9,10 +9,9 @@ from typing import Any
 from rich.console import Console
 
 from pipeline.config import RunConfig
-from pipeline.ops import registry
+from pipeline.ops import champion
 from pipeline.ops.naming import default_run_name
-from pipeline.ops import tracking
-from pipeline.train.tracking import get_run, param_value, resolve_tracking_uri
+from pipeline.runs import registry, store
 
 console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
 SUBMISSION_ENV = "PIPELINE_SUBMISSION_ID"  # set by `pipeline submit` so the run names its Ray job
@@ -23,8 +22,8 @@ def model_name(config: RunConfig) -> str:
 
 
 def _same_architecture(tracking_uri: str, run_id: str, config: RunConfig) -> bool:
-    logged = get_run(tracking_uri, run_id).data.params
-    ours = {k: param_value(v) for k, v in config.flat().items() if k.startswith("model.")}
+    logged = store.get_run(tracking_uri, run_id).data.params
+    ours = {k: store.param_value(v) for k, v in config.flat().items() if k.startswith("model.")}
     return all(logged.get(k) == v for k, v in ours.items())
 
 
@@ -34,21 +33,21 @@ def prepare_run(config: RunConfig, *, warm_start: bool = False) -> RunConfig:
     if config.tracking.run_name is None:
         config.tracking.run_name = default_run_name(config)
     if warm_start and config.train.init_from is None:
-        uri = resolve_tracking_uri(config=config.tracking.uri)
-        champion = tracking.model_version_by_alias(uri, model_name(config), registry.CHAMPION)
-        if champion is None:
+        uri = store.resolve_tracking_uri(config=config.tracking.uri)
+        incumbent = registry.model_version_by_alias(uri, model_name(config), registry.CHAMPION)
+        if incumbent is None:
             console.print(f"warm start: no '{registry.CHAMPION}' of model '{model_name(config)}' yet; training from scratch")
-        elif not _same_architecture(uri, champion.run_id, config):
-            console.print(f"warm start: champion v{champion.version} has another architecture; training from scratch")
+        elif not _same_architecture(uri, incumbent.run_id, config):
+            console.print(f"warm start: champion v{incumbent.version} has another architecture; training from scratch")
         else:
-            config.train.init_from = f"models:/{model_name(config)}/{champion.version}"
-            console.print(f"warm start from {config.train.init_from} (run {champion.run_id})")
+            config.train.init_from = f"models:/{model_name(config)}/{incumbent.version}"
+            console.print(f"warm start from {config.train.init_from} (run {incumbent.run_id})")
     return config
 
 
-def after_training(config: RunConfig, result: Any) -> registry.Decision | None:
+def after_training(config: RunConfig, result: Any) -> champion.Decision | None:
     """Tag the run (validation data, job), register its model, decide on `champion` (on the declared
-    metric, registry.py; the decision and why are printed and tagged on the run). Never fails the
+    metric, champion.py; the decision and why are printed and tagged on the run). Never fails the
     run: a step that fails is a warning on the console and, where MLflow can take it, on the run
     (`champion.decision=registry-failed`, `champion.reason`), so a promotion that did not happen is seen."""
     from pipeline.data import read_manifest
@@ -61,17 +60,17 @@ def after_training(config: RunConfig, result: Any) -> registry.Decision | None:
         tags["warm_start.from"] = config.train.init_from
     try:
         # the champion comparison key: runs validated on the same shards compare, whatever they trained on
-        tags["dataset.val_sha256"] = registry.val_data_id(read_manifest(absolute_url(config.data.url)))
-        tracking.set_run_tags(result.tracking_uri, result.run_id, tags)
+        tags["dataset.val_sha256"] = champion.val_data_id(read_manifest(absolute_url(config.data.url)))
+        store.set_run_tags(result.tracking_uri, result.run_id, tags)
         if not config.tracking.register_model:
             return None
-        decision = registry.register_and_decide(result.tracking_uri, result.run_id, model_name(config))
+        decision = champion.register_and_decide(result.tracking_uri, result.run_id, model_name(config))
     except Exception as err:  # noqa: BLE001 - the run itself succeeded; say what went wrong, and where
         reason = f"model registry step failed, champion unchanged: {err}"
         console.print(f"[yellow]warning:[/] {reason}")
         try:
-            tracking.set_run_tags(result.tracking_uri, result.run_id,
-                                  {"champion.decision": "registry-failed", "champion.reason": reason[:5000]})
+            store.set_run_tags(result.tracking_uri, result.run_id,
+                               {"champion.decision": "registry-failed", "champion.reason": reason[:5000]})
         except Exception as tag_err:  # noqa: BLE001 - MLflow itself is unreachable: the warning is all we have
             console.print(f"[yellow]warning:[/] could not tag run {result.run_id} either: {tag_err}")
         return None

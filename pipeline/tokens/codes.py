@@ -29,7 +29,7 @@ from pipeline.data.shards import Manifest, ShardInfo, shard_url
 from pipeline.models import VAE
 
 if TYPE_CHECKING:
-    from pipeline.ops.tracking import LoadedModel
+    from pipeline.runs.load import LoadedModel
 
 MAX_TOKENS = 1 << 16  # uint16 indices
 
@@ -44,9 +44,9 @@ class EncodeError(RuntimeError):
 def load_run_model(run: str, image_shape: tuple[int, int, int] | None = None, *,
                    manifest: Manifest | None = None, tracking_uri: str | None = None) -> LoadedModel:
     """The model of ``run`` (a run id, or a runs:/ or models:/ URI) rebuilt from its config and raw weights
-    (`pipeline.ops.tracking.load_model`), for images of ``image_shape``, or of the shape the run's data
+    (`pipeline.runs.load.load_model`), for images of ``image_shape``, or of the shape the run's data
     settings make of ``manifest``'s samples; errors as `EncodeError`."""
-    from pipeline.ops.tracking import ModelLoadError, load_model
+    from pipeline.runs.load import ModelLoadError, load_model
 
     try:
         return load_model(run, tracking_uri=tracking_uri, image_shape=image_shape, manifest=manifest)

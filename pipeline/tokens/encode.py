@@ -40,7 +40,7 @@ from pipeline.data.shards import (
     Manifest, ShardInfo, SplitInfo, TokenInfo, begin_dataset, finish_dataset, read_manifest, shard_url, write_shard,
 )
 from pipeline.models import VAE
-from pipeline.ops.tracking import registered_version
+from pipeline.runs.registry import registered_version
 from pipeline.tokens.codes import EncodeError, TokenLayout, load_run_model, token_layout, tokens_of
 
 TMP_DIR = "_tmp"

@@ -5,11 +5,15 @@ output: int64 codes [B, h, w], the argmax of the posterior (what `pipeline encod
 holds two artifacts, ``weights`` (a state_dict, loaded with ``weights_only=True``) and ``config``
 (the run's resolved config.yaml), and the image shape in its ``model_config``.
 
-It is logged as a model from code (`pipeline.train.tracking.log_tokenizer_model`): MLflow runs this
+It is logged as a model from code (`pipeline.runs.registry.log_tokenizer_model`): MLflow runs this
 file to load it, so nothing is unpickled. Ways in::
 
     mlflow.pyfunc.load_model("models:/images-dvae@champion").predict(images)
     mlflow models serve -m models:/images-dvae@champion --env-manager local -p 5001
+
+The one module outside `pipeline.runs` that imports mlflow: a pyfunc must subclass MLflow's
+`PythonModel` and name itself with `set_model`, and it lives beside the `Tokenizer` it serves.
+Nothing in the package imports it; MLflow executes it when it loads the model.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 The codes are the argmax of the posterior at each grid position: what `pipeline encode` writes (as
 uint16). Decoding renders the decoder's expected pixel values, rounded to uint8: `decode(encode(x))`
 is the model's own reconstruction of x. The weights are loaded with ``torch.load(weights_only=True)``
-by the project's one loader (`pipeline.ops.tracking.load_model`); no module is unpickled.
+by the project's one loader (`pipeline.runs.load.load_model`); no module is unpickled.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Tokenizer:
                 raise TokenizerError(str(err)) from None
             return cls(exported.model, exported.config, run_id=exported.meta.get("run_id", "?"), device=device,
                        batch_size=batch_size)
-        from pipeline.ops.tracking import ModelLoadError, load_model
+        from pipeline.runs.load import ModelLoadError, load_model
 
         try:
             loaded = load_model(uri, tracking_uri=tracking_uri)
@@ -80,7 +80,7 @@ class Tokenizer:
         import yaml
 
         from pipeline.config import parse_config
-        from pipeline.ops.tracking import ModelLoadError, rebuild_vae
+        from pipeline.runs.load import ModelLoadError, rebuild_vae
 
         parsed = parse_config(yaml.safe_load(Path(config).read_text()) or {})
         try:

@@ -1,6 +1,6 @@
 """End-of-run artifacts, made on the driver from the last checkpoint: a reconstruction
 grid and a prior-sample grid (PNG), the model itself and its raw weights ``checkpoint/model.pt``
-(a state_dict: `pipeline evaluate` rebuilds the model from the run's config.yaml and loads it with
+(a state_dict: `pipeline.runs.load` rebuilds the model from the run's config.yaml and loads it with
 ``weights_only=True``, no unpickling of code).
 
 The model: a grid model (``model.arch: resnet``, categorical latent) is logged as its tokenizer, a
@@ -21,8 +21,9 @@ from pipeline.config import RunConfig
 from pipeline.data import eval_batches
 from pipeline.data.contract import ImageTarget, SampleDecoder
 from pipeline.data.reader import ReadOptions
-from pipeline.models import VAE, Bernoulli, build_vae
-from pipeline.train import tracking
+from pipeline.models import VAE, Bernoulli
+from pipeline.runs import registry, store
+from pipeline.runs.load import rebuild_vae
 from pipeline.train.checkpoint import load_checkpoint
 
 
@@ -55,12 +56,6 @@ def image_grid(images: np.ndarray, columns: int = 8, scale: int = 4) -> Image.Im
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
-def load_vae(config: RunConfig, checkpoint_dir: str, image_shape: tuple[int, int, int]) -> VAE:
-    model = build_vae(config.model, image_shape=image_shape, binarize=config.data.binarize)
-    model.load_state_dict(load_checkpoint(checkpoint_dir)["model"])
-    return model.eval()
-
-
 @torch.no_grad()
 def reconstruction_grid(model: VAE, images: torch.Tensor, seed: int, columns: int = 16) -> Image.Image:
     """Inputs (as the model saw them: binarized for Bernoulli) beside their reconstructions from the
@@ -80,7 +75,7 @@ def log_final_artifacts(config: RunConfig, tracking_uri: str, run_id: str, check
     if checkpoint_dir is None:
         raise RuntimeError("training reported no checkpoint")
     target = ImageTarget.from_config(manifest.spec, config.data)
-    model = load_vae(config, checkpoint_dir, target.shape)
+    model = rebuild_vae(config, load_checkpoint(checkpoint_dir)["model"], target.shape)
     images, _ = next(iter(eval_batches(manifest, dataset_url, split="val", rank=0, world_size=1, batch_size=32,
                                        options=ReadOptions.from_config(config.data),
                                        decoder=SampleDecoder(manifest.spec, target))))
@@ -91,16 +86,16 @@ def log_final_artifacts(config: RunConfig, tracking_uri: str, run_id: str, check
         paths = [Path(tmp) / "reconstructions.png", Path(tmp) / "prior_samples.png"]
         reconstruction_grid(model, images, config.train.seed).save(paths[0])
         image_grid(samples.numpy()).save(paths[1])
-        tracking.log_artifact_files(tracking_uri, run_id, paths, artifact_path="images")
+        store.log_artifact_files(tracking_uri, run_id, paths, artifact_path="images")
         weights = Path(tmp) / WEIGHTS_FILE
         torch.save(model.state_dict(), weights)
-        tracking.log_artifact_files(tracking_uri, run_id, [weights], artifact_path="checkpoint")
+        store.log_artifact_files(tracking_uri, run_id, [weights], artifact_path="checkpoint")
         if is_grid_tokenizer(model):
-            tracking.log_tokenizer_model(tracking_uri, run_id, config=config, weights=weights,
+            registry.log_tokenizer_model(tracking_uri, run_id, config=config, weights=weights,
                                          image_shape=target.shape, grid=tuple(model.encoder.grid),
                                          categories=model.latent.categories, input_example=images[:2].numpy())
             return
-    tracking.log_model(tracking_uri, run_id, Reconstructor(model), x[:4].numpy())
+    registry.log_model(tracking_uri, run_id, Reconstructor(model), x[:4].numpy())
 
 
 def is_grid_tokenizer(model: VAE) -> bool:

@@ -33,7 +33,7 @@ from pipeline.models import build_vae
 from pipeline.train.collectives import all_gather, all_reduce
 from pipeline.train.code_init import init_codes_from_data
 from pipeline.train.checkpoint import load_checkpoint, restore_ema, save_checkpoint, training_weights
-from pipeline.train.run_logger import RunLogger, load_pending, log_data_health
+from pipeline.runs.logger import RunLogger, load_pending, log_data_health
 from pipeline.train.schedules import (kl_weight, kl_y_weight, learning_rate, set_learning_rate, straight_through,
                                       temperature)
 from pipeline.train.step import PrecisionStep, WeightEMA, build_optimizer
@@ -114,7 +114,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         position = Position(state["step"], state["epoch"], state["step_in_epoch"])
         partitions = state["partitions"]  # the sample order is defined by it: never changes mid-run
     elif cfg.train.init_from:  # warm start (e.g. from the champion); a checkpoint, when there is one, wins
-        from pipeline.ops.warmstart import load_initial_weights
+        from pipeline.runs.load import load_initial_weights
 
         load_initial_weights(model, cfg.train.init_from, args.tracking_uri)
     elif cfg.model.code_init == "data":  # a fresh grid: every code starts in use (models/resnet.py)
@@ -134,7 +134,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     node_ids = _node_ids(world_size)
     logger = None
     if is_master:
-        # pending: what the checkpoint's rank 0 had not delivered yet, delivered first (train/run_logger.py)
+        # pending: what the checkpoint's rank 0 had not delivered yet, delivered first (runs/logger.py)
         logger = RunLogger(args.tracking_uri, args.run_id, resumed=bool(checkpoint) or args.resumed_run,
                            fallback_dir=args.fallback_dir, pending=load_pending(checkpoint))
         logger.set_tags({"schedule.lr_horizon_steps": total_steps,  # the cosine learning rate's, from this start

@@ -15,8 +15,8 @@ from rich.console import Console
 from pipeline.config import RunConfig
 from pipeline.data import DataError, read_manifest
 from pipeline.data.remote import local_checkpoint_dir, ray_storage_kwargs, storage_url
-from pipeline.train import tracking
-from pipeline.train.run_logger import replay_metrics
+from pipeline.runs import store
+from pipeline.runs.logger import replay_metrics
 from pipeline.train.loop import WorkerArgs, train_loop_per_worker
 
 console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
@@ -136,7 +136,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     if layout_warning:
         console.print(f"[yellow]warning:[/] {layout_warning}")
     _tune_ray_train_env()
-    tracking_uri = tracking.resolve_tracking_uri(config=config.tracking.uri)
+    tracking_uri = store.resolve_tracking_uri(config=config.tracking.uri)
     storage = absolute_url(config.train.storage or "ray_results")
     # Ray first: a cluster that cannot take this run refuses it before an MLflow run exists.
     with console.status("starting Ray"):
@@ -144,11 +144,11 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     check_shared_storage(storage=storage, dataset_url=dataset_url, tracking_uri=tracking_uri)
     if resume_run_id:
         run_id = resume_run_id
-        tracking.reopen_run(tracking_uri, run_id)
-        tracking.count_restart(tracking_uri, run_id, resume_reason)
+        store.reopen_run(tracking_uri, run_id)
+        store.count_restart(tracking_uri, run_id, resume_reason)
     else:
         # Created here, before the workers, so sqlite schema creation never stalls rank 0 mid-DDP.
-        run_id = tracking.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest(),
+        run_id = store.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest(),
                                     trigger=trigger, extra_tags={**(tags or {}), "ray.storage_path": storage})
     ray_run_name = f"{config.tracking.experiment}-{run_id[:8]}"  # same name + storage = Ray resumes the run
     console.print(f"MLflow run [bold]{run_id}[/] in experiment '{config.tracking.experiment}' ({tracking_uri})")
@@ -172,18 +172,18 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         )
-        with tracking.system_metrics(tracking_uri, run_id):  # CPU, memory, GPU of the driver's machine
+        with store.system_metrics(tracking_uri, run_id):  # CPU, memory, GPU of the driver's machine
             result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - any failure must mark the run FAILED
         reason = _root_cause(err)
-        tracking.end_run(tracking_uri, run_id, failed=True, reason=reason)
+        store.end_run(tracking_uri, run_id, failed=True, reason=reason)
         raise TrainingError(f"training failed (MLflow run {run_id} marked FAILED): {reason}") from err
 
     metrics = result.metrics or {}
     _warn_about_late_metrics(metrics, tracking_uri, run_id)
-    stopped = tracking.get_run(tracking_uri, run_id).data.tags.get("failure")
+    stopped = store.get_run(tracking_uri, run_id).data.tags.get("failure")
     if stopped:  # the workers stopped on purpose (e.g. a non-finite loss) and said why in the run
-        tracking.end_run(tracking_uri, run_id, failed=True)
+        store.end_run(tracking_uri, run_id, failed=True)
         raise TrainingError(f"training stopped (MLflow run {run_id} marked FAILED): {stopped}")
     checkpoint_path = storage_url(storage, result.checkpoint.path) if result.checkpoint else None
     from pipeline.train.artifacts import log_final_artifacts
@@ -191,9 +191,9 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     try:
         log_final_artifacts(config, tracking_uri, run_id, local_checkpoint_dir(result.checkpoint), dataset_url, manifest)
     except Exception as err:  # noqa: BLE001
-        tracking.end_run(tracking_uri, run_id, failed=True, reason=f"final artifacts: {err}")
+        store.end_run(tracking_uri, run_id, failed=True, reason=f"final artifacts: {err}")
         raise
-    tracking.end_run(tracking_uri, run_id)
+    store.end_run(tracking_uri, run_id)
     if own_cluster:
         shutdown_local_ray_quietly()
     return TrainResult(
@@ -221,12 +221,12 @@ def resume_config(run: str, *, config_path: str | None, overrides: list[str],
     from pipeline.train.schedules import schedule_changes
 
     base = load_config(config_path, overrides) if config_path else None
-    tracking_uri = tracking.resolve_tracking_uri(config=base.tracking.uri if base else None)
+    tracking_uri = store.resolve_tracking_uri(config=base.tracking.uri if base else None)
     try:
-        found = tracking.find_run(tracking_uri, run, base.tracking.experiment if base else None)
+        found = store.find_run(tracking_uri, run, base.tracking.experiment if base else None)
     except LookupError as err:
         raise ConfigError(str(err)) from None
-    logged = yaml.safe_load(tracking.download_config(tracking_uri, found.info.run_id))
+    logged = yaml.safe_load(store.download_config(tracking_uri, found.info.run_id))
     started = parse_config(copy.deepcopy(logged))  # what the run started with (overrides edit a tree in place)
     if base is None:
         base = parse_config(logged, overrides)

@@ -34,10 +34,9 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.retry import RetryPolicy
+from pipeline.runs.store import MAX_METRICS_PER_BATCH, MAX_TAG_CHARS, MAX_TAGS_PER_BATCH, count_restart
 
 PENDING_FILE = "mlflow-pending.jsonl"  # inside a checkpoint folder
-MAX_METRICS_PER_BATCH = 1000  # MLflow's limits per log_batch request
-MAX_TAGS_PER_BATCH = 100
 # {"key", "value", "timestamp", "step"} | {"tag", "value"} | {"restart": reason, "id"} | {"image": key, "step", "png"}
 Row = dict[str, Any]
 
@@ -47,7 +46,7 @@ def metric_rows(metrics: dict[str, float], step: int) -> list[Row]:
     return [{"key": key, "value": float(value), "timestamp": now, "step": int(step)} for key, value in metrics.items()]
 
 
-class _Store:
+class _RunWriter:
     """One run's rows into MLflow: metric dedup by last held step, tags, restart counting."""
 
     def __init__(self, client: MlflowClient, run_id: str, *, resumed: bool) -> None:
@@ -107,16 +106,8 @@ class _Store:
         self.held_images.add((row["image"], row["step"]))
 
     def _count_restart(self, row: Row) -> None:
-        """+1 on `restarts`, once per restart row: the ids counted so far are kept in the tag
-        `restarts.ids`, so a row sent again (a retry, a checkpoint's pending rows delivered by the
-        next rank 0, a fallback file replayed twice) is not counted twice."""
-        tags = self.client.get_run(self.run_id).data.tags
-        counted = [i for i in tags.get("restarts.ids", "").split(",") if i]
-        if row["id"] in counted:
-            return
-        ids = ",".join([*counted, row["id"]])[-5000:]  # MLflow's tag limit: the oldest ids go first
-        self.client.log_batch(self.run_id, tags=[RunTag("restarts", str(int(tags.get("restarts", "0")) + 1)),
-                                                 RunTag("last_restart", row["restart"]), RunTag("restarts.ids", ids)])
+        """+1 on `restarts`, once per restart row (its id: `pipeline.runs.store.count_restart`)."""
+        count_restart(self.client, self.run_id, row["restart"], row["id"])
 
 
 def segments(rows: list[Row]) -> list[list[Row]]:
@@ -141,7 +132,7 @@ class RunLogger:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.tracking_uri, self.run_id, self.fallback_dir = tracking_uri, run_id, fallback_dir
         self.max_backoff_s, self.min_interval_s = max_backoff_s, min_interval_s
-        self._store = _Store(MlflowClient(tracking_uri), run_id, resumed=resumed)
+        self._writer = _RunWriter(MlflowClient(tracking_uri), run_id, resumed=resumed)
         self.late_batches = 0  # writes delivered only after at least one failed attempt
         self.failed_attempts = 0
         self._rows: deque[Row] = deque(pending)  # undelivered, oldest first: a checkpoint's pending rows lead
@@ -222,7 +213,7 @@ class RunLogger:
         # Any error, retried until the close deadline: exponential backoff from 0.5 s (never less) up to max_backoff_s.
         policy = RetryPolicy(retries=None, backoff_s=0.5, max_backoff_s=max(0.5, self.max_backoff_s), jitter=False)
         try:
-            policy.retrying(on_retry=count, give_up=give_up)(self._store.write, rows)
+            policy.retrying(on_retry=count, give_up=give_up)(self._writer.write, rows)
         except Exception:  # noqa: BLE001 - still unreachable at the close deadline
             self.failed_attempts += 1
             return False
@@ -275,7 +266,7 @@ def replay_metrics(path: str | Path, tracking_uri: str | None = None) -> int:
         row.pop("tracking_uri", None)
         by_target.setdefault(target, []).append(row)
     for (uri, run_id), target_rows in by_target.items():
-        _Store(MlflowClient(uri), run_id, resumed=True).write(target_rows)
+        _RunWriter(MlflowClient(uri), run_id, resumed=True).write(target_rows)
     return len(rows)
 
 
@@ -287,4 +278,4 @@ def log_data_health(logger: RunLogger, step: int, metrics: dict[str, float], ski
     names = sorted(set(skipped_shards))
     if names:
         listed = ", ".join(names)
-        logger.set_tags({"data.skipped_shards": listed if len(listed) <= 5000 else listed[:4980] + f" ... ({len(names)} shards)"})
+        logger.set_tags({"data.skipped_shards": listed if len(listed) <= MAX_TAG_CHARS else listed[:MAX_TAG_CHARS - 20] + f" ... ({len(names)} shards)"})

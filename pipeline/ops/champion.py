@@ -21,10 +21,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.ops import tracking
-from pipeline.train.tracking import get_run
+from pipeline.runs import registry
+from pipeline.runs.registry import CHAMPION
+from pipeline.runs.store import get_run, set_run_tags
 
-CHAMPION = "champion"
 ONEHOT_METRIC = "val/loss_onehot"
 METRIC = "val/loss"
 
@@ -109,15 +109,15 @@ def register_and_decide(tracking_uri: str, run_id: str, model: str, *, force: bo
     run = get_run(tracking_uri, run_id)
     metric = declared_metric(run)
     challenger = _value(run, metric)
-    existing = tracking.model_versions_of_run(tracking_uri, model, run_id)
-    version = (existing[0] if existing else tracking.register_model_version(
+    existing = registry.model_versions_of_run(tracking_uri, model, run_id)
+    version = (existing[0] if existing else registry.register_model_version(
         tracking_uri, model, run_id, tags={"metric": metric, "metric_value": challenger,
                                            "val_loss": run.data.metrics.get(METRIC),
                                            "dataset.manifest_sha256": run.data.tags.get("dataset.manifest_sha256")})
                ).version
     version = str(version)
     decision = Decision(model, version, run_id, False, "kept", "", metric, challenger)
-    incumbent = tracking.model_version_by_alias(tracking_uri, model, CHAMPION)
+    incumbent = registry.model_version_by_alias(tracking_uri, model, CHAMPION)
 
     if incumbent is not None:
         champ_run = get_run(tracking_uri, incumbent.run_id)
@@ -155,11 +155,6 @@ def register_and_decide(tracking_uri: str, run_id: str, model: str, *, force: bo
                 decision.reason = f"{named}: {challenger:.4f} >= {champion} {decision.champion_value:.4f}"
 
     if decision.promoted and decision.decision != "already-champion":
-        tracking.set_model_alias(tracking_uri, model, CHAMPION, version)
-    tracking.set_run_tags(tracking_uri, run_id, decision.as_tags())
+        registry.set_model_alias(tracking_uri, model, CHAMPION, version)
+    set_run_tags(tracking_uri, run_id, decision.as_tags())
     return decision
-
-
-def champion_run_id(tracking_uri: str, model: str) -> str | None:
-    incumbent = tracking.model_version_by_alias(tracking_uri, model, CHAMPION)
-    return None if incumbent is None else incumbent.run_id

@@ -23,11 +23,11 @@ from pipeline.data.contract import ImageTarget, SampleDecoder
 from pipeline.data.reader import ReadOptions
 from pipeline.models import VAE, Bernoulli
 from pipeline.runs import registry, store
-from pipeline.runs.load import rebuild_vae
+from pipeline.runs.load import WEIGHTS_ARTIFACT, rebuild_vae
 from pipeline.train.checkpoint import load_checkpoint
 
 
-WEIGHTS_FILE = "model.pt"  # logged under checkpoint/
+WEIGHTS_FOLDER, _, WEIGHTS_FILE = WEIGHTS_ARTIFACT.rpartition("/")  # checkpoint/ model.pt: what runs/load reads
 
 
 class Reconstructor(torch.nn.Module):
@@ -89,7 +89,7 @@ def log_final_artifacts(config: RunConfig, tracking_uri: str, run_id: str, check
         store.log_artifact_files(tracking_uri, run_id, paths, artifact_path="images")
         weights = Path(tmp) / WEIGHTS_FILE
         torch.save(model.state_dict(), weights)
-        store.log_artifact_files(tracking_uri, run_id, [weights], artifact_path="checkpoint")
+        store.log_artifact_files(tracking_uri, run_id, [weights], artifact_path=WEIGHTS_FOLDER)
         if is_grid_tokenizer(model):
             registry.log_tokenizer_model(tracking_uri, run_id, config=config, weights=weights,
                                          image_shape=target.shape, grid=tuple(model.encoder.grid),

@@ -122,37 +122,57 @@ class LatentConfig(_Section):
         return self
 
 
+GRID_ARCHES = ("resnet", "patch")  # architectures whose latent is a grid of categorical codes (a tokenizer)
+
+
 class ModelConfig(_Section):
     """The encoder and decoder: architecture, widths and the likelihood p(x|z)."""
 
-    arch: Literal["mlp", "conv", "resnet"] = Field(
+    arch: Literal["mlp", "conv", "resnet", "patch"] = Field(
         "mlp", description="mlp: fully connected; conv: conv stack, then the hidden widths; resnet: residual "
-        "encoder/decoder producing a grid latent of (H/f)x(W/f) categorical variables (latent.variables is derived)"
+        "encoder/decoder producing a grid latent of (H/f)x(W/f) categorical variables (latent.variables is "
+        "derived); patch: the same grid computed at the grid's resolution, each position reading its f x f "
+        "cell's pixels beside learned context, decoded back to cells (models/patch.py)"
     )
-    likelihood: Literal["bernoulli", "logistic", "logit-laplace"] = Field(
+    likelihood: Literal["bernoulli", "logistic", "logit-laplace", "gaussian"] = Field(
         "bernoulli", description="p(x|z): bernoulli (binary pixels, see data.binarize) or logistic (discretized "
         "logistic over the 256 levels of each 8-bit channel: RGB/grey images, bits/dim) or logit-laplace "
-        "(DALL-E's continuous density on pixels mapped into [0.1, 0.9])"
+        "(DALL-E's continuous density on pixels mapped into [0.1, 0.9]) or gaussian (fixed std "
+        "model.gaussian_std on pixels in [0, 1]: the squared error that PSNR measures)"
     )
+    gaussian_std: float = Field(0.05, gt=0, description="gaussian: the std of the pixel noise (pixels in [0, 1])")
     activation: Literal["relu", "tanh"] = Field("relu", description="Nonlinearity of encoder and decoder (Burda et al.: tanh)")
     hidden: list[int] = Field(default_factory=lambda: [512, 256], description="Encoder widths; the decoder mirrors them")
     channels: list[int] = Field(
         default_factory=lambda: [32, 64], description="conv: channels of the stride-2 conv layers (decoder mirrors them); "
-        "resnet: the width of each of the log2(downsample) + 1 stages"
+        "resnet: the width of each of the log2(downsample) + 1 stages; patch: one width, of the context blocks"
     )
-    downsample: Literal[4, 8, 16] = Field(4, description="resnet: the grid is (H/f) x (W/f) for f = downsample")
-    blocks: int = Field(2, ge=1, description="resnet: residual blocks per stage")
-    codebook_dim: int = Field(64, ge=1, description="resnet: width d of the learned codebook embedding the K classes")
-    code_init: Literal["random", "data"] = Field(
-        "random", description="resnet: data sets the encoder's code head from the first training images (each "
-        "of the K codes the nearest-centre logit around one random grid position's features) so that every "
-        "code is in use and informative from step 0; random: PyTorch's default initialisation"
+    downsample: Literal[4, 8, 16] = Field(4, description="resnet, patch: the grid is (H/f) x (W/f) for f = downsample")
+    blocks: int = Field(2, ge=1, description="resnet: residual blocks per stage; patch: context blocks of the "
+                        "encoder and of the decoder")
+    codebook_dim: int = Field(64, ge=1, description="resnet, patch: width d of the learned codebook embedding the "
+                              "K classes (patch with code_init kmeans: at least C*f*f)")
+    code_init: Literal["random", "data", "kmeans"] = Field(
+        "random", description="resnet, patch: sets the encoder's code head from the first training images so "
+        "that every code is in use and informative from step 0: data, each of the K codes the nearest-centre "
+        "logit around one random grid position's features; kmeans, around the K centres of MiniBatchKMeans on "
+        "all their positions (patch: also the decoder's codebook, so step 0 is the K-means quantizer of the "
+        "cells); random: PyTorch's default initialisation"
+    )
+    code_init_spread: float = Field(
+        5.0, gt=0, description="data, kmeans: the std across the K codes of a position's initial logits. Large: "
+        "the posterior starts confident, so sampled codes are the nearest centre"
     )
     entropy_weight: float = Field(
         0.0, ge=0.0, description="resnet: weight of the code entropy term N * (H(q) per position - H(q pooled "
         "over the batch)) added to the loss: confident positions spread over the whole codebook (MAGVIT-v2)"
     )
     latent: LatentConfig = Field(default_factory=LatentConfig, description="The latent variables (model.latent.*)")
+
+    @property
+    def is_grid(self) -> bool:
+        """A grid of categorical codes (arch resnet or patch): an image tokenizer."""
+        return self.arch in GRID_ARCHES
 
     @model_validator(mode="after")
     def _positive_widths(self) -> "ModelConfig":
@@ -165,7 +185,12 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _resnet_grid(self) -> "ModelConfig":
         # The grid latent is the categorical one (N = h*w positions); one width per resolution.
-        if self.arch == "resnet":
+        if self.arch == "patch":
+            if len(self.channels) != 1:
+                raise ValueError(f"arch patch takes one width in model.channels (its context blocks), got {self.channels}")
+            if self.latent.kind != "categorical":
+                raise ValueError(f"arch patch needs model.latent.kind categorical (a grid), got {self.latent.kind}")
+        elif self.arch == "resnet":
             stages = int(math.log2(self.downsample)) + 1
             if len(self.channels) != stages:
                 raise ValueError(f"arch resnet with model.downsample={self.downsample} needs model.channels with "
@@ -174,7 +199,7 @@ class ModelConfig(_Section):
                 raise ValueError(f"arch resnet needs model.latent.kind categorical (a grid), got {self.latent.kind}")
         elif self.code_init != "random" or self.entropy_weight:
             raise ValueError(f"model.code_init: {self.code_init} and model.entropy_weight: {self.entropy_weight} "
-                             f"apply to a grid (arch resnet), not arch {self.arch}")
+                             f"apply to a grid (arch resnet or patch), not arch {self.arch}")
         return self
 
 

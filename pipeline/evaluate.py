@@ -12,7 +12,7 @@ dataset, and computes per input, summed over the split:
   -ELBO (``<split>/nll_exact``, ``<split>/loss_exact``),
 - for a likelihood over 8-bit levels (logistic): both as bits per dimension
   (``<split>/bits_per_dim``, ``<split>/bits_per_dim_is_k<K>``),
-- for a grid model (arch resnet), the tokenizer report of its argmax tokens and the images decoded
+- for a grid model (arch resnet or patch), the tokenizer report of its argmax tokens and the images decoded
   from them (pipeline/tokenizer_report.py): ``<split>/rate_bits_per_image``, ``<split>/psnr``,
   ``<split>/psnr_pooled``, ``<split>/mse``, ``<split>/ssim``, ``<split>/codes_used``,
   ``<split>/code_perplexity`` and ``<split>/bits_per_token`` (under a unigram model of the train

@@ -93,7 +93,7 @@ def _describe(model: Any, config: Any, *, source: str, run_id: str) -> dict[str,
                             "latent": config.model.latent.kind, "likelihood": config.model.likelihood,
                             "image_shape": [c, h, w], "image_dtype": "uint8",
                             "parameters": sum(p.numel() for p in model.parameters())}
-    if config.model.arch == "resnet":
+    if config.model.is_grid:
         grid = list(model.encoder.grid)
         categories = config.model.latent.categories
         meta |= {"code_grid": grid, "codebook_size": categories, "code_dtype": "int64",

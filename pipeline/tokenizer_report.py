@@ -188,7 +188,7 @@ def tokenizer_figures(codes: Tensor | np.ndarray, images: Tensor | np.ndarray,
 # ---------------------------------------------------------------- a trained grid model
 
 def is_grid_model(model: Any) -> bool:
-    """A model with a grid of categorical codes (arch resnet): the report applies."""
+    """A model with a grid of categorical codes (arch resnet or patch): the report applies."""
     from pipeline.models import CategoricalLatent
 
     return isinstance(getattr(model, "latent", None), CategoricalLatent) and \
@@ -219,7 +219,7 @@ def model_report(model: Any, batches: Callable[[str], Iterable[tuple[Tensor, Any
     ``splits``) are the unigram model behind bits per token; ``train_split=None``: no bits per
     token. ``progress(split, images_done)`` after each batch."""
     if not is_grid_model(model):
-        raise ValueError("the tokenizer report needs a grid model (arch resnet, a categorical latent)")
+        raise ValueError("the tokenizer report needs a grid model (arch resnet or patch, a categorical latent)")
     model.eval()
     grid, k = tuple(model.encoder.grid), model.latent.categories
     tallies = {split: TokenizerTally(grid, k) for split in splits}

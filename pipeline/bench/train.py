@@ -84,7 +84,7 @@ def build_like_training(cfg: Any, url: str) -> Any:
     target = ImageTarget.from_config(manifest.spec, cfg.data)
     torch.manual_seed(cfg.train.seed)
     model = build_vae(cfg.model, image_shape=target.shape, binarize=cfg.data.binarize)
-    if cfg.model.code_init == "data":
+    if cfg.model.code_init != "random":
         from pipeline.train.code_init import init_codes_from_data
 
         init_codes_from_data(model, manifest, url, cfg, ShardReader(ReadOptions.from_config(cfg.data),
@@ -274,7 +274,7 @@ def run_train_bench(url: str, config: str, work: Path, *, epochs: int = 1, batch
         "dataset": {"url": url, "train_samples": manifest.splits["train"].samples,
                     "stored": {"channels": manifest.spec.channels, "size": manifest.spec.size}},
         "config": config, "epochs": cfg.train.epochs, "batch": cfg.train.batch_size, "log_every": window,
-        "model": {"arch": m.arch, "hidden": m.hidden if m.arch != "resnet" else None,
+        "model": {"arch": m.arch, "hidden": m.hidden if not m.is_grid else None,
                   "channels": m.channels if m.arch != "mlp" else None, "latent": m.latent.kind,
                   "likelihood": m.likelihood,
                   "binarize": cfg.data.binarize if m.likelihood == "bernoulli" else None,

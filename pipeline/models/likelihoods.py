@@ -13,6 +13,9 @@ here, in the Bernoulli likelihood, not in the data layer.
   mean mu and scale s, integrated over the level's bin of width 2/255 on [-1, 1], the edge
   levels taking the tails. Its -log-likelihood in bits per dimension is comparable across papers.
 - `LogitLaplace`: DALL-E's dVAE likelihood, a continuous density on pixels mapped into [0.1, 0.9].
+- `Gaussian`: a normal density of fixed std around the decoder's mean, on pixels in [0, 1]: its
+  -log p is the squared error / (2 std^2) plus a constant, so training minimises the MSE that PSNR
+  reports (pythae's and taming's "mse" reconstruction loss, as a density).
 """
 
 from __future__ import annotations
@@ -54,9 +57,15 @@ class Likelihood(nn.Module):
         """log p(target_b | out_m) for every pair: out [M, ...], target [B, ...] -> [B, M] (exact enumeration)."""
         return torch.stack([self.log_prob(out, t.unsqueeze(0)) for t in target])
 
+    # The decoder output that reproduces a prepared input v as the reconstruction, to first order:
+    # location = slope * v + intercept, and the initial value of a learned scale (None: no scale
+    # channels). A decoder can start as "the code's vector is the pixels" with it (models/patch.py).
+    readout: tuple[float, float, float | None] = (1.0, 0.0, None)
+
 
 class Bernoulli(Likelihood):
     params_per_channel = 1
+    readout = (4.0, -2.0, None)  # logit(v) ~ 4 (v - 1/2) around the middle
 
     def __init__(self, binarize: str = "dynamic") -> None:
         super().__init__()
@@ -88,6 +97,7 @@ class Bernoulli(Likelihood):
 class DiscretizedLogistic(Likelihood):
     params_per_channel = 2  # mean, log-scale
     eight_bit = True
+    readout = (1.0, 0.0, -3.0)  # mu = v on [-1, 1]; scale e^-3 ~ 6 levels
 
     def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
         scaled = _as_unit(x).mul(2.0).sub(1.0)  # level k -> k / 127.5 - 1, the bin centres on [-1, 1]
@@ -134,6 +144,7 @@ class LogitLaplace(Likelihood):
 
     params_per_channel = 2  # mu (logit space), log b
     eps = 0.1
+    readout = (4.0, -2.0, -1.0)  # logit(v) ~ 4 (v - 1/2) around the middle
 
     def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mapped = _as_unit(x).mul(1.0 - 2.0 * self.eps).add(self.eps)  # DALL-E's map_pixels; the encoder sees it too
@@ -155,14 +166,43 @@ class LogitLaplace(Likelihood):
         return torch.sigmoid(mu).sub(self.eps).div(1.0 - 2.0 * self.eps).clamp(0.0, 1.0)
 
 
-def build_likelihood(kind: str, binarize: str = "dynamic") -> Likelihood:
+class Gaussian(Likelihood):
+    """x ~ Normal(mu, std^2) per pixel and channel, pixels in [0, 1], std fixed (``model.gaussian_std``):
+    -log p = (x - mu)^2 / (2 std^2) + log(std sqrt(2 pi)), summed over C, H, W. The std sets the
+    weight of the squared error against the KL: the ELBO of pixels blurred by that much noise.
+    A continuous density on 8-bit data: -log p is not a code length, so no bits/dim."""
+
+    params_per_channel = 1
+
+    def __init__(self, std: float = 0.05) -> None:
+        super().__init__()
+        if not std > 0:
+            raise ValueError(f"model.gaussian_std must be > 0, got {std}")
+        self.std = float(std)
+
+    def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        unit = _as_unit(x)
+        return unit, unit
+
+    def log_prob(self, out: Tensor, target: Tensor) -> Tensor:
+        squared = (target - out).square().flatten(-3).sum(-1)
+        dims = math.prod(target.shape[-3:])
+        return -squared / (2.0 * self.std**2) - dims * math.log(self.std * math.sqrt(2.0 * math.pi))
+
+    def mean(self, out: Tensor) -> Tensor:
+        return out.clamp(0.0, 1.0)
+
+
+def build_likelihood(kind: str, binarize: str = "dynamic", *, gaussian_std: float = 0.05) -> Likelihood:
     if kind == "bernoulli":
         return Bernoulli(binarize)
     if kind == "logistic":
         return DiscretizedLogistic()
     if kind == "logit-laplace":
         return LogitLaplace()
-    raise ValueError(f"unknown model.likelihood {kind!r} (bernoulli, logistic or logit-laplace)")
+    if kind == "gaussian":
+        return Gaussian(gaussian_std)
+    raise ValueError(f"unknown model.likelihood {kind!r} (bernoulli, logistic, logit-laplace or gaussian)")
 
 
 def bits_per_dim(nll_nats: float, dims: int) -> float:

@@ -79,6 +79,22 @@ def grid_to_params(logits: Tensor) -> Tensor:
     return logits.permute(0, 2, 3, 1).reshape(logits.shape[0], -1)
 
 
+def code_centres(features: Tensor, categories: int, seed: int, method: str = "data") -> Tensor:
+    """K centres [K, D] for a code head from features [M, D] (`ResNetEncoder.init_codes`): ``data``
+    draws K distinct rows; ``kmeans`` fits scikit-learn's MiniBatchKMeans (random_state = seed)."""
+    if len(features) < categories:
+        raise ValueError(f"code init from data needs at least K = {categories} grid positions, got {len(features)}")
+    if method == "data":
+        return features[torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:categories]]
+    if method == "kmeans":
+        from sklearn.cluster import MiniBatchKMeans
+
+        kmeans = MiniBatchKMeans(n_clusters=categories, random_state=seed, n_init="auto")
+        kmeans.fit(features.double().numpy())
+        return torch.as_tensor(kmeans.cluster_centers_, dtype=features.dtype)
+    raise ValueError(f"unknown code init method {method!r} (data or kmeans)")
+
+
 class ResBlock(nn.Module):
     """x -> skip(x) + gain * (relu-3x3-relu-3x3-relu-3x3-relu-1x1)(x); skip is a 1x1 conv when widths differ."""
 
@@ -137,28 +153,29 @@ class ResNetEncoder(nn.Module):
         self.to_logits = nn.Linear(previous, categories)  # = a 1x1 conv, applied to [B, h, w, c]
 
     @torch.no_grad()
-    def init_codes(self, inputs: Tensor, generator: torch.Generator, spread: float = CODE_INIT_SPREAD) -> None:
-        """Data-dependent initialisation of the code head (the k-means++-free variant of a VQ codebook's
-        data init): K distinct positions of ``inputs`` [B, C, H, W] (prepared images) become the K code
-        centres c_k, and the head is set to the distance logits -||f - c_k||^2 / T (= 2 c_k.f / T -
-        ||c_k||^2 / T up to a constant per position: exactly a linear layer). T makes the logits of a
-        position spread by ``spread`` (their std across the K codes, averaged over positions).
+    def init_codes(self, inputs: Tensor, seed: int, *, method: str = "data",
+                   spread: float = CODE_INIT_SPREAD) -> Tensor:
+        """Data-dependent initialisation of the code head, like a VQ codebook's data init: K centres c_k
+        in feature space, from the features of ``inputs`` [B, C, H, W] (prepared images), and the head
+        set to the distance logits -||f - c_k||^2 / T (= 2 c_k.f / T - ||c_k||^2 / T up to a constant
+        per position: exactly a linear layer). T makes the logits of a position spread by ``spread``
+        (their std across the K codes, averaged over positions). ``method``: ``data``, K distinct
+        grid positions' features; ``kmeans``, the K centres of scikit-learn's MiniBatchKMeans on all
+        of them (every centre is the nearest of some of the features: every code in use, and each
+        code's cell a cluster of similar ones). Deterministic in (inputs, seed). Returns the centres.
 
         Why: at random initialisation the head's logits spread by ~0.1 across codes while Gumbel noise
         at tau = 1 has std 1.28, and the encoder's features share one direction (ReLU outputs), so the
         sampled code carries no information about the image and the few codes that happen to align
-        with that direction win everywhere. Nearest-centre logits start every code in use (each
-        centre is the nearest to its own position) and informative well above the noise."""
+        with that direction win everywhere. Nearest-centre logits start every code in use and
+        informative well above the noise."""
         features = self.features(inputs).permute(0, 2, 3, 1).reshape(-1, self.to_logits.in_features)
-        categories = self.to_logits.out_features
-        if len(features) < categories:
-            raise ValueError(f"code init from data needs at least K = {categories} grid positions, got "
-                             f"{len(features)} ({len(inputs)} images)")
-        centres = features[torch.randperm(len(features), generator=generator)[:categories]]
+        centres = code_centres(features, self.to_logits.out_features, seed, method)
         sample = features[: min(len(features), 2048)]
         temperature = torch.cdist(sample, centres).pow(2).std(dim=-1).mean().clamp_min(1e-8) / spread
         self.to_logits.weight.copy_(2.0 * centres / temperature)
         self.to_logits.bias.copy_(-centres.pow(2).sum(dim=-1) / temperature)
+        return centres
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.features(x)  # [B, c, h, w]

@@ -16,6 +16,7 @@ from pipeline.config import ModelConfig
 from pipeline.models.latents import Latent, build_latent, expected_over_codes, pick_code
 from pipeline.models.likelihoods import Likelihood, build_likelihood
 from pipeline.models.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from pipeline.models.patch import PatchDecoder, PatchEncoder
 from pipeline.models.resnet import ResNetDecoder, ResNetEncoder, grid_shape
 
 
@@ -60,16 +61,28 @@ class VAE(nn.Module):
             channels = list(channels or [32, 64])
             self.encoder = ConvEncoder(image_shape, channels, hidden, latent.param_size, activation)
             self.decoder = ConvDecoder(latent.decoder_size, hidden, channels, (h, w), activation, out_shape[0])
-        elif arch == "resnet":  # a grid latent: one categorical variable per position (models/resnet.py)
+        elif arch in ("resnet", "patch"):  # a grid latent: one categorical variable per position
             grid, k = grid_shape(image_shape, downsample), getattr(latent, "categories", None)
             if getattr(latent, "variables", None) != grid[0] * grid[1] or latent.param_size != grid[0] * grid[1] * k:
-                raise ValueError(f"arch 'resnet' needs a categorical latent with {grid[0]}x{grid[1]} variables")
-            widths = list(channels or [32, 64, 128])
-            self.encoder = ResNetEncoder(image_shape, widths, k, downsample=downsample, blocks=blocks)
-            self.decoder = ResNetDecoder(grid, widths, k, out_shape[0], downsample=downsample, blocks=blocks,
-                                         codebook_dim=codebook_dim)
+                raise ValueError(f"arch {arch} needs a categorical latent with {grid[0]}x{grid[1]} variables")
+            if arch == "resnet":  # models/resnet.py
+                widths = list(channels or [32, 64, 128])
+                self.encoder = ResNetEncoder(image_shape, widths, k, downsample=downsample, blocks=blocks)
+                self.decoder = ResNetDecoder(grid, widths, k, out_shape[0], downsample=downsample, blocks=blocks,
+                                             codebook_dim=codebook_dim)
+            else:  # models/patch.py
+                width = (channels or [128])[0]
+                self.encoder = PatchEncoder(image_shape, width, k, downsample=downsample, blocks=blocks)
+                self.decoder = PatchDecoder(grid, width, k, out_shape[0], channels=c, downsample=downsample,
+                                            blocks=blocks, codebook_dim=codebook_dim,
+                                            readout=self.likelihood.readout)
         else:
-            raise ValueError(f"unsupported model.arch {arch!r} (mlp, conv or resnet)")
+            raise ValueError(f"unsupported model.arch {arch!r} (mlp, conv, resnet or patch)")
+
+    @property
+    def is_grid(self) -> bool:
+        """A grid of categorical codes (arch resnet or patch): an image tokenizer."""
+        return isinstance(self.encoder, ResNetEncoder)
 
     @property
     def dims(self) -> int:
@@ -135,13 +148,16 @@ class VAE(nn.Module):
         return objective
 
     @torch.no_grad()
-    def init_codes_from_data(self, x: Tensor, seed: int) -> None:
-        """A grid model's code head initialised from images x [B, C, H, W] (`ResNetEncoder.init_codes`);
-        deterministic in (x, seed), so every rank computes the same weights."""
-        if not isinstance(self.encoder, ResNetEncoder):
-            raise ValueError(f"model.code_init: data needs arch resnet (a grid), got arch {self.arch}")
+    def init_codes_from_data(self, x: Tensor, seed: int, method: str = "data", spread: float = 5.0) -> None:
+        """A grid model's code head initialised from images x [B, C, H, W] (`ResNetEncoder.init_codes`,
+        ``method`` data or kmeans), and for arch patch with kmeans the decoder's codebook too
+        (`PatchDecoder.init_codebook`); deterministic in (x, seed), so every rank computes the same."""
+        if not self.is_grid:
+            raise ValueError(f"model.code_init: {method} needs a grid (arch resnet or patch), got arch {self.arch}")
         inputs, _ = self.prepare(x)
-        self.encoder.init_codes(inputs, torch.Generator().manual_seed(seed))
+        centres = self.encoder.init_codes(inputs, seed, method=method, spread=spread)
+        if method == "kmeans" and isinstance(self.decoder, PatchDecoder):
+            self.decoder.init_codebook(centres[:, : self.decoder.cell_size])
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -175,10 +191,10 @@ def build_vae(cfg: ModelConfig, input_dim: int | None = None, *, image_shape: tu
     if len(image_shape) == 2:
         image_shape = (1, *image_shape)
     latent_cfg = cfg.latent
-    if cfg.arch == "resnet":  # the grid: N = (H/f) * (W/f) variables, whatever latent.variables says
+    if cfg.is_grid:  # the grid: N = (H/f) * (W/f) variables, whatever latent.variables says
         gh, gw = grid_shape(tuple(image_shape), cfg.downsample)
         latent_cfg = cfg.latent.model_copy(update={"variables": gh * gw})
     return VAE(tuple(image_shape), list(cfg.hidden), build_latent(latent_cfg),
-               likelihood=build_likelihood(cfg.likelihood, binarize), arch=cfg.arch, channels=list(cfg.channels),
+               likelihood=build_likelihood(cfg.likelihood, binarize, gaussian_std=cfg.gaussian_std), arch=cfg.arch, channels=list(cfg.channels),
                activation=cfg.activation, downsample=cfg.downsample, blocks=cfg.blocks,
                codebook_dim=cfg.codebook_dim, entropy_weight=cfg.entropy_weight)

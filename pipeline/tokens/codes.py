@@ -6,7 +6,7 @@ Token format (a dataset like any other: WebDataset tars + manifest.json, any fss
 - one output shard per input shard, ``<split>-<nnnnn>.tar``, its samples in the source shard's
   order and under the SOURCE sample's key;
 - per sample ``<key>.npy``: ``np.save`` (no pickle) of the posterior mode's class indices as
-  uint16 — the code grid [h, w] of a grid latent (``model.arch: resnet``), or the N argmaxes [N]
+  uint16 — the code grid [h, w] of a grid latent (``model.arch: resnet`` or ``patch``), or the N argmaxes [N]
   of a flat categorical latent — plus ``<key>.cls`` (the label, ASCII) when the source has labels;
 - the manifest (format 2) declares ``dtype: uint16``, ``sample`` (npy, 1 channel, size [h, w], or
   [1, N] for a flat latent) and ``tokens``: the run id, the model version (the registered model
@@ -79,7 +79,7 @@ def token_layout(model: VAE, run_id: str = "?") -> TokenLayout:
         raise EncodeError(f"run {run_id}: its latent ({type(latent).__name__}) is not categorical: no tokens to write")
     if latent.categories > MAX_TOKENS:
         raise EncodeError(f"run {run_id}: K = {latent.categories} classes do not fit uint16 tokens")
-    grid = tuple(model.encoder.grid) if model.arch == "resnet" else None
+    grid = tuple(model.encoder.grid) if model.is_grid else None
     return TokenLayout(latent.categories, latent.variables, grid)  # type: ignore[arg-type]
 
 

@@ -1,4 +1,4 @@
-"""`Tokenizer`: a trained grid model (``model.arch: resnet``) as an image tokenizer in Python.
+"""`Tokenizer`: a trained grid model (``model.arch: resnet`` or ``patch``) as an image tokenizer in Python.
 
     from pipeline import Tokenizer
     tok = Tokenizer.load("models:/images-dvae@champion")   # or "models:/NAME/3", "runs:/RUN_ID/model", RUN_ID
@@ -34,7 +34,7 @@ class Tokenizer:
 
     def __init__(self, model: VAE, config: RunConfig, *, run_id: str = "?", device: str | torch.device | None = None,
                  batch_size: int = 256) -> None:
-        if config.model.arch != "resnet":
+        if not config.model.is_grid:
             raise TokenizerError(f"run {run_id} is not a grid model: model.arch {config.model.arch}")
         if config.model.latent.kind != "categorical":
             raise TokenizerError(f"run {run_id} is not a grid model: its latent is {config.model.latent.kind}, "

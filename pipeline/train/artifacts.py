@@ -3,7 +3,7 @@ grid and a prior-sample grid (PNG), the model itself and its raw weights ``check
 (a state_dict: `pipeline.runs.load` rebuilds the model from the run's config.yaml and loads it with
 ``weights_only=True``, no unpickling of code).
 
-The model: a grid model (``model.arch: resnet``, categorical latent) is logged as its tokenizer, a
+The model: a grid model (``model.arch: resnet`` or ``patch``, categorical latent) is logged as its tokenizer, a
 pyfunc that turns uint8 images [B, C, H, W] into int64 codes [B, h, w] (pipeline/tokens/serving.py);
 the other models as the `Reconstructor` (MLflow pytorch flavour)."""
 
@@ -102,4 +102,4 @@ def is_grid_tokenizer(model: VAE) -> bool:
     """A grid of categorical codes: logged as a tokenizer (images -> codes)."""
     from pipeline.models.latents import CategoricalLatent
 
-    return model.arch == "resnet" and isinstance(model.latent, CategoricalLatent)
+    return model.is_grid and isinstance(model.latent, CategoricalLatent)

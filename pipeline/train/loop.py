@@ -117,7 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from pipeline.runs.load import load_initial_weights
 
         load_initial_weights(model, cfg.train.init_from, args.tracking_uri)
-    elif cfg.model.code_init == "data":  # a fresh grid: every code starts in use (models/resnet.py)
+    elif cfg.model.code_init != "random":  # a fresh grid: every code starts in use (models/resnet.py)
         init_codes_from_data(model, manifest, args.dataset_url, cfg, reader)
 
     global_batch = cfg.train.batch_size

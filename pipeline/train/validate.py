@@ -108,7 +108,7 @@ def evaluate_split(model: torch.nn.Module, manifest: Any, dataset_url: str, spli
     # Code use: argmax uses per class pooled over positions, exact after the all_reduce;
     # reconstruction error (sum of per-image MSE and PSNR) of the posterior mode's decoding.
     categorical = isinstance(latent, CategoricalLatent)
-    grid = getattr(getattr(model, "encoder", None), "grid", None)  # (h, w) for arch resnet
+    grid = getattr(getattr(model, "encoder", None), "grid", None)  # (h, w) for a grid (arch resnet or patch)
     if categorical:
         shapes["code_counts"] = (latent.categories,)
         shapes["onehot"] = (1,)  # sum of the one-hot -ELBO

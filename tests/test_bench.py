@@ -264,9 +264,9 @@ def test_bench_train_emits_every_field(tmp_path):
     assert "old" not in text and "| (b) `pipeline train`, 2 Ray worker(s)" in text and text.endswith("y\n")
 
 
-# --- bench train on an image config (configs/images-dvae.yaml: resnet grid, RGB 32x32, logit-Laplace) ---
+# --- bench train on an image config (configs/images-dvae.yaml: patch grid, RGB 32x32, Gaussian) ---
 
-TINY_DVAE = ["model.channels=[8, 8, 8]", "model.codebook_dim=8", "model.latent.categories=16",
+TINY_DVAE = ["model.channels=[8]", "model.codebook_dim=48", "model.latent.categories=16",
              "model.entropy_weight=0.1"]  # entropy_weight: the objective is not out.loss
 
 
@@ -288,6 +288,7 @@ def test_bench_train_plain_loop_runs_the_training_objective(request, config, dat
     from pipeline.config import load_config
     from pipeline.models import build_vae
     from pipeline.train.schedules import kl_weight, temperature
+    from pipeline.train.step import noise_seed
 
     url = request.getfixturevalue(dataset)
     image = config == "images-dvae.yaml"
@@ -306,15 +307,15 @@ def test_bench_train_plain_loop_runs_the_training_objective(request, config, dat
     assert (result["batch"], result["partitions"], result["steps"]) == (8, partitions, 4)
 
     # Step 0 recomputed by hand: the model as training builds it, the batch, one forward per partition
-    # with its noise seed (train/loop.py), the schedules at step 0 and VAE.objective (beta, entropy term).
+    # with its noise seed (train/step.py), the schedules at step 0 and VAE.objective (beta, entropy term).
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(cfg.train.seed)
         model = build_vae(cfg.model, image_shape=shape, binarize=cfg.data.binarize)
         if image:
-            assert type(model.likelihood).__name__ == "LogitLaplace" and model.entropy_weight == 0.1
-            assert cfg.model.code_init == "data"  # as shipped: the code head set from the first train images
+            assert type(model.likelihood).__name__ == "Gaussian" and model.entropy_weight == 0.1
+            assert cfg.model.code_init == "kmeans"  # as shipped: the K-means quantizer of the first train images
             from pipeline.data.contract import ImageTarget, SampleDecoder
             from pipeline.data.reader import ReadOptions, ShardReader
             from pipeline.train.code_init import init_codes_from_data
@@ -329,7 +330,7 @@ def test_bench_train_plain_loop_runs_the_training_objective(request, config, dat
         tau, beta = temperature(0, cfg.model.latent), kl_weight(0, cfg.train)
         objectives, losses = [], []
         for partition, chunk in enumerate(x.chunk(partitions)):
-            torch.random.default_generator.manual_seed(hash((cfg.train.seed, 0, partition)) & 0x7FFF_FFFF_FFFF_FFFF)
+            torch.random.default_generator.manual_seed(noise_seed(cfg.train.seed, 0, partition))
             out = model(chunk, temperature=tau)  # uint8 in: the likelihood prepares it (binarizes for digits)
             objectives.append(model.objective(out, beta, 1.0).item())
             losses.append(out.loss.item())

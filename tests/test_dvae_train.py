@@ -21,6 +21,7 @@ from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.schedules import kl_weight, learning_rate, temperature
 from pipeline.train.trainer import train
 from test_image_stream import photo_crops, write_image_dataset
+import train_hooks
 
 REPO = Path(__file__).resolve().parents[1]
 DVAE_CONFIG = REPO / "configs" / "images-dvae.yaml"
@@ -39,10 +40,10 @@ def test_dvae_on_two_workers_lands_schedules_code_use_and_per_epoch_images(ray_c
                                                                          monkeypatch):
     dataset = str(tmp_path / "photos")
     write_image_dataset(dataset, photo_crops(TRAIN_IMAGES, seed=2), per_shard=16)
-    monkeypatch.setenv("PIPELINE_SAMPLE_LOG", str(tmp_path / "samples"))  # each rank: the keys it trained, its pid
+    train_hooks.install(monkeypatch, train_hooks.sample_log(tmp_path / "samples"))  # each rank: keys, pid
     config = load_config(DVAE_CONFIG, [
         f"data.url={dataset}", f"tracking.uri={tracking_uri}", f"train.storage={tmp_path / 'ray'}",
-        "data.image_size=[16, 16]", "model.channels=[8, 8, 16]", "model.codebook_dim=8",
+        "data.image_size=[16, 16]", "model.channels=[8]", "model.codebook_dim=48",
         "model.latent.categories=32", f"train.batch_size={BATCH}", f"train.epochs={EPOCHS}",
         f"train.log_every={LOG_EVERY}", "train.lr_warmup_steps=2", "train.kl_warmup_steps=4",
         "model.latent.tau_steps=6",

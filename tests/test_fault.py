@@ -23,6 +23,7 @@ from pipeline.config import load_config
 from pipeline.data import load_mnist_splits, steps_per_epoch, write_shards
 from pipeline.train.trainer import TrainingError, train
 from processes import kill_session
+import train_hooks
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits-categorical.yaml"
@@ -37,8 +38,8 @@ def mnist_dataset(tmp_path_factory, mnist_dir) -> str:
 
 @pytest.fixture(autouse=True)
 def sample_log(tmp_path, monkeypatch) -> Path:
-    """Every rank appends the keys it trained on per step (a testing aid the driver passes on)."""
-    monkeypatch.setenv("PIPELINE_SAMPLE_LOG", str(tmp_path / "samples"))
+    """Every rank appends the keys it trained on per step (a hook the driver passes on: tests/train_hooks.py)."""
+    train_hooks.install(monkeypatch, train_hooks.sample_log(tmp_path / "samples"))
     return tmp_path / "samples"
 
 
@@ -204,7 +205,7 @@ def test_killed_driver_resumes_the_same_run(mnist_dataset, tmp_path):
     """SIGKILL the whole `pipeline train` process group mid-epoch; `--resume` finishes the same run."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sample_log = tmp_path / "samples"
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PIPELINE_SAMPLE_LOG": str(sample_log)}
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri} | train_hooks.env(train_hooks.sample_log(sample_log))
     env.pop("RAY_ADDRESS", None)
     args = ["-o", f"data.url={mnist_dataset}", "-o", "train.epochs=2", "-o", "train.checkpoint_every_steps=50",
             "-o", f"train.storage={tmp_path / 'ray'}",
@@ -238,7 +239,7 @@ def test_killed_driver_resumes_the_same_run(mnist_dataset, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_nonfinite_skip_batch_continues_and_counts(ray_cluster, digits_dataset, tmp_path, tracking_uri, monkeypatch):
-    monkeypatch.setenv("PIPELINE_DEBUG_NAN_STEP", "5")
+    train_hooks.install(monkeypatch, train_hooks.nan_at(5))
     config = _config(digits_dataset, tracking_uri, tmp_path, "train.epochs=1", "train.on_nonfinite=skip_batch",
                      "train.log_every=1")
     result = train(config)
@@ -253,7 +254,7 @@ def test_nonfinite_skip_batch_continues_and_counts(ray_cluster, digits_dataset, 
 @pytest.mark.slow  # ~25 s; the default run stops on a NaN loss in tests/test_train.py
 @pytest.mark.timeout(300)
 def test_nonfinite_stop_names_the_step(ray_cluster, digits_dataset, tmp_path, tracking_uri, monkeypatch):
-    monkeypatch.setenv("PIPELINE_DEBUG_NAN_STEP", "7")
+    train_hooks.install(monkeypatch, train_hooks.nan_at(7))
     config = _config(digits_dataset, tracking_uri, tmp_path, "train.epochs=1")
     with pytest.raises(TrainingError, match="non-finite loss at step 7"):
         train(config)

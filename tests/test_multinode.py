@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from moto_s3 import moto_server, s3_environment
 from pipeline.data import steps_per_epoch
 from ray_nodes import ray_cluster_of_nodes
+import train_hooks
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits-categorical.yaml"
@@ -120,7 +121,7 @@ def test_losing_a_worker_node_continues_on_the_rest(cluster, tmp_path):
     sample_log = tmp_path / "samples"
     proc = _train(cluster, tmp_path, "train.workers=1..2", f"train.epochs={epochs}", f"train.batch_size={batch}",
                   "train.checkpoint_every_steps=10", "train.log_every=5", f"train.storage=s3://{BUCKET}/elastic",
-                  "tracking.experiment=node-loss", wait=False, env={"PIPELINE_SAMPLE_LOG": str(sample_log)})
+                  "tracking.experiment=node-loss", wait=False, env=train_hooks.env(train_hooks.sample_log(sample_log)))
     try:
         victim = _wait_for_step(sample_log, rank=1, step=55, proc=proc)
         lost = next(node for node in cluster.workers if node.owns(victim["pid"]))

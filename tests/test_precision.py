@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, TrainConfig
 from pipeline.models import build_vae
-from pipeline.train.checkpoint import load_checkpoint, save_checkpoint, training_weights
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.state import TrainState
 from pipeline.train.step import PrecisionStep
 
 
@@ -79,37 +80,33 @@ def test_fp16_runs_the_forward_in_fp16_and_steps_through_the_grad_scaler():
 
 
 def test_grad_scaler_state_goes_through_a_checkpoint_and_training_continues_as_uninterrupted(tmp_path):
-    """fp16: the scaler's state (a backed-off scale, its growth count) saved with save_checkpoint and
-    read back with load_checkpoint (weights_only) as the loop resumes; the resumed steps equal the
-    uninterrupted ones, weights and scaler alike."""
-    def fresh():
+    """fp16: the scaler's state (a backed-off scale, its growth count) saved with the `TrainState` by
+    save_checkpoint and read back with load_checkpoint (weights_only) as the loop resumes; the resumed
+    steps equal the uninterrupted ones, weights and scaler alike."""
+    def fresh() -> TrainState:
         torch.manual_seed(0)
-        model = torch.nn.Linear(8, 1)
-        return model, torch.optim.Adam(model.parameters(), lr=1e-2), PrecisionStep("fp16", torch.device("cpu"))
+        return TrainState(torch.nn.Linear(8, 1), TrainConfig(precision="fp16", lr=1e-2), torch.device("cpu"), 1)
 
-    def train_step(model, optimizer, precision, i: int) -> None:
+    def train_step(state: TrainState, i: int) -> None:
         x = torch.rand(4, 8, generator=torch.Generator().manual_seed(i))
-        with precision.autocast():
-            loss = model(x).float().mean() * (1e36 if i in (2, 6) else 1.0)  # overflows once scaled: skipped
-        assert not precision.backward_and_step(loss, model, optimizer).nonfinite
+        with state.precision.autocast():
+            loss = state.model(x).float().mean() * (1e36 if i in (2, 6) else 1.0)  # overflows once scaled: skipped
+        assert not state.precision.backward_and_step(loss, state.model, state.optimizer).nonfinite
+        state.position.advance()
 
-    model, optimizer, precision = fresh()
+    state = fresh()
     for i in range(5):
-        train_step(model, optimizer, precision, i)
-    saved = precision.state_dict()  # backed off (step 2, and any step the scaler found too large) and counting
+        train_step(state, i)
+    saved = state.precision.state_dict()  # backed off (step 2, and any step the scaler found too large) and counting
     assert saved["scale"] < 2.0**16 and saved["_growth_tracker"] == 2
-    save_checkpoint(tmp_path, model=model, optimizer=optimizer, step=5, epoch=0, step_in_epoch=5, partitions=1,
-                    config={}, grad_scaler=precision.state_dict())
-    state = load_checkpoint(tmp_path)
-    resumed, resumed_optimizer, resumed_precision = fresh()  # as train/loop.py restores a worker
-    resumed.load_state_dict(training_weights(state))
-    resumed_optimizer.load_state_dict(state["optimizer"])
-    resumed_precision.load_state_dict(state.get("grad_scaler", {}))
-    assert resumed_precision.state_dict() == precision.state_dict()
+    save_checkpoint(tmp_path, state, config={})
+    resumed = fresh()  # as train/loop.py restores a worker
+    resumed.load_state_dict(load_checkpoint(tmp_path))
+    assert resumed.precision.state_dict() == state.precision.state_dict() and resumed.position.step == 5
     for i in range(5, 9):
-        train_step(model, optimizer, precision, i)
-        train_step(resumed, resumed_optimizer, resumed_precision, i)
-    assert precision.state_dict()["scale"] == saved["scale"] / 2  # step 6 backed off from the restored scale
-    assert resumed_precision.state_dict() == precision.state_dict()
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+        train_step(state, i)
+        train_step(resumed, i)
+    assert state.precision.state_dict()["scale"] == saved["scale"] / 2  # step 6 backed off from the restored scale
+    assert resumed.precision.state_dict() == state.precision.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(state.model.parameters(), resumed.model.parameters()))
     assert PrecisionStep("fp32", torch.device("cpu")).state_dict() == {}

@@ -11,13 +11,9 @@ import torch
 
 from pipeline.config import ConfigError, LatentConfig, ModelConfig, TrainConfig, parse_config
 from pipeline.models import build_vae, temperature_at
-from pipeline.train.checkpoint import (
-    load_checkpoint,
-    restore_ema,
-    save_checkpoint,
-    training_weights,
-)
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.schedules import kl_weight, learning_rate, set_learning_rate, straight_through, temperature
+from pipeline.train.state import TrainState
 from pipeline.train.step import PrecisionStep, WeightEMA, build_optimizer
 
 
@@ -153,40 +149,34 @@ TOTAL = 12
 
 class _Trainer:
     """The loop's per-step sequence (train/loop.py) without Ray: schedules, forward, beta-weighted
-    objective, clipped step, EMA update; its checkpoint goes through train/checkpoint.py."""
+    objective, clipped step, EMA update, on a `TrainState`; its checkpoint goes through train/checkpoint.py."""
 
     def __init__(self, directory=None) -> None:
         torch.manual_seed(0)
-        self.model = build_vae(ModelConfig(hidden=[16], latent=LATENT), input_dim=12)
-        self.optimizer = build_optimizer(self.model.parameters(), TRAIN)
-        self.precision = PrecisionStep("fp32", torch.device("cpu"), grad_clip=TRAIN.grad_clip)
-        self.ema = WeightEMA(self.model, TRAIN.ema)
-        self.step = 0
+        model = build_vae(ModelConfig(hidden=[16], latent=LATENT), input_dim=12)
+        self.state = TrainState(model, TRAIN, torch.device("cpu"), partitions=1)
+        self.model, self.optimizer, self.ema = model, self.state.optimizer, self.state.ema
         self.log: list[tuple[float, float, float]] = []
         if directory is not None:
-            state = load_checkpoint(directory)
-            self.model.load_state_dict(training_weights(state))
-            self.optimizer.load_state_dict(state["optimizer"])
-            restore_ema(self.ema, state)
-            self.step = state["step"]
+            self.state.load_state_dict(load_checkpoint(directory))
 
     def run(self, until: int) -> None:
         data = torch.Generator().manual_seed(1)
         x_all = torch.rand(TOTAL, 8, 12, generator=data).bernoulli(generator=data)
-        while self.step < until:
-            tau, beta = temperature(self.step, LATENT), kl_weight(self.step, TRAIN)
-            lr = learning_rate(self.step, TRAIN, TOTAL)
+        while self.state.position.step < until:
+            step = self.state.position.step
+            tau, beta = temperature(step, LATENT), kl_weight(step, TRAIN)
+            lr = learning_rate(step, TRAIN, TOTAL)
             set_learning_rate(self.optimizer, lr)
-            torch.manual_seed(1000 + self.step)  # the loop seeds the sampling noise by step
-            out = self.model(x_all[self.step], temperature=tau)
-            self.precision.backward_and_step(out.recon + beta * out.kl, self.model, self.optimizer)
+            torch.manual_seed(1000 + step)  # the loop seeds the sampling noise by step
+            out = self.model(x_all[step], temperature=tau)
+            self.state.precision.backward_and_step(out.recon + beta * out.kl, self.model, self.optimizer)
             self.ema.update(self.model)
             self.log.append((tau, beta, lr))
-            self.step += 1
+            self.state.position.advance()
 
     def save(self, directory) -> None:
-        save_checkpoint(directory, model=self.model, optimizer=self.optimizer, step=self.step, epoch=0,
-                        step_in_epoch=self.step, partitions=1, config={}, ema=self.ema)
+        save_checkpoint(directory, self.state, config={})
 
 
 def test_schedules_optimizer_and_ema_continue_exactly_across_a_checkpoint(tmp_path) -> None:
@@ -202,11 +192,11 @@ def test_schedules_optimizer_and_ema_continue_exactly_across_a_checkpoint(tmp_pa
         assert torch.equal(state["model"][name], tensor)
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(state["online_model"][name], tensor)
-    assert state["ema"]["updates"] == 5
+    assert state["ema"]["updates"] == 5 and (state["step"], state["step_in_epoch"], state["partitions"]) == (5, 5, 1)
     assert any(not torch.equal(state["model"][k], state["online_model"][k]) for k in state["model"])
 
     resumed = _Trainer(tmp_path)
-    assert resumed.ema.updates == 5
+    assert resumed.ema.updates == 5 and resumed.state.position.step == 5
     for name, tensor in first.ema.module.state_dict().items():  # EMA restored exactly
         assert torch.equal(resumed.ema.module.state_dict()[name], tensor)
     resumed.run(TOTAL)
@@ -234,15 +224,14 @@ def test_ema_is_the_moving_average_and_a_checkpoint_without_one_starts_it(tmp_pa
         torch.testing.assert_close(avg, p0 + 0.9)
     assert [WeightEMA.decay_at(u, 0.75) for u in (0, 1, 8, 26, 27, 1000)] == [0.1, 2 / 11, 9 / 18, 27 / 36, 0.75, 0.75]
     # A run without EMA, resumed with it: the average starts from the trained weights.
-    opt = torch.optim.Adam(model.parameters())
-    save_checkpoint(tmp_path, model=model, optimizer=opt, step=3, epoch=0, step_in_epoch=3, partitions=1, config={})
+    save_checkpoint(tmp_path, TrainState(model, TrainConfig(), torch.device("cpu"), 1), config={})
     state = load_checkpoint(tmp_path)
-    assert "online_model" not in state and training_weights(state) is state["model"]
-    fresh = WeightEMA(torch.nn.Linear(3, 2), 0.75)
-    restore_ema(fresh, state)
-    for a, b in zip(fresh.module.parameters(), model.parameters()):
-        assert torch.equal(a, b)
-    assert fresh.updates == 0
+    assert "online_model" not in state
+    fresh = TrainState(torch.nn.Linear(3, 2), TrainConfig(ema=0.75), torch.device("cpu"), 1)
+    fresh.load_state_dict(state)
+    for a, b, c in zip(fresh.ema.module.parameters(), fresh.model.parameters(), model.parameters()):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    assert fresh.ema.updates == 0
 
 
 def test_ema_of_a_short_run_holds_what_it_learned_not_the_initialisation() -> None:

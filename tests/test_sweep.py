@@ -18,14 +18,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError
-from pipeline.sweep import (aggregate, build_spec, final_figures, metric_point, parent_metrics, parse_grid,
+from pipeline.ops.sweep import (aggregate, build_spec, final_figures, metric_point, parent_metrics, parse_grid,
                             parse_seeds)
 from processes import kill_session
+import train_hooks
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits-categorical.yaml"
 EXPERIMENT = "sweep-digits"
-FAILING = "model.latent.hard=false seed=1"  # its loss turns NaN at step 1 (a testing aid): fails for good
+FAILING = "model.latent.hard=false seed=1"  # its loss turns NaN at step 1 (tests/train_hooks.py): fails for good
 
 
 # --- the definition, without Ray --------------------------------------------------------------------
@@ -71,7 +72,7 @@ def test_aggregates_and_metric_names():
     assignments = ("model.hidden=[256, 128]", "train.lr=0.001")
     assert metric_point(assignments) == "model.hidden-_256_ 128_ train.lr-0.001"
     assert metric_point(()) == "base"
-    from pipeline.sweep import Trial, TrialOutcome
+    from pipeline.ops.sweep import Trial, TrialOutcome
 
     trial = Trial(",".join(assignments), assignments, 0, "k", None)
     names = parent_metrics({trial.point: {"val/loss": aggregate([1.0, 2.0])}},
@@ -119,7 +120,7 @@ def test_sweep_killed_and_resumed(digits_dataset, tmp_path):
     trial is evaluated on test once, and the parent holds mean, sd and n of each figure per setting,
     computed from the children's own values, without the failed trial but counting it."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = os.environ | {"PIPELINE_SWEEP_NAN_TRIAL": FAILING}
+    env = os.environ | train_hooks.env(train_hooks.nan_at(1, run_name=FAILING))  # the trials inherit it
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "pipeline", "sweep", str(DIGITS_CONFIG), "--seeds", "0,1",

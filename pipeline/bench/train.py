@@ -5,9 +5,9 @@
           read once through the project's reader: `eval_batches`, center crops), with the model
           built as the worker builds it (image shape from the manifest + config, the likelihood's
           binarization, code init), the same optimizer (`build_optimizer`), schedules
-          (temperature, KL weight, learning rate, straight-through), forward per data partition
-          (noise seeded per partition), objective (`VAE.objective`: beta, a grid's entropy term),
-          precision step (grad norm, grad clip) and EMA; per-worker batch and
+          (temperature, KL weight, learning rate, straight-through), and the worker's own step
+          (`pipeline.train.step.train_step` on a `TrainState`: forward per data partition, noise
+          seeded per partition, `VAE.objective`, precision step, EMA); per-worker batch and
           ``cpus_per_worker`` threads;
 - ray1:   `pipeline train` (pipeline.train.trainer.train: MLflow run, Ray Train TorchTrainer, the
           streaming loader) with 1 worker;
@@ -119,45 +119,26 @@ def plain_loop(cfg: Any, url: str, images: Any, steps: int, window: int,
     import torch
 
     from pipeline.data import partitions_of_rank
-    from pipeline.train.loop import _forward_by_partition
-    from pipeline.train.schedules import (kl_weight, kl_y_weight, learning_rate, set_learning_rate, straight_through,
-                                          temperature)
-    from pipeline.train.step import PrecisionStep, WeightEMA, build_optimizer
+    from pipeline.train.state import TrainState
+    from pipeline.train.step import train_step
 
     threads = max(1, int(cfg.train.cpus_per_worker))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         model = build_like_training(cfg, url)
-        optimizer = build_optimizer(model, cfg.train)
-        precision = PrecisionStep(cfg.train.precision, torch.device("cpu"), grad_clip=cfg.train.grad_clip)
-        ema = WeightEMA(model, cfg.train.ema) if cfg.train.ema else None
+        state = TrainState(model, cfg.train, torch.device("cpu"), cfg.partitions)  # the worker's state, no DDP
         batch = cfg.train.batch_size // cfg.train.workers
         partitions = partitions_of_rank(cfg.partitions, cfg.train.workers, 0)
-        latent, seed, horizon = cfg.model.latent, cfg.train.seed, total_steps or steps
-        order = batch_indices(len(images), batch, seed)
+        order = batch_indices(len(images), batch, cfg.train.seed)
         model.train()
         rates, first_objective, nonfinite = [], None, 0
         started = time.perf_counter()
         for step in range(steps):
-            x = images[next(order)]
-            tau, beta = temperature(step, latent), kl_weight(step, cfg.train)
-            beta_y = kl_y_weight(step, cfg.train) if latent.kind == "mixture" else 1.0
-            hard = straight_through(step, latent)
-            if latent.kind == "categorical":
-                model.latent.hard = hard
-            set_learning_rate(optimizer, learning_rate(step, cfg.train, horizon))
-            with precision.autocast():
-                out = _forward_by_partition(model, x, partitions, tau, seed, step)
-            objective = model.objective(out, beta, beta_y)
-            result = precision.backward_and_step(objective, model, optimizer)
-            if result.nonfinite:
-                nonfinite += 1
-            elif ema:
-                ema.update(model)
-            out.loss.item()
+            stats = train_step(state, images[next(order)], cfg, partitions, total_steps or steps)  # the worker's step
+            nonfinite += stats.nonfinite
             if step == 0:
-                first_objective = objective.item()
+                first_objective = stats.objective
             if (step + 1) % window == 0:
                 now = time.perf_counter()
                 rates.append(window * batch / (now - started))

@@ -22,8 +22,9 @@ interrupted one was. The loop sets them at the start of each step, before the fo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from pipeline.config import LatentConfig, TrainConfig
+from pipeline.config import LatentConfig, RunConfig, TrainConfig
 from pipeline.models.latents import temperature_at
 
 
@@ -87,6 +88,29 @@ def temperature(step: int, cfg: LatentConfig) -> float:
 def straight_through(step: int, cfg: LatentConfig) -> bool:
     """Whether global step `step` uses one-hot forward passes (straight-through Gumbel-Softmax)."""
     return cfg.hard or (cfg.hard_from_step is not None and step >= cfg.hard_from_step)
+
+
+@dataclass(frozen=True)
+class ScheduleValues:
+    """Every schedule's value at one global step: what the step trains with."""
+
+    temperature: float
+    kl_weight: float
+    kl_y_weight: float  # 1 (the ELBO) unless a mixture anneals its KL of y
+    straight_through: bool
+    lr: float
+
+
+def schedules_at(step: int, cfg: RunConfig, total_steps: int) -> ScheduleValues:
+    """The schedules of global step ``step``; ``total_steps`` is the cosine learning rate's horizon."""
+    latent = cfg.model.latent
+    return ScheduleValues(
+        temperature=temperature(step, latent),
+        kl_weight=kl_weight(step, cfg.train),
+        kl_y_weight=kl_y_weight(step, cfg.train) if latent.kind == "mixture" else 1.0,
+        straight_through=straight_through(step, latent),
+        lr=learning_rate(step, cfg.train, total_steps),
+    )
 
 
 def set_learning_rate(optimizer, lr: float) -> None:

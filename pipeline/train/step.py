@@ -1,4 +1,7 @@
-"""One optimizer step under the configured precision: autocast, backward, grad norm, update.
+"""One training step (`train_step`: schedules, forward per data partition, the model's objective,
+the update under the configured precision, the EMA), and its parts.
+
+`PrecisionStep`: autocast, backward, grad norm, update.
 
 fp32 and bf16 need no loss scaling; fp16 uses a gradient scaler, which itself skips the
 updates whose scaled gradients overflow (normal while it finds its scale). So "non-finite"
@@ -15,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipeline.train.collectives import all_reduce
+from pipeline.train.schedules import schedules_at, set_learning_rate
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -157,3 +162,104 @@ class WeightEMA:
     def load_state_dict(self, weights: dict, state: dict) -> None:
         self.module.load_state_dict(weights)
         self.updates = int(state.get("updates", 0))
+
+
+# ---------------------------------------------------------------- the step
+
+
+_TRAIN_NOISE = 1  # tags the training noise stream apart from validation's (train/validate.py)
+
+
+def noise_seed(seed: int, step: int, partition: int) -> int:
+    """The seed of the sampling noise of data partition ``partition`` at global step ``step``."""
+    state = np.random.SeedSequence([seed % 2**64, step, partition, _TRAIN_NOISE]).generate_state(1, np.uint64)[0]
+    return int(state) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def seed_noise(value: int, device: torch.device) -> None:
+    """Seed the generator the sampling noise comes from on ``device``. `torch.manual_seed` seeds
+    every backend's generators (~60 us per call here, a few % of a CPU step); this one only."""
+    if device.type == "cuda":
+        torch.cuda.manual_seed(value)
+    else:
+        torch.random.default_generator.manual_seed(value)
+
+
+@dataclass
+class StepOutput:
+    """A forward pass's figures, averaged over the data partitions: what `VAE.objective` weighs."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    kl_per_variable: torch.Tensor  # [num_kl_terms], batch means
+    code_entropy: torch.Tensor | float = 0.0  # a grid's entropy term (VAE.objective)
+
+
+def forward_by_partition(model: torch.nn.Module, x: torch.Tensor, partitions: range, temperature: float,
+                         seed: int, step: int) -> StepOutput:
+    """Forward each partition's chunk with sampling noise seeded by `noise_seed(seed, step, partition)`.
+
+    The noise a sample gets then depends on where it sits in the global batch, not on which
+    rank holds it: 1 and 2 workers compute the same global loss (up to reduction order),
+    and a resumed run draws the noise the interrupted one would have. One chunk per rank
+    (the default: partitions = workers) costs nothing extra.
+    """
+    outputs = []
+    for partition, chunk in zip(partitions, x.chunk(len(partitions))):
+        seed_noise(noise_seed(seed, step, partition), x.device)
+        outputs.append(model(chunk, temperature=temperature))
+    if len(outputs) == 1:
+        first = outputs[0]
+        return StepOutput(first.loss, first.recon, first.kl, first.kl_per_variable, first.code_entropy)
+    mean = lambda name: torch.stack([torch.as_tensor(getattr(o, name)) for o in outputs]).mean(0)  # noqa: E731 - equal chunk sizes
+    return StepOutput(mean("loss"), mean("recon"), mean("kl"), mean("kl_per_variable"), mean("code_entropy"))
+
+
+@dataclass
+class StepStats:
+    """What one step did: its global step, figures, schedule values, and whether it was applied."""
+
+    step: int
+    loss: float
+    recon: float
+    kl: float
+    objective: float
+    temperature: float
+    kl_weight: float
+    straight_through: bool
+    lr: float
+    grad_norm: float
+    nonfinite: bool  # not applied: the loss or the averaged gradient was NaN/inf (the same on every rank)
+
+
+def set_estimator(model: torch.nn.Module, straight_through: bool) -> None:
+    """A categorical latent's estimator for the coming forward passes: straight-through (one-hot
+    forward, relaxed gradient) or the Gumbel-Softmax sample."""
+    from pipeline.models.latents import CategoricalLatent
+
+    if isinstance(model.latent, CategoricalLatent):
+        model.latent.hard = straight_through
+
+
+def train_step(state: Any, x: torch.Tensor, cfg: Any, partitions: range, total_steps: int,
+               hooks: Any = None) -> StepStats:
+    """One step of ``state`` (a `TrainState`) on this rank's batch ``x`` (on its device), whose data
+    partitions are ``partitions``: the schedules of the global step, one forward per partition, the
+    model's objective, backward (DDP all-reduces the gradients: every rank runs this at every step)
+    and the update unless non-finite, the EMA; then the position advances."""
+    step = state.position.step
+    values = schedules_at(step, cfg, total_steps)  # pure functions of the global step (train/schedules.py)
+    set_learning_rate(state.optimizer, values.lr)  # the encoder's group: x encoder_lr_scale
+    set_estimator(state.model, values.straight_through)
+    with state.precision.autocast():
+        out = forward_by_partition(state.ddp, x, partitions, values.temperature, cfg.train.seed, step)
+    if hooks is not None:
+        out = hooks.on_output(step, out)
+    objective = state.model.objective(out, values.kl_weight, values.kl_y_weight)  # the weighted -ELBO (models/vae.py)
+    result = state.precision.backward_and_step(objective, state.ddp, state.optimizer)
+    if state.ema is not None and not result.nonfinite:
+        state.ema.update(state.model)
+    state.position.advance()
+    return StepStats(step, out.loss.item(), out.recon.item(), out.kl.item(), objective.item(), values.temperature,
+                     values.kl_weight, values.straight_through, values.lr, result.grad_norm, result.nonfinite)

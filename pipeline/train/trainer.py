@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from rich.console import Console
@@ -17,6 +18,7 @@ from pipeline.data import DataError, read_manifest
 from pipeline.data.remote import local_checkpoint_dir, ray_storage_kwargs, storage_url
 from pipeline.runs import store
 from pipeline.runs.logger import replay_metrics
+from pipeline.train import hooks
 from pipeline.train.loop import WorkerArgs, train_loop_per_worker
 
 console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
@@ -112,29 +114,9 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
           resume_reason: str = "driver resumed (pipeline train --resume)") -> TrainResult:
     """Train one run. With ``resume_run_id``, continue that MLflow run from its latest checkpoint.
     ``tags`` go on a new run when it is created (e.g. a sweep's parent run and trial key)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     started = time.perf_counter()
     dataset_url = absolute_url(config.data.url)
-    try:
-        manifest = read_manifest(dataset_url)  # fail on a bad path before any worker starts
-    except DataError as err:
-        raise TrainingError(str(err)) from None
-    if "train" not in manifest.splits or "val" not in manifest.splits:
-        raise TrainingError(f"{dataset_url}: manifest needs 'train' and 'val' splits, has {sorted(manifest.splits)}")
-    from pipeline.data.contract import ImageTarget
-
-    try:  # what the model will be fed: a dataset whose image sizes vary needs data.image_size
-        ImageTarget.from_config(manifest.spec, config.data)
-    except ValueError as err:
-        raise TrainingError(f"{dataset_url}: {err}") from None
-
-    from pipeline.data.stream import shard_layout_warning
-
-    layout_warning = shard_layout_warning(len(manifest.splits["train"].shards), config.partitions)
-    if layout_warning:
-        console.print(f"[yellow]warning:[/] {layout_warning}")
+    manifest = _checked_manifest(config, dataset_url)
     _tune_ray_train_env()
     tracking_uri = store.resolve_tracking_uri(config=config.tracking.uri)
     storage = absolute_url(config.train.storage or "ray_results")
@@ -149,29 +131,14 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     else:
         # Created here, before the workers, so sqlite schema creation never stalls rank 0 mid-DDP.
         run_id = store.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest(),
-                                    trigger=trigger, extra_tags={**(tags or {}), "ray.storage_path": storage})
+                                 trigger=trigger, extra_tags={**(tags or {}), "ray.storage_path": storage})
     ray_run_name = f"{config.tracking.experiment}-{run_id[:8]}"  # same name + storage = Ray resumes the run
     console.print(f"MLflow run [bold]{run_id}[/] in experiment '{config.tracking.experiment}' ({tracking_uri})")
     try:
         worker_args = WorkerArgs(config.model_dump(mode="json"), dataset_url, tracking_uri, run_id,
                                  resumed_run=bool(resume_run_id), fallback_dir=str(Path(storage) / ray_run_name)
-                                 if "://" not in storage else None, **testing_aids())
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=asdict(worker_args),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=(config.train.min_workers, config.train.workers) if config.train.elastic
-                else config.train.workers, use_gpu=config.train.use_gpu,
-                resources_per_worker={"CPU": config.train.cpus_per_worker},
-                placement_strategy=_placement_strategy(config),
-            ),
-            run_config=ray.train.RunConfig(
-                name=ray_run_name, **ray_storage_kwargs(storage),  # s3:// etc. through fsspec
-                failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            ),
-        )
+                                 if "://" not in storage else None, hooks=hooks.specs_from_environment())
+        trainer = _torch_trainer(config, worker_args, storage, ray_run_name)
         with store.system_metrics(tracking_uri, run_id):  # CPU, memory, GPU of the driver's machine
             result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - any failure must mark the run FAILED
@@ -261,15 +228,50 @@ def _warn_about_late_metrics(metrics: dict, tracking_uri: str, run_id: str) -> N
                           f"deliver them with `pipeline replay-metrics {fallback}` ({err})")
 
 
-def testing_aids() -> dict:
-    """Switches for the tests, read from the driver's environment and handed to every worker in
-    WorkerArgs (Ray workers do not see the driver's environment); never part of the user's config,
-    so never logged as params. PIPELINE_SAMPLE_LOG=DIR: each rank appends the keys of every batch
-    it trained to DIR/rank<r>.jsonl. PIPELINE_DEBUG_NAN_STEP=N: the batch of global step N is NaN."""
-    nan_step = os.environ.get("PIPELINE_DEBUG_NAN_STEP")
-    sample_log = os.environ.get("PIPELINE_SAMPLE_LOG")
-    return {"sample_log": str(Path(sample_log).resolve()) if sample_log else None,
-            "debug_nan_step": int(nan_step) if nan_step else None}
+def _checked_manifest(config: RunConfig, dataset_url: str) -> Any:
+    """The dataset's manifest, refused with a `TrainingError` before any worker starts when the path is
+    bad, a split is missing or the images cannot be fed to the model; warns about the shard layout."""
+    try:
+        manifest = read_manifest(dataset_url)
+    except DataError as err:
+        raise TrainingError(str(err)) from None
+    if "train" not in manifest.splits or "val" not in manifest.splits:
+        raise TrainingError(f"{dataset_url}: manifest needs 'train' and 'val' splits, has {sorted(manifest.splits)}")
+    from pipeline.data.contract import ImageTarget
+
+    try:  # what the model will be fed: a dataset whose image sizes vary needs data.image_size
+        ImageTarget.from_config(manifest.spec, config.data)
+    except ValueError as err:
+        raise TrainingError(f"{dataset_url}: {err}") from None
+
+    from pipeline.data.stream import shard_layout_warning
+
+    layout_warning = shard_layout_warning(len(manifest.splits["train"].shards), config.partitions)
+    if layout_warning:
+        console.print(f"[yellow]warning:[/] {layout_warning}")
+    return manifest
+
+
+def _torch_trainer(config: RunConfig, worker_args: WorkerArgs, storage: str, ray_run_name: str) -> Any:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(worker_args),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(config.train.min_workers, config.train.workers) if config.train.elastic
+            else config.train.workers, use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker},
+            placement_strategy=_placement_strategy(config),
+        ),
+        run_config=ray.train.RunConfig(
+            name=ray_run_name, **ray_storage_kwargs(storage),  # s3:// etc. through fsspec
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
 
 
 def _placement_strategy(config: RunConfig) -> str:

@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.cli_common import EXIT_CODES
+from pipeline.cli.common import EXIT_CODES
 
 ROOT = typer.main.get_command(app)
 
@@ -58,7 +58,7 @@ def test_version_and_completion() -> None:
 
 def test_renamed_flags_still_work_with_a_notice() -> None:
     """Old names of renamed flags keep working for scripts: rewritten to the current name, each with a notice."""
-    from pipeline.cli_common import RENAMED_FLAGS, renamed_flags
+    from pipeline.cli.common import RENAMED_FLAGS, renamed_flags
 
     told = []
     argv = ["data", "images", "--source", "x", "--workers", "4", "--out=y"]

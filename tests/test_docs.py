@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import load_config
-from pipeline.docs import REPO, config_keys, pages, render_cli, render_config
+from pipeline.cli.docs import REPO, config_keys, pages, render_cli, render_config
 
 ROOT = Path(__file__).parent.parent
 DEFAULT = ROOT / "configs" / "digits-categorical.yaml"
@@ -73,7 +73,7 @@ def test_every_command_and_option_is_documented() -> None:
 
 def test_pages_are_the_same_in_any_environment(tmp_path: Path) -> None:
     """Another terminal width, home, temporary folder and working directory: the same bytes."""
-    script = ("import sys; from pipeline.docs import pages; "
+    script = ("import sys; from pipeline.cli.docs import pages; "
               "sys.stdout.buffer.write(b'\\0'.join(t.encode() for t in pages().values()))")
     env = {**os.environ, "COLUMNS": "37", "LINES": "5", "TERM": "xterm-256color", "FORCE_COLOR": "1",
            "HOME": str(tmp_path), "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}

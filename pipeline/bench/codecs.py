@@ -52,7 +52,7 @@ def codecs_command(
 ) -> None:
     """Bits per dimension of classical coders on a split (pixel histogram, left-neighbour differences,
     PNG files): the yardstick beside a model's val/bits_per_dim."""
-    from pipeline.cli_common import console, fail
+    from pipeline.cli.common import console, fail
     from pipeline.data import DataError, eval_batches, read_manifest
 
     try:

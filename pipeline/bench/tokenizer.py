@@ -214,7 +214,7 @@ def tokenizer_command(
     """The K-means patch quantizer at the same rate as an h x w grid of K codes (h*w*log2 K bits per
     image): PSNR, SSIM, codes used, perplexity and bits per token on train and a held-out split,
     beside a run's figures with --run."""
-    from pipeline.cli_common import fail
+    from pipeline.cli.common import fail
     from pipeline.tokenizer_report import SMOOTHING_NOTE, render_table, report_table
 
     if grid is not None and None in grid:  # typer passes an unset tuple option as (None, None)

@@ -1,10 +1,10 @@
-"""The steps `pipeline train` adds around training: a readable run name and the warm start
-before, the champion/challenger decision after."""
+"""The policy `pipeline train` wraps around training: a readable run name and the warm start
+before, the champion/challenger decision after (`train_run`)."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 
@@ -76,3 +76,21 @@ def after_training(config: RunConfig, result: Any) -> champion.Decision | None:
         return None
     print(decision.line())
     return decision
+
+
+def train_run(config: RunConfig, *, resume_run_id: str | None = None, warm_start: bool = False,
+              address: str | None = None, trigger: str = "manual",
+              on_trained: Callable[[Any], None] = lambda result: None) -> tuple[RunConfig, Any]:
+    """Train one run with the policy around it: a new run (not a resumed one) gets a readable name and,
+    with ``warm_start``, the champion's weights (`prepare_run`); ``on_trained(result)`` is told as soon as
+    training ends; then the model is registered and 'champion' moves only to a better one
+    (`after_training`, which never fails the run). Returns the config trained and the trainer's result;
+    `TrainingError` and `ConfigError` come through."""
+    from pipeline.train.trainer import train
+
+    if resume_run_id is None:
+        config = prepare_run(config, warm_start=warm_start)
+    result = train(config, address=address, resume_run_id=resume_run_id, trigger=trigger)
+    on_trained(result)
+    after_training(config, result)
+    return config, result

@@ -7,10 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli_common import console, fail as _fail
+from pipeline.cli.common import OutUrl, console, fail, overrides_option
 
 data_app = typer.Typer(help="Turn a dataset into WebDataset shards + manifest.json (any fsspec URL).", no_args_is_help=True)
-OutUrl = Annotated[str, typer.Option("--out", help="Output directory or fsspec URL (file://, s3://, gs://, memory://)")]
 ShardSize = Annotated[int, typer.Option("--samples-per-shard", min=1, help="Samples per .tar shard")]
 
 
@@ -30,7 +29,7 @@ def data_digits(out: OutUrl = "data/digits", samples_per_shard: ShardSize = 500)
     try:
         _write(load_digits_splits(), out, "sklearn.datasets.load_digits", samples_per_shard)
     except DataError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 @data_app.command("photos")
@@ -49,7 +48,7 @@ def data_photos(
     try:
         _write(load_photo_splits(size, scale), out, f"bundled-photos:size={size},scale={scale}", samples_per_shard)
     except DataError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 @data_app.command("mnist")
@@ -64,7 +63,7 @@ def data_mnist(
     try:
         _write(load_mnist_splits(source), out, f"mnist:{source}", samples_per_shard)
     except DataError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 @data_app.command("binarized-mnist")
@@ -80,7 +79,7 @@ def data_binarized_mnist(
     try:
         _write(load_binarized_mnist_splits(source), out, f"binarized_mnist:{source}", samples_per_shard)
     except DataError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 
@@ -102,7 +101,7 @@ def data_deformed_mnist(
         splits, reused = generate_deformed_mnist(source, out, samples, seed=seed, samples_per_shard=samples_per_shard,
                                                  workers=workers, progress=True)
     except DataError as err:
-        _fail(str(err))
+        fail(str(err))
     shards = sum(len(info.shards) for info in splits.values())
     counts = ", ".join(f"{name} {info.samples}" for name, info in splits.items())
     console.print(f"wrote {shards - reused} shards, reused {reused} finished ({counts}) + manifest.json to {out}")
@@ -138,7 +137,7 @@ def data_index(
                                 test_shards=test_shards, seed=seed, require_val=not no_val,
                                 label=None if label == "none" else label, image=image, workers=workers)
     except (DataError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     seconds = time.perf_counter() - start
     every = [info for split in manifest.splits.values() for info in split.shards]
     counts = sorted(info.samples for info in every)
@@ -174,13 +173,13 @@ def data_images(
     from pipeline.data.images import shard_images
 
     if resize not in ("center-crop", "border", "none") or fmt not in ("png", "jpg", "webp"):
-        _fail(f"--resize must be center-crop, border or none and --format png, jpg or webp (got {resize}, {fmt})", code=2)
+        fail(f"--resize must be center-crop, border or none and --format png, jpg or webp (got {resize}, {fmt})", code=2)
     try:
         splits, reused, classes = shard_images(source, out, size=size, resize=resize, fmt=fmt, quality=quality,
                                                val_fraction=val_fraction, test_fraction=test_fraction,
                                                samples_per_shard=samples_per_shard, workers=workers, seed=seed)
     except DataError as err:
-        _fail(str(err))
+        fail(str(err))
     shards = sum(len(info.shards) for info in splits.values())
     counts = ", ".join(f"{name} {info.samples}" for name, info in splits.items())
     labels = f"{len(classes)} classes (classes.json)" if classes else "no labels"
@@ -197,8 +196,7 @@ def data_show(
     config: Annotated[Optional[str], typer.Option("--config", help="A training config whose data section (image_size, "
                                                                    "channels, resize) says how samples are decoded "
                                                                    "(default: as stored)")] = None,
-    override: Annotated[Optional[list[str]], typer.Option("--override", "-o", help="Config override, as for train "
-                                                                                   "(e.g. -o data.image_size=[32,32])")] = None,
+    override: overrides_option("Config override, as for train (e.g. -o data.image_size=[32,32])") = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
 ) -> None:
     """Look at a dataset: its splits (samples, shards, bytes), its sample contract and source, and with --out a grid of
@@ -210,7 +208,7 @@ def data_show(
     try:
         manifest = read_manifest(dataset)
     except DataError as err:
-        _fail(str(err))
+        fail(str(err))
     summary = _dataset_summary(manifest)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -219,17 +217,17 @@ def data_show(
             console.print(line, highlight=False)
     if out:
         if manifest.tokens is not None:
-            _fail(f"{dataset} holds tokens, not images: `pipeline decode RUN --data {dataset}` renders them", code=2)
+            fail(f"{dataset} holds tokens, not images: `pipeline decode RUN --data {dataset}` renders them", code=2)
         if split not in manifest.splits:
-            _fail(f"{dataset} has no split {split!r} (it has {', '.join(manifest.splits)})", code=2)
+            fail(f"{dataset} has no split {split!r} (it has {', '.join(manifest.splits)})", code=2)
         from pipeline.config import ConfigError
 
         try:
             grid = _sample_grid(manifest, dataset, split, count, config, override or [])
         except ConfigError as err:
-            _fail(str(err), code=2)
+            fail(str(err), code=2)
         except (DataError, ValueError) as err:
-            _fail(str(err))
+            fail(str(err))
         grid.save(out)
         console.print(f"wrote {out}: the first {min(count, manifest.splits[split].samples)} {split} samples")
 

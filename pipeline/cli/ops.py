@@ -1,7 +1,5 @@
-"""CLI commands for operating on a cluster: submit, jobs, schedule, promote, compare.
-
-Registered on the main `pipeline` app by `register(app)`; heavy imports happen inside commands.
-"""
+"""`pipeline submit`, `jobs list|logs|stop`, `schedule`, `promote`, `compare`, `ui` and `replay-metrics`:
+operating training on a cluster and its MLflow store. Heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
@@ -13,28 +11,14 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
+from pipeline.cli.common import (JobsAddress, StoreUri, console, fail, overrides_option, ray_auth,
+                                 tracking_uri_option)
+
 jobs_app = typer.Typer(help="Ray jobs on a cluster: list, logs, stop.", no_args_is_help=True)
 
-Address = Annotated[
-    Optional[str], typer.Option("--address", help="Ray Jobs API of the cluster, http://HEAD:8265 (default $RAY_ADDRESS)")
-]
-Overrides = Annotated[Optional[list[str]], typer.Option("--override", "-o", help="Dotted config override, repeatable")]
-TrackingUri = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")]
+Overrides = overrides_option("Dotted config override, repeatable")
 WorkingDir = Annotated[Optional[str], typer.Option("--working-dir", help="Uploaded with the job (default: this checkout)")]
 PassEnv = Annotated[Optional[list[str]], typer.Option("--env", help="Also pass this environment variable (name) to the job")]
-
-
-def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def _ray_auth() -> None:
-    """Before anything imports Ray: its config (token mode included) is read once per process."""
-    from pipeline.ops.ray_jobs import enable_token_auth
-
-    enable_token_auth()
 
 
 def _client(address: str | None):
@@ -43,7 +27,7 @@ def _client(address: str | None):
     try:
         return connect(address)
     except JobsError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 def _request(config, override, *, name=None, trigger="manual", warm_start=False, working_dir=None,
@@ -62,28 +46,28 @@ def _build(request):
     try:
         return build_submission(request)
     except ConfigError as err:
-        _fail(str(err), code=2)
+        fail(str(err), code=2)
     except SubmitError as err:
-        _fail(str(err), code=2)
+        fail(str(err), code=2)
 
 
 def submit(
     config: Annotated[str, typer.Argument(help="YAML config inside the working directory")],
     override: Overrides = None,
-    address: Address = None,
+    address: JobsAddress = None,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the job's log; exit with its status")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="MLflow run name (default <dataset>-<latent>-<time>)")] = None,
     trigger: Annotated[str, typer.Option("--trigger", help="manual, cron or new-data (tag on the run)")] = "manual",
     warm_start: Annotated[bool, typer.Option("--warm-start", help="Start from the registered champion's weights")] = False,
     working_dir: WorkingDir = None,
-    tracking_uri: TrackingUri = None,
+    tracking_uri: StoreUri = None,
     num_cpus: Annotated[float, typer.Option("--num-cpus", help="CPUs reserved for the job's driver")] = 0.0,
     num_gpus: Annotated[float, typer.Option("--num-gpus", help="GPUs reserved for the job's driver")] = 0.0,
     env: PassEnv = None,
     run_timeout: Annotated[float, typer.Option("--run-timeout", help="Seconds to wait for the MLflow run id")] = 120.0,
 ) -> None:
     """Submit a training run as a Ray job; prints the job id and the MLflow run it creates."""
-    _ray_auth()
+    ray_auth(always=True)  # before anything imports Ray
     from pipeline.ops.ray_jobs import find_run_id, follow as follow_job, wait_for_run_id
     from pipeline.ops.submit import submit as submit_job
 
@@ -94,7 +78,7 @@ def submit(
     try:
         job_id = submit_job(client, submission)
     except RuntimeError as err:
-        _fail(f"submission refused: {err}")
+        fail(f"submission refused: {err}")
     console.print(f"submitted; passing to the job: {', '.join(submission.passed_env) or 'no environment'} (values not shown)")
     print(f"job_id: {job_id}", flush=True)
     if follow:
@@ -115,9 +99,9 @@ def submit(
 
 
 @jobs_app.command("list")
-def jobs_list(address: Address = None, as_json: Annotated[bool, typer.Option("--json", help="Print the jobs as JSON")] = False) -> None:
+def jobs_list(address: JobsAddress = None, as_json: Annotated[bool, typer.Option("--json", help="Print the jobs as JSON")] = False) -> None:
     """Jobs on the cluster, newest first."""
-    _ray_auth()
+    ray_auth(always=True)  # before anything imports Ray
     from dataclasses import asdict
 
     from rich.table import Table
@@ -139,10 +123,10 @@ def jobs_list(address: Address = None, as_json: Annotated[bool, typer.Option("--
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: Annotated[str, typer.Argument(help="Ray job id (from `pipeline submit` or `jobs list`)")], address: Address = None,
+def jobs_logs(job_id: Annotated[str, typer.Argument(help="Ray job id (from `pipeline submit` or `jobs list`)")], address: JobsAddress = None,
               follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends; exit with its status")] = False) -> None:
     """The job's log (driver output)."""
-    _ray_auth()
+    ray_auth(always=True)  # before anything imports Ray
     from pipeline.ops.ray_jobs import follow as follow_job
 
     client = _client(address)
@@ -155,9 +139,9 @@ def jobs_logs(job_id: Annotated[str, typer.Argument(help="Ray job id (from `pipe
 
 
 @jobs_app.command("stop")
-def jobs_stop(job_id: Annotated[str, typer.Argument(help="Ray job id (from `pipeline submit` or `jobs list`)")], address: Address = None) -> None:
+def jobs_stop(job_id: Annotated[str, typer.Argument(help="Ray job id (from `pipeline submit` or `jobs list`)")], address: JobsAddress = None) -> None:
     """Ask the cluster to stop the job."""
-    _ray_auth()
+    ray_auth(always=True)  # before anything imports Ray
     stopped = _client(address).stop_job(job_id)
     console.print(f"job {job_id}: {'stop requested' if stopped else 'already finished'}")
 
@@ -167,23 +151,23 @@ def schedule(
     cron: Annotated[Optional[str], typer.Option("--cron", help="Cron expression in UTC; a 6th field is seconds")] = None,
     on_new_data: Annotated[bool, typer.Option("--on-new-data", help="Also retrain when data.url's manifest changes")] = False,
     override: Overrides = None,
-    address: Address = None,
+    address: JobsAddress = None,
     state: Annotated[Optional[Path], typer.Option("--state", help="State file (default .pipeline/schedule-<experiment>.json)")] = None,
     warm_start: Annotated[bool, typer.Option("--warm-start/--cold-start", help="Start from the champion")] = True,
     poll_seconds: Annotated[float, typer.Option("--poll-seconds", min=0.05, help="Seconds between looks at the clock and the data")] = 30.0,
     max_triggers: Annotated[Optional[int], typer.Option("--max-triggers", help="Exit after this many jobs")] = None,
     once: Annotated[bool, typer.Option("--once", help="Look once, then exit")] = False,
     working_dir: WorkingDir = None,
-    tracking_uri: TrackingUri = None,
+    tracking_uri: StoreUri = None,
     env: PassEnv = None,
 ) -> None:
     """Retrain on a cron and/or when new shards land; each job warm-starts from the champion."""
-    _ray_auth()
+    ray_auth(always=True)  # before anything imports Ray
     from pipeline.ops.schedule import Scheduler, job_trigger
     from pipeline.ops.submit import slug
 
     if cron is None and not on_new_data:
-        _fail("give --cron EXPR and/or --on-new-data", code=2)
+        fail("give --cron EXPR and/or --on-new-data", code=2)
     request = _request(config, override, warm_start=warm_start, working_dir=working_dir,
                        tracking_uri=tracking_uri, env=env)
     submission = _build(request)  # checks config and environment now, not at the first tick
@@ -195,7 +179,7 @@ def schedule(
                               cron=cron, data_url=data_url if on_new_data else None,
                               log=lambda line: print(line, flush=True))
     except ValueError as err:
-        _fail(str(err), code=2)
+        fail(str(err), code=2)
     console.print(f"scheduling {config}: cron={cron or '-'} on-new-data={on_new_data} state={state_path}")
     try:
         fired = scheduler.run(poll_seconds=poll_seconds, max_triggers=max_triggers, once=once)
@@ -215,7 +199,7 @@ def promote(
     run_id: Annotated[str, typer.Argument(help="MLflow run whose model should become champion")],
     model: Annotated[Optional[str], typer.Option("--model", help="Registered model (default: the run's)")] = None,
     force: Annotated[bool, typer.Option("--force", help="Move 'champion' without comparing (e.g. roll back)")] = False,
-    tracking_uri: TrackingUri = None,
+    tracking_uri: StoreUri = None,
 ) -> None:
     """Register the run's model and make it champion if its un-relaxed validation -ELBO (val/loss_onehot
     for categorical latents, else val/loss) is lower than the champion's on the same validation data and
@@ -227,15 +211,15 @@ def promote(
     try:
         params = get_run(uri, run_id).data.params
     except Exception as err:  # noqa: BLE001 - MLflow's message names the missing run
-        _fail(f"run {run_id}: {err}")
+        fail(f"run {run_id}: {err}")
     registered = params.get("tracking.registered_model")
     name = model or (registered if registered not in (None, "None") else params.get("tracking.experiment"))
     if not name:
-        _fail(f"run {run_id} names no experiment: pass --model")
+        fail(f"run {run_id} names no experiment: pass --model")
     try:
         decision = register_and_decide(uri, run_id, name, force=force)
     except Exception as err:  # noqa: BLE001 - e.g. no logged model to register
-        _fail(str(err))
+        fail(str(err))
     console.print(decision.line(), markup=False, highlight=False)
     print(json.dumps(decision.as_dict()))
     raise typer.Exit(0 if decision.promoted else 3)
@@ -245,7 +229,7 @@ def compare(
     experiment: Annotated[Optional[str], typer.Option("--experiment", help="Default: the experiment of the latest run")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows")] = False,
     model: Annotated[Optional[str], typer.Option("--model", help="Registered model whose champion is marked")] = None,
-    tracking_uri: TrackingUri = None,
+    tracking_uri: StoreUri = None,
 ) -> None:
     """One row per run, best val/loss first: latent, epochs, losses, speed, duration, trigger, champion."""
     from pipeline.ops.compare import compare_rows, render_table
@@ -254,7 +238,7 @@ def compare(
     uri = resolve_tracking_uri(tracking_uri)
     experiment = experiment or latest_experiment_name(uri)
     if experiment is None:
-        _fail(f"no runs in {uri}")
+        fail(f"no runs in {uri}")
     rows = compare_rows(uri, experiment, model)
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -262,13 +246,33 @@ def compare(
         Console(width=max(160, Console().width)).print(render_table(rows, f"{experiment} ({uri})"))
 
 
-def register(app: typer.Typer) -> None:
-    app.command()(submit)
-    app.add_typer(jobs_app, name="jobs")
-    app.command()(schedule)
-    app.command()(promote)
-    app.command()(compare)
+
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1")] = 5000,
+    host: Annotated[str, typer.Option(help="Bind address; keep 127.0.0.1 unless you mean to expose it")] = "127.0.0.1",
+    tracking_uri: tracking_uri_option("Store to serve (default as for train)") = None,
+) -> None:
+    """Serve the MLflow UI for the configured store (default: ./mlflow.db) on 127.0.0.1; stopping it
+    (Ctrl-C, SIGTERM) stops every process of the server."""
+    from pipeline.runs.store import resolve_tracking_uri
+
+    store = resolve_tracking_uri(tracking_uri)
+    if store.startswith(("http://", "https://")):
+        fail(f"{store} is already a tracking server: open it in a browser")
+    console.print(f"MLflow UI for {store} on http://{host}:{port} (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", host,
+           "--port", str(port), "--workers", "1"]
+    from pipeline.ops.ui import serve
+
+    raise typer.Exit(serve(cmd))  # its own process group, ended with us (pipeline/ops/ui.py)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use the `pipeline` command")
+def replay_metrics(
+    path: Annotated[str, typer.Argument(help="mlflow-pending-<run_id>.jsonl written when MLflow was unreachable")],
+    tracking_uri: tracking_uri_option("Deliver to this store instead") = None,
+) -> None:
+    """Deliver metrics a run could not deliver to MLflow while it trained."""
+    from pipeline.runs.logger import replay_metrics as replay
+
+    count = replay(path, tracking_uri)
+    console.print(f"delivered {count} metric values from {path}")

@@ -147,7 +147,8 @@ class ModelConfig(_Section):
         default_factory=lambda: [32, 64], description="conv: channels of the stride-2 conv layers (decoder mirrors them); "
         "resnet: the width of each of the log2(downsample) + 1 stages; patch: one width, of the context blocks"
     )
-    downsample: Literal[4, 8, 16] = Field(4, description="resnet, patch: the grid is (H/f) x (W/f) for f = downsample")
+    downsample: Literal[2, 4, 8, 16] = Field(4, description="resnet (4, 8, 16), patch (also 2): the grid is (H/f) x "
+                                             "(W/f) for f = downsample")
     blocks: int = Field(2, ge=1, description="resnet: residual blocks per stage; patch: context blocks of the "
                         "encoder and of the decoder")
     codebook_dim: int = Field(64, ge=1, description="resnet, patch: width d of the learned codebook embedding the "
@@ -191,6 +192,8 @@ class ModelConfig(_Section):
             if self.latent.kind != "categorical":
                 raise ValueError(f"arch patch needs model.latent.kind categorical (a grid), got {self.latent.kind}")
         elif self.arch == "resnet":
+            if self.downsample == 2:
+                raise ValueError("arch resnet takes model.downsample 4, 8 or 16 (patch also takes 2), got 2")
             stages = int(math.log2(self.downsample)) + 1
             if len(self.channels) != stages:
                 raise ValueError(f"arch resnet with model.downsample={self.downsample} needs model.channels with "

@@ -234,3 +234,17 @@ def test_code_init_and_entropy_need_a_grid() -> None:
         parse_config({"data": {"url": "d"}, "model": {"arch": "conv", "code_init": "data"}})
     with pytest.raises(ConfigError, match="apply to a grid"):
         parse_config({"data": {"url": "d"}, "model": {"entropy_weight": 1.0}})
+
+
+def test_code_entropy_gradient_stays_finite_when_a_code_is_unused() -> None:
+    """Confident positions leave the codes no position takes with a pooled mass that underflows to 0,
+    where x log x has an infinite slope: the term must still give finite gradients (a NaN here
+    stops training at its first steps)."""
+    latent = CategoricalLatent(4, 8)
+    logits = torch.full((2, 4, 8), -1e4)
+    logits[..., :2] = 0.0  # every position split between codes 0 and 1; codes 2..7 pooled mass exp(-1e4) = 0
+    logits.requires_grad_()
+    per_position, pooled = latent.code_entropy(logits.reshape(2, 32))
+    assert pooled.item() == pytest.approx(math.log(2)) and per_position.item() == pytest.approx(math.log(2))
+    (per_position - pooled).backward()
+    assert torch.isfinite(logits.grad).all()

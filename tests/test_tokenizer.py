@@ -35,7 +35,7 @@ DVAE_CONFIG = REPO / "configs" / "images-dvae.yaml"
 DIGITS_CONFIG = REPO / "configs" / "digits-categorical.yaml"
 EXPERIMENT = "tokenizer-test"  # also the registered model's name
 # configs/images-dvae.yaml at test widths: 16x16 RGB -> a 4x4 grid of 32-way codes, one epoch.
-TINY = ["data.image_size=[16, 16]", "model.channels=[8, 8, 16]", "model.codebook_dim=8", "model.latent.categories=32",
+TINY = ["data.image_size=[16, 16]", "model.channels=[8]", "model.codebook_dim=48", "model.latent.categories=32",
         "train.batch_size=16", "train.epochs=1", "train.log_every=1", "train.lr_warmup_steps=1",
         f"tracking.experiment={EXPERIMENT}"]
 

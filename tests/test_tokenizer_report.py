@@ -158,7 +158,7 @@ def _grid_run(photos: str, tracking_uri: str, tmp_path: Path) -> str:
     from pipeline.runs import store
 
     config = load_config(DVAE_CONFIG, [f"data.url={photos}", f"tracking.uri={tracking_uri}",
-                                       "model.channels=[8, 8, 8]", "model.codebook_dim=8",
+                                       "model.channels=[8]", "model.codebook_dim=48",
                                        "model.latent.categories=16"])
     manifest = read_manifest(photos)
     torch.manual_seed(0)

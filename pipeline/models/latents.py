@@ -191,8 +191,11 @@ class CategoricalLatent(Latent):
         log_q = self._log_q(params)
         q = log_q.exp()
         per_position = -(q * log_q).sum(dim=-1).mean()
-        pooled = q.mean(dim=(0, 1))
-        return per_position, -torch.special.xlogy(pooled, pooled).sum()
+        # The pooled posterior in log space: with confident positions a code no position of the batch
+        # takes has a pooled mass that underflows to 0, where x log x has an infinite slope (and
+        # inf * 0 = NaN in the backward pass); log-sum-exp keeps its log finite.
+        log_pooled = torch.logsumexp(log_q.flatten(0, 1), dim=0) - math.log(log_q.shape[0] * log_q.shape[1])
+        return per_position, -(log_pooled.exp() * log_pooled).sum()
 
     def usage(self, params: Tensor) -> Tensor:
         # Summed (not averaged) so ranks can all-reduce and normalise once; a metric, so no graph.

@@ -61,10 +61,8 @@ def grid_batch_bytes(batch: int, grid: tuple[int, int], categories: int, *, hard
 def grid_shape(image_shape: tuple[int, int, int], downsample: int) -> tuple[int, int]:
     """(h, w) = (H / f, W / f) of the code grid; H and W must be multiples of f."""
     _, height, width = image_shape
-    if downsample not in DOWNSAMPLE_FACTORS:
-        raise ValueError(f"model.downsample must be one of {DOWNSAMPLE_FACTORS}, got {downsample}")
     if height % downsample or width % downsample:
-        raise ValueError(f"arch 'resnet': image size {height}x{width} is not a multiple of model.downsample={downsample}")
+        raise ValueError(f"image size {height}x{width} is not a multiple of model.downsample={downsample}")
     return height // downsample, width // downsample
 
 

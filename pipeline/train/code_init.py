@@ -16,7 +16,7 @@ MIN_IMAGES = 256  # the centres are drawn from this many images at least (more w
 # kmeans: grid positions per code that K-means is fitted on (from as many train images as that takes,
 # or the whole split), at most MAX_KMEANS_POSITIONS in all: the fit stays within seconds to a minute.
 KMEANS_POSITIONS_PER_CODE = 256
-MAX_KMEANS_POSITIONS = 1 << 19
+MAX_KMEANS_POSITIONS = 1 << 17
 
 
 def init_codes_from_data(model: VAE, manifest: Any, dataset_url: str, cfg: RunConfig, reader: ShardReader) -> None:

@@ -29,7 +29,7 @@ from pipeline.data import (
     shard_url,
     write_shards,
 )
-from pipeline.data import shards as shards_module
+from pipeline.data import writer as writer_module
 from pipeline.data.contract import SampleSpec
 from pipeline.data.reader import ReadOptions
 
@@ -161,8 +161,8 @@ def test_interrupted_write_leaves_no_manifest(tmp_path: Path, monkeypatch: pytes
             raise KeyboardInterrupt  # the user pressed Ctrl-C half-way through
         return original(image, label)
 
-    original = shards_module.npy_members
-    monkeypatch.setattr(shards_module, "npy_members", failing_encode)
+    original = writer_module.npy_members
+    monkeypatch.setattr(writer_module, "npy_members", failing_encode)
     with pytest.raises(KeyboardInterrupt):
         write_shards(splits, str(tmp_path), source="digits", samples_per_shard=500, progress=False)
     with pytest.raises(DataError, match="no manifest.json"):

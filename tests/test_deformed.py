@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from pipeline.data import read_manifest
-from pipeline.data.deformed import PROGRESS_DIR, deformed_sample, generate_deformed_mnist
+from pipeline.data.deformed import deformed_sample, generate_deformed_mnist
+from pipeline.data.writer import PROGRESS_DIR
 from pipeline.data.reader import ReadOptions, ShardReader
 from pipeline.data.sources import Split, load_mnist_splits
 

@@ -25,7 +25,7 @@ from pipeline.data import read_manifest
 from pipeline.data.contract import ImageTarget, SampleDecoder
 from pipeline.data.reader import ShardReader
 from pipeline.data.shards import Manifest
-from pipeline.data.progress import PROGRESS_DIR
+from pipeline.data.writer import PROGRESS_DIR
 from pipeline.tokens.decode import decode_tokens, safe_name
 from pipeline.tokens.encode import HANG_ENV, encode_dataset
 from pipeline.tokens.codes import EncodeError, load_run_model, pixels_of, read_tokens, token_layout, tokens_of

@@ -17,7 +17,8 @@ import pytest
 
 from photos import crops, encode, write_image_folder
 from pipeline.data import DataError, ImageTarget, ReadOptions, SampleDecoder, eval_batches, read_manifest
-from pipeline.data.images import PROGRESS_DIR, list_source, plan_jobs, shard_images
+from pipeline.data.images import list_source, plan_jobs, shard_images
+from pipeline.data.writer import PROGRESS_DIR
 
 
 def read_back(url: str, split: str, size: tuple[int, int], channels: int = 3):

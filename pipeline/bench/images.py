@@ -80,6 +80,7 @@ def make_image_dataset(out_url: str, samples: int, *, val_samples: int | None = 
 
     from pipeline.data.contract import SampleSpec, encode_image
     from pipeline.data.shards import ShardInfo, SplitInfo, begin_dataset, finish_dataset, write_shard
+    from pipeline.data.writer import shard_name
 
     photos = [np.asarray(p) for p in load_sample_images().images]
     val_samples = max(1, samples // 20) if val_samples is None else val_samples
@@ -96,7 +97,7 @@ def make_image_dataset(out_url: str, samples: int, *, val_samples: int | None = 
 
             shards = []
             for index, first in enumerate(range(0, count, samples_per_shard)):
-                path = f"{split}-{index:05d}.tar"
+                path = shard_name(split, index)
                 got, size, sha = write_shard(fs, f"{root}/{path}",
                                              pool.map(member, range(first, min(first + samples_per_shard, count))))
                 shards.append(ShardInfo(path=path, samples=got, bytes=size, sha256=sha))

@@ -18,7 +18,7 @@ _EXPORTS = {
     "ShardInfo": "shards",
     "SplitInfo": "shards",
     "Manifest": "shards",
-    "write_shards": "shards",
+    "write_shards": "writer",
     "read_manifest": "shards",
     "shard_url": "shards",
     "rank_assignment": "stream",
@@ -39,7 +39,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from pipeline.data.errors import DataError, ShardError
-    from pipeline.data.shards import Manifest, ShardInfo, SplitInfo, read_manifest, shard_url, write_shards
+    from pipeline.data.shards import Manifest, ShardInfo, SplitInfo, read_manifest, shard_url
+    from pipeline.data.writer import write_shards
     from pipeline.data.sources import Split, load_digits_splits, load_mnist_splits
     from pipeline.data.binarized import load_binarized_mnist_splits
     from pipeline.data.deformed import generate_deformed_mnist

@@ -7,34 +7,27 @@ is a pure function of (source data, seed, index, deformation parameters), labell
 source digit. The val and test splits are MNIST's own, untouched (the last 10,000 training
 images and t10k), so validation and test numbers stay comparable with plain MNIST runs.
 
-Writing:
-- memory is bounded by the source (55 MB) plus one sample per process, whatever N;
-- shards are independent jobs spread over ``workers`` processes;
-- each finished shard gets a small record in ``OUT/_progress/``; a re-run with the same
-  recipe (seed, parameters, shard size, source) reuses every recorded shard whose file is
-  intact, so an interrupted run resumes, and growing N only writes the new shards;
-- ``manifest.json`` is written last.
+Writing (pipeline/data/writer.py): memory is bounded by the source (55 MB) plus one sample per
+process, whatever N; shards are independent tasks spread over ``workers`` processes; a re-run with
+the same recipe (seed, parameters, shard size, source) reuses every finished shard whose file is
+intact, so an interrupted run resumes, and growing N only writes the new shards; ``manifest.json``
+is written last.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
-import fsspec
 import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates
 
 from pipeline.data.errors import DataError
 from pipeline.data.contract import SampleSpec
-from pipeline.data.progress import PROGRESS_DIR, end_with_parent, read_finished, record_finished, run_bounded
-from pipeline.data.shards import (
-    ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, npy_members, write_shard,
-)
+from pipeline.data.shards import ShardInfo, SplitInfo, npy_members
+from pipeline.data.writer import ShardTask, ShardWriter, Written, in_pool, in_process, process_pool, write_finished_shard
 from pipeline.data.sources import Split, load_mnist_splits
 
 RECIPE_VERSION = "deformed-mnist/1"
@@ -82,16 +75,10 @@ def deformed_sample(source: Split, seed: int, index: int, params: Deformation = 
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    split: str
-    number: int
+class ShardJob(ShardTask):
     first: int  # sample index range [first, last) within the split
     last: int
     deformed: bool
-
-    @property
-    def path(self) -> str:
-        return f"{self.split}-{self.number:05d}.tar"
 
 
 def plan_jobs(samples: int, samples_per_shard: int, splits: dict[str, Split], eval_splits: bool = True) -> list[ShardJob]:
@@ -113,25 +100,18 @@ def _job_samples(job: ShardJob, splits: dict[str, Split], seed: int, params: Def
         yield f"{job.split}-{index:09d}", npy_members(image, label)
 
 
-def _run_job(job: ShardJob, out_url: str, recipe: str, splits: dict[str, Split], seed: int, params: Deformation) -> ShardInfo:
-    fs, root = fsspec.core.url_to_fs(out_url)
-    root = root.rstrip("/")
-    count, size, sha256 = write_shard(fs, f"{root}/{job.path}", _job_samples(job, splits, seed, params))
-    info = ShardInfo(path=job.path, samples=count, bytes=size, sha256=sha256)
-    # The record is written after the shard is complete: it is what makes a shard "finished".
-    record_finished(fs, root, info, recipe)
-    return info
+def _run_job(job: ShardJob, out_url: str, recipe: str, splits: dict[str, Split], seed: int, params: Deformation) -> Written:
+    return Written(write_finished_shard(out_url, job.path, _job_samples(job, splits, seed, params), recipe))
 
 
 _WORKER: dict = {}
 
 
 def _init_worker(source: str, seed: int, params: Deformation) -> None:
-    end_with_parent()
     _WORKER.update(splits=load_mnist_splits(source), seed=seed, params=params)
 
 
-def _run_job_in_worker(job: ShardJob, out_url: str, recipe: str) -> ShardInfo:
+def _run_job_in_worker(job: ShardJob, out_url: str, recipe: str) -> Written:
     return _run_job(job, out_url, recipe, _WORKER["splits"], _WORKER["seed"], _WORKER["params"])
 
 
@@ -148,11 +128,6 @@ def recipe_digest(splits: dict[str, Split], seed: int, samples_per_shard: int, p
     recipe = {"version": RECIPE_VERSION, "seed": seed, "samples_per_shard": samples_per_shard,
               "params": asdict(params), "source": digest.hexdigest()}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-
-
-def _finished(fs: fsspec.AbstractFileSystem, root: str, job: ShardJob, recipe: str) -> ShardInfo | None:
-    found = read_finished(fs, root, job.path, recipe, samples=job.last - job.first)
-    return None if found is None else found[0]
 
 
 def generate_deformed_mnist(
@@ -182,47 +157,17 @@ def generate_deformed_mnist(
         raise DataError("source_splits are for in-process runs: worker processes read --source themselves")
     splits = source_splits or load_mnist_splits(source)
     recipe = recipe_digest(splits, seed, samples_per_shard, params)
-    fs, root, stale = begin_dataset(out_url)
-    fs.makedirs(f"{root}/{PROGRESS_DIR}", exist_ok=True)
-    jobs = plan_jobs(samples, samples_per_shard, splits, eval_splits)
-    done: dict[ShardJob, ShardInfo] = {}
-    for job in jobs:
-        info = _finished(fs, root, job, recipe)
-        if info is not None:
-            done[job] = info
-    reused = len(done)
-    todo = [job for job in jobs if job not in done]
-
-    with _progress_bar(progress, total=sum(j.last - j.first for j in jobs)) as advance:
-        advance(sum(j.last - j.first for j in done))
-
-        def finished(job: ShardJob, info: ShardInfo) -> None:
-            done[job] = info
-            advance(info.samples)
-            if on_shard_done:
-                on_shard_done(info)
-
-        if workers == 1 or len(todo) <= 1:
-            for job in todo:
-                finished(job, _run_job(job, out_url, recipe, splits, seed, params))
-        else:
-            _run_in_pool(todo, out_url, recipe, source, seed, params, workers, finished)
-
-    split_infos = {}
-    for name in ("train", "val", "test") if eval_splits else ("train",):
-        shards = [done[job] for job in jobs if job.split == name]
-        split_infos[name] = SplitInfo(samples=sum(s.samples for s in shards), shards=shards)
-    finish_dataset(fs, root, stale, source=f"deformed-mnist:{source} seed={seed} n={samples}",
-                   spec=SampleSpec(image="npy", channels=1, size=list(splits["train"].images.shape[1:]), label="cls"),
-                   split_infos=split_infos)
-    return split_infos, reused
-
-
-def _run_in_pool(todo: list[ShardJob], out_url: str, recipe: str, source: str, seed: int, params: Deformation,
-                 workers: int, finished: Callable[[ShardJob, ShardInfo], None]) -> None:
-    # spawn, not fork: the parent may hold fsspec/s3fs event-loop threads that a fork would copy broken.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                             initargs=(source, seed, params)) as pool:
-        run_bounded(pool, todo, lambda p, job: p.submit(_run_job_in_worker, job, out_url, recipe), finished,
-                    2 * workers)
+    writer = ShardWriter(out_url, plan_jobs(samples, samples_per_shard, splits, eval_splits),
+                         recipe=lambda job: recipe, samples=lambda job: job.last - job.first)
+    if workers == 1 or len(writer.todo) <= 1:
+        writer.run(in_process(lambda job: _run_job(job, out_url, recipe, splits, seed, params)), progress=progress,
+                   on_shard_done=on_shard_done)
+    else:
+        with process_pool(workers, _init_worker, (source, seed, params)) as pool:
+            writer.run(in_pool(pool, _run_job_in_worker, out_url, recipe, in_flight=2 * workers), progress=progress,
+                       on_shard_done=on_shard_done)
+    split_infos = writer.split_infos(("train", "val", "test") if eval_splits else ("train",))
+    writer.finish(source=f"deformed-mnist:{source} seed={seed} n={samples}",
+                  spec=SampleSpec(image="npy", channels=1, size=list(splits["train"].images.shape[1:]), label="cls"),
+                  split_infos=split_infos)
+    return split_infos, writer.reused

@@ -15,11 +15,10 @@
   composited on white), resized (``center-crop``: shorter side to S then the center S x S;
   ``border``: fit inside S x S and pad with black; no --size: stored as it is), encoded by
   `contract.encode_image`.
-- Writing works like `deformed.py`: shards are independent jobs over ``workers`` spawned
-  processes, each streaming one image at a time (bounded memory); a finished shard gets a
-  record in ``OUT/_progress/`` holding its recipe (settings plus its files' names, sizes and
-  modification stamps), and a re-run reuses every shard whose recipe still matches and whose
-  file is intact. ``manifest.json`` is written last.
+- Writing (pipeline/data/writer.py): shards are independent tasks over ``workers`` spawned
+  processes, each streaming one image at a time (bounded memory); a shard's recipe is the
+  settings plus its files' names, sizes and modification stamps, and a re-run reuses every
+  shard whose recipe still matches and whose file is intact. ``manifest.json`` is written last.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import contextlib
 import hashlib
 import io
 import json
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Literal, Sequence
@@ -38,8 +36,8 @@ import numpy as np
 
 from pipeline.data.contract import GREY_MODES, SampleSpec, encode_image, to_pixels
 from pipeline.data.errors import DataError
-from pipeline.data.progress import PROGRESS_DIR, end_with_parent, read_finished, record_finished, run_bounded
-from pipeline.data.shards import ShardInfo, SplitInfo, _progress_bar, begin_dataset, finish_dataset, write_shard
+from pipeline.data.shards import ShardInfo, SplitInfo
+from pipeline.data.writer import ShardTask, ShardWriter, Written, in_pool, in_process, process_pool, write_finished_shard
 
 RECIPE_VERSION = "images/1"
 CLASSES_NAME = "classes.json"
@@ -70,15 +68,9 @@ class SourceFile:
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    split: str
-    number: int
+class ShardJob(ShardTask):
     first: int  # index of the shard's first sample within its split (sample keys)
     files: tuple[SourceFile, ...]
-
-    @property
-    def path(self) -> str:
-        return f"{self.split}-{self.number:05d}.tar"
 
     def recipe(self, settings: Settings) -> str:
         recipe = {"version": RECIPE_VERSION, "settings": asdict(settings), "first": self.first,
@@ -216,11 +208,9 @@ def load_image(raw: bytes, name: str, settings: Settings) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def _run_job(job: ShardJob, source: str, out_url: str, settings: Settings) -> tuple[ShardInfo, list[list[int]]]:
-    """Write one shard, then its progress record: (shard info, up to two distinct stored [H, W])."""
+def _run_job(job: ShardJob, source: str, out_url: str, settings: Settings) -> Written:
+    """Write one shard, then its record; its ``sizes``: up to two distinct stored [H, W]."""
     src_fs, src_root = fsspec.core.url_to_fs(source)
-    fs, root = fsspec.core.url_to_fs(out_url)
-    root = root.rstrip("/")
     sizes: list[list[int]] = []
 
     def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -236,16 +226,9 @@ def _run_job(job: ShardJob, source: str, out_url: str, settings: Settings) -> tu
                 members["cls"] = str(f.label).encode()
             yield f"{job.split}-{job.first + i:09d}", members
 
-    count, size, sha256 = write_shard(fs, f"{root}/{job.path}", samples())
-    info = ShardInfo(path=job.path, samples=count, bytes=size, sha256=sha256)
-    # Written after the shard is complete: the record is what makes a shard "finished".
-    record_finished(fs, root, info, job.recipe(settings), sizes=sizes)
-    return info, sizes
-
-
-def _finished(fs: fsspec.AbstractFileSystem, root: str, job: ShardJob, settings: Settings):
-    found = read_finished(fs, root, job.path, job.recipe(settings), samples=len(job.files))
-    return None if found is None else (found[0], found[1].get("sizes") or [])
+    # `sizes` is filled while the shard is written, so the record (written after it) holds them all
+    info = write_finished_shard(out_url, job.path, samples(), job.recipe(settings), sizes=sizes)
+    return Written(info, {"sizes": sizes})
 
 
 # --- the command ------------------------------------------------------------------------------------------
@@ -272,7 +255,7 @@ def shard_images(source: str, out_url: str, *, size: int | None = None, resize: 
     files, classes = list_source(source)
     jobs = plan_jobs(files, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                      samples_per_shard=samples_per_shard)
-    with _pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+    with process_pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         return _shard(source, out_url, files, classes, jobs, pool, size=size, resize=resize, fmt=fmt, quality=quality,
                       channels=channels, seed=seed, workers=workers, progress=progress, on_shard_done=on_shard_done)
 
@@ -284,51 +267,21 @@ def _shard(source: str, out_url: str, files: list[SourceFile], classes: list[str
     if channels is None:
         channels = 1 if all_grey(source, files, pool) else 3
     settings = Settings(size=size, resize=resize if size else "none", format=fmt, quality=quality, channels=channels)
-    fs, root, stale = begin_dataset(out_url)
-    fs.makedirs(f"{root}/{PROGRESS_DIR}", exist_ok=True)
-    done = {job: found for job in jobs if (found := _finished(fs, root, job, settings)) is not None}
-    reused = len(done)
-    todo = [job for job in jobs if job not in done]
-    with _progress_bar(progress, total=len(files)) as advance:
-        advance(sum(len(job.files) for job in done))
+    writer = ShardWriter(out_url, jobs, recipe=lambda job: job.recipe(settings), samples=lambda job: len(job.files))
+    if pool is None or len(writer.todo) <= 1:
+        execute = in_process(lambda job: _run_job(job, source, out_url, settings))
+    else:
+        execute = in_pool(pool, _run_job, source, out_url, settings, in_flight=2 * workers)
+    writer.run(execute, progress=progress, on_shard_done=on_shard_done)
 
-        def finished(job: ShardJob, result: tuple[ShardInfo, list[list[int]]]) -> None:
-            done[job] = result
-            advance(result[0].samples)
-            if on_shard_done:
-                on_shard_done(result[0])
-
-        if pool is None or len(todo) <= 1:
-            for job in todo:
-                finished(job, _run_job(job, source, out_url, settings))
-        else:
-            _run_in_pool(todo, source, out_url, settings, pool, 2 * workers, finished)
-
-    split_infos = {}
-    for name in ("train", "val", "test"):
-        shards = [done[job][0] for job in jobs if job.split == name]
-        if shards:
-            split_infos[name] = SplitInfo(samples=sum(s.samples for s in shards), shards=shards)
-    seen = {tuple(s) for job in jobs for s in done[job][1]}  # stored sizes (with --size: just S x S)
+    split_infos = writer.split_infos(name for name in ("train", "val", "test") if any(j.split == name for j in jobs))
+    seen = {tuple(s) for job in jobs for s in writer.done[job.path].extra.get("sizes") or []}  # with --size: just S x S
     stored = [size, size] if size else list(seen.pop()) if len(seen) == 1 else None
     spec = SampleSpec(image=fmt, channels=channels, size=stored, label="cls" if classes else None)  # type: ignore[arg-type]
     if classes:  # beside the manifest, written before it (the manifest is always last)
-        fs.pipe_file(f"{root}/{CLASSES_NAME}", json.dumps(classes, indent=1).encode())
-    elif fs.exists(f"{root}/{CLASSES_NAME}"):
-        fs.rm(f"{root}/{CLASSES_NAME}")
+        writer.fs.pipe_file(f"{writer.root}/{CLASSES_NAME}", json.dumps(classes, indent=1).encode())
+    elif writer.fs.exists(f"{writer.root}/{CLASSES_NAME}"):
+        writer.fs.rm(f"{writer.root}/{CLASSES_NAME}")
     recipe = f"size={size} resize={settings.resize} format={fmt} quality={quality} seed={seed}"
-    finish_dataset(fs, root, stale, source=f"images {source} ({len(classes)} classes) {recipe}", spec=spec,
-                   split_infos=split_infos)
-    return split_infos, reused, classes
-
-
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # spawn, not fork: the parent may hold fsspec/s3fs event-loop threads that a fork would copy broken.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=end_with_parent)
-
-
-def _run_in_pool(todo: list[ShardJob], source: str, out_url: str, settings: Settings, pool: ProcessPoolExecutor,
-                 in_flight: int,
-                 finished: Callable[[ShardJob, tuple[ShardInfo, list[list[int]]]], None]) -> None:
-    run_bounded(pool, todo, lambda p, job: p.submit(_run_job, job, source, out_url, settings), finished, in_flight)
+    writer.finish(source=f"images {source} ({len(classes)} classes) {recipe}", spec=spec, split_infos=split_infos)
+    return split_infos, writer.reused, classes

@@ -9,7 +9,8 @@ Layout of a dataset folder (local path, file://, memory://, s3://, gs://):
 What a sample holds is the manifest's `contract.SampleSpec` (format 2); a format-1 manifest
 implies two members per sample, ``{key}.npy`` (``np.save`` of the uint8 H x W image) and
 ``{key}.cls`` (the label as ASCII decimal). Shard paths are relative to the manifest's folder,
-or absolute URLs when `pipeline data index` adopted shards that live elsewhere.
+or absolute URLs when `pipeline data index` adopted shards that live elsewhere. Datasets are
+written through pipeline/data/writer.py (shard names, resumable tasks, the manifest last).
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import hashlib
 import json
 import tarfile
 import contextlib
-from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Literal
+from typing import Any, BinaryIO, Callable, Iterable, Literal
 
 import fsspec
 import numpy as np
@@ -29,7 +29,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from pipeline.data.contract import UNSAFE, SampleSpec, encode_image, v1_spec
 from pipeline.data.errors import DataError
-from pipeline.data.sources import Split
 
 MANIFEST_NAME = "manifest.json"
 # Keys a shard may ever declare: formats that decode without running code. Pickle-based
@@ -251,65 +250,12 @@ def finish_dataset(fs: fsspec.AbstractFileSystem, root: str, stale: set[str], *,
     return manifest
 
 
-def write_shards(
-    splits: dict[str, Split],
-    out_url: str,
-    *,
-    source: str,
-    samples_per_shard: int = 5000,
-    progress: bool = True,
-) -> Manifest:
-    """Write every split as tar shards under ``out_url`` and return the manifest.
-
-    Each shard is streamed straight to its fsspec file, so memory stays at one sample
-    (plus the filesystem's write buffer) however large the dataset. An existing
-    manifest is removed first and the new one written last, so an interrupted write
-    never leaves a folder that looks like a complete dataset.
-    """
-    if samples_per_shard < 1:
-        raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    shapes = {tuple(split.images.shape[1:]) for split in splits.values()}
-    if len(shapes) != 1:
-        raise DataError(f"all splits must share one image shape, got {sorted(shapes)}")
-    fs, root, stale = begin_dataset(out_url)
-
-    split_infos: dict[str, SplitInfo] = {}
-    with _progress_bar(progress, total=sum(len(s) for s in splits.values())) as advance:
-        for name, split in splits.items():
-            shards = []
-            for shard_number, first in enumerate(range(0, len(split), samples_per_shard)):
-                last = min(first + samples_per_shard, len(split))
-                shard_path = f"{name}-{shard_number:05d}.tar"
-                samples = ((f"{name}-{i:07d}", npy_members(split.images[i], split.labels[i]))
-                           for i in range(first, last))
-                count, size, sha256 = write_shard(fs, f"{root}/{shard_path}", samples, advance)
-                shards.append(ShardInfo(path=shard_path, samples=count, bytes=size, sha256=sha256))
-            split_infos[name] = SplitInfo(samples=len(split), shards=shards)
-
-    shape = shapes.pop()  # [H, W] grey or [C, H, W]
-    spec = SampleSpec(image="npy", channels=1 if len(shape) == 2 else shape[0], size=list(shape[-2:]), label="cls")
-    return finish_dataset(fs, root, stale, source=source, spec=spec, split_infos=split_infos)
-
-
 def _shard_paths_of_old_manifest(fs: fsspec.AbstractFileSystem, manifest_path: str) -> set[str]:
     try:
         old = Manifest.model_validate_json(fs.cat_file(manifest_path))
     except (OSError, ValueError):  # absent or unreadable: nothing we can safely clean up
         return set()
     return {info.path for split in old.splits.values() for info in split.shards}
-
-
-@contextmanager
-def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``: a rich progress bar over samples, or a no-op (tests, worker processes)."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import Progress
-
-    with Progress() as bar:
-        task = bar.add_task("writing shards", total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def manifest_location(url: str) -> tuple[str, str]:

@@ -3,8 +3,8 @@ shards (the training data of a downstream prior, e.g. a transformer), and tokens
 
 The token format is described in pipeline/tokens/codes.py.
 
-How the work runs: one Ray task per input shard (1 CPU; 1 GPU each when the cluster has GPUs), at
-most twice the cluster's slots in flight. Each task builds the model once per worker process, reads
+How the work runs (pipeline/data/writer.py): one Ray task per input shard (1 CPU; 1 GPU each when
+the cluster has GPUs), at most twice the cluster's slots in flight. Each task builds the model once per worker process, reads
 its shard with the run's read options (sha256 verified, corruption is an error: every sample is
 written exactly once), encodes in batches and streams the tar to ``OUT/_tmp/<shard>.<uuid>``, then
 publishes it with one move to its final name (a rename on a file system; a copy + delete on object
@@ -20,30 +20,24 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import fsspec
 import numpy as np
 import torch
 
 from pipeline.data.contract import ImageTarget, SampleDecoder, SampleSpec
 from pipeline.data.errors import DataError
-from pipeline.data.progress import PROGRESS_DIR, read_finished, record_finished
 from pipeline.data.reader import ReadOptions
-from pipeline.data.shards import (
-    Manifest, ShardInfo, SplitInfo, TokenInfo, begin_dataset, finish_dataset, read_manifest, shard_url, write_shard,
-)
+from pipeline.data.shards import Manifest, ShardInfo, TokenInfo, read_manifest, shard_url
+from pipeline.data.writer import ShardTask, ShardWriter, Written, ray_tasks, write_finished_shard
 from pipeline.models import VAE
 from pipeline.runs.registry import registered_version
 from pipeline.tokens.codes import EncodeError, TokenLayout, load_run_model, token_layout, tokens_of
 
-TMP_DIR = "_tmp"
 RECIPE_VERSION = 1
 # Test hook: a shard path (e.g. "train-00001.tar") whose task sleeps before writing, so a test can kill
 # the run while that shard is in flight. Read by the driver and handed to the tasks explicitly.
@@ -53,14 +47,8 @@ HANG_ENV = "PIPELINE_ENCODE_TEST_HANG"
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    split: str
-    index: int
-    source: ShardInfo
-
-    @property
-    def path(self) -> str:
-        return f"{self.split}-{self.index:05d}.tar"
+class ShardJob(ShardTask):
+    source: ShardInfo  # the input shard: one token shard per input shard
 
 
 @dataclass
@@ -105,7 +93,7 @@ def _worker_state(ctx: EncodeContext) -> tuple[VAE, Manifest, torch.device]:
 
 
 def _shard_seed(seed: int, job: ShardJob) -> int:
-    digest = hashlib.sha256(f"{seed}/{job.split}/{job.index}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}/{job.split}/{job.number}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -154,49 +142,24 @@ def _token_samples(ctx: EncodeContext, job: ShardJob, model: VAE, manifest: Mani
     yield from flush(1)
 
 
-def encode_shard(ctx: EncodeContext, job: ShardJob) -> dict:
+def encode_shard(ctx: EncodeContext, job: ShardJob) -> Written:
     """Encode one source shard into ``OUT/<job.path>``, published atomically, then recorded."""
     started = time.perf_counter()
     model, manifest, device = _worker_state(ctx)
     if ctx.hang == job.path:
         time.sleep(3600)  # test hook (HANG_ENV): stay in flight until the test kills the run
-    fs, root = fsspec.core.url_to_fs(ctx.out_url)
-    root = root.rstrip("/")
-    tmp = f"{root}/{TMP_DIR}/{job.path}.{uuid.uuid4().hex}"
-    fs.makedirs(f"{root}/{TMP_DIR}", exist_ok=True)
-    fs.makedirs(f"{root}/{PROGRESS_DIR}", exist_ok=True)
     source = shard_url(ctx.data_url, job.source)
-    try:
-        count, size, sha256 = write_shard(fs, tmp, _token_samples(ctx, job, model, manifest, device))
+
+    def check(count: int) -> None:
         if count != job.source.samples:
             raise EncodeError(f"{source}: read {count} samples, its manifest says {job.source.samples}")
-        fs.mv(tmp, f"{root}/{job.path}")  # the final name appears complete, or not at all
-    except DataError as err:
-        _remove_quietly(fs, tmp)
-        raise EncodeError(f"run {ctx.run_id}: shard {source}: {err}") from None
-    except BaseException:
-        _remove_quietly(fs, tmp)
-        raise
-    info = ShardInfo(path=job.path, samples=count, bytes=size, sha256=sha256)
-    # The record comes after the publish: it is what makes a shard "finished" for a re-run.
-    record_finished(fs, root, info, ctx.recipe, source=job.source.path, source_sha256=job.source.sha256)
-    return {"shard": info.model_dump(), "seconds": time.perf_counter() - started, "device": str(device)}
 
-
-def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
     try:
-        if fs.exists(path):
-            fs.rm(path)
-    except OSError:
-        pass
-
-
-def _finished(fs: fsspec.AbstractFileSystem, root: str, job: ShardJob, recipe: str) -> ShardInfo | None:
-    """The job's recorded output when a previous run finished it with this recipe from this source, else None."""
-    found = read_finished(fs, root, job.path, recipe, samples=job.source.samples)
-    if found is None or found[1].get("source_sha256") != job.source.sha256:
-        return None
-    return found[0]
+        info = write_finished_shard(ctx.out_url, job.path, _token_samples(ctx, job, model, manifest, device), ctx.recipe,
+                                    staged=True, check=check, source=job.source.path, source_sha256=job.source.sha256)
+    except DataError as err:
+        raise EncodeError(f"run {ctx.run_id}: shard {source}: {err}") from None
+    return Written(info, {"seconds": time.perf_counter() - started, "device": str(device)})
 
 
 # --- the driver -----------------------------------------------------------------------------------
@@ -262,136 +225,33 @@ def encode_dataset(run_id: str, data_url: str, out_url: str, *, splits: list[str
     with_labels = source.spec.label is not None
     jobs = [ShardJob(name, i, shard) for name in names for i, shard in enumerate(source.splits[name].shards)]
 
-    fs, root, stale = begin_dataset(out_url)
-    done: dict[str, ShardInfo] = {}  # by output path
-    for job in jobs:
-        info = _finished(fs, root, job, recipe)
-        if info is not None:
-            done[job.path] = info
-    reused = len(done)
-    todo = [job for job in jobs if job.path not in done]
+    writer = ShardWriter(out_url, jobs, recipe=lambda job: recipe, samples=lambda job: job.source.samples,
+                         accept=lambda job, record: record.get("source_sha256") == job.source.sha256)
     ctx = EncodeContext(run_id=run_id, recipe=recipe, model_config=run.config.model.model_dump(),
                         image_shape=run.image_shape, binarize=run.config.data.binarize, weights=weights,
                         layout=layout, manifest_json=source.model_dump_json(), data_url=data_url, out_url=out_url,
                         options=ReadOptions.from_config(run.config.data), target=target,
                         decode_workers=run.config.data.decode_workers, batch_size=batch_size, seed=seed,
                         with_labels=with_labels, hang=os.environ.get(HANG_ENV) or None)
+    todo = list(writer.todo)
     started = time.perf_counter()
-    devices: set[str] = set()
-    if todo:
-        with _shard_progress(progress, len(jobs), reused) as advance:
-            def finished(job: ShardJob, result: dict) -> None:
-                info = ShardInfo.model_validate(result["shard"])
-                done[job.path] = info
-                devices.add(result["device"])
-                advance(job.path)
-                if on_shard_done:
-                    on_shard_done(info)
-
-            _run_on_ray(todo, ctx, address, max_retries, finished)
+    writer.run(ray_tasks(encode_shard, ctx, address=address, max_retries=max_retries, error=EncodeError,
+                         what=f"run {run_id}", name=lambda job: f"{job.path} ({shard_url(data_url, job.source)})"),
+               progress=progress, label="encoding shards", per="shard", on_shard_done=on_shard_done)
     seconds = time.perf_counter() - started
 
-    split_infos = {name: SplitInfo(samples=sum(done[j.path].samples for j in jobs if j.split == name),
-                                   shards=[done[j.path] for j in jobs if j.split == name]) for name in names}
+    split_infos = writer.split_infos(names)
     spec = SampleSpec(image="npy", channels=1, size=layout.spec_size, label="cls" if with_labels else None)
     tokens = TokenInfo(run_id=run_id, model_version=registered_version(run.tracking_uri, run_id), source=data_url,
                        source_sha256=source.digest(), categories=layout.categories,
                        grid=list(layout.grid) if layout.grid else None, shape=list(layout.shape),
                        image_shape=list(run.image_shape))
-    manifest = finish_dataset(fs, root, stale, source=f"pipeline encode {run_id} {data_url}", spec=spec,
-                              split_infos=split_infos, tokens=tokens)
-    if fs.exists(f"{root}/{TMP_DIR}"):
-        fs.rm(f"{root}/{TMP_DIR}", recursive=True)  # leftovers of killed tasks
-    encoded = sum(done[j.path].samples for j in todo)
-    return EncodeResult(manifest, out_url, len(todo), reused, sum(s.samples for s in split_infos.values()),
-                        encoded, seconds, sorted(devices))
-
-
-def _run_on_ray(todo: list[ShardJob], ctx: EncodeContext, address: str | None, max_retries: int,
-                finished: Callable[[ShardJob, dict], None]) -> None:
-    """One task per shard, a bounded number in flight; failures named by shard, after the others finish."""
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        address = address or os.environ.get("RAY_ADDRESS")
-        try:
-            if address:
-                ray.init(address=address, logging_level=logging.WARNING)
-            else:
-                ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                         logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError) as err:
-            raise EncodeError(f"cannot join the Ray cluster at {address or 'local'}: {err}") from None
-    try:
-        resources = ray.cluster_resources()
-        gpus = 1 if resources.get("GPU", 0) >= 1 else 0
-        slots = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1))
-        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=max_retries)(encode_shard)
-        ctx_ref = ray.put(ctx)
-        queue = iter(todo)
-        pending: dict[Any, ShardJob] = {}
-        failures: list[str] = []
-
-        def submit() -> None:
-            for job in queue:
-                pending[task.remote(ctx_ref, job)] = job
-                if len(pending) >= max(2, 2 * slots):
-                    break
-
-        submit()
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(ready[0])
-            try:
-                finished(job, ray.get(ready[0]))
-            except ray.exceptions.RayTaskError as err:
-                cause = getattr(err, "cause", None)
-                what = str(cause) if isinstance(cause, EncodeError) else (
-                    f"{type(cause).__name__}: {cause}" if cause is not None else _first_line(err))
-                failures.append(f"{job.path} ({shard_url(ctx.data_url, job.source)}): {what}")
-            except ray.exceptions.RayError as err:  # the worker died (killed, out of memory) past its retries
-                failures.append(f"{job.path} ({shard_url(ctx.data_url, job.source)}): task died: {_first_line(err)}")
-            if not failures:
-                submit()
-        if failures:
-            raise EncodeError(f"run {ctx.run_id}: {len(failures)} shard(s) failed (finished shards are recorded; "
-                              f"a re-run redoes only the rest): " + "; ".join(failures))
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    # A RayTaskError's text is a traceback: its last line is the exception itself.
-    return (lines[-1] if lines and "Traceback" in text else (lines[0] if lines else type(err).__name__))[:500]
-
-
-class _shard_progress:
-    """A rich progress bar over shards on stderr (``enabled``), else nothing."""
-
-    def __init__(self, enabled: bool, total: int, reused: int) -> None:
-        self.enabled, self.total, self.reused = enabled, total, reused
-        self.bar: Any = None
-
-    def __enter__(self) -> Callable[[str], None]:
-        if not self.enabled:
-            return lambda path: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("encoding shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("{task.description}"), console=Console(stderr=True))
-        self.bar.__enter__()
-        task = self.bar.add_task(f"({self.reused} reused)" if self.reused else "", total=self.total,
-                                 completed=self.reused)
-        return lambda path: self.bar.update(task, advance=1, description=path)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+    manifest = writer.finish(source=f"pipeline encode {run_id} {data_url}", spec=spec, split_infos=split_infos,
+                             tokens=tokens)
+    encoded = sum(writer.done[job.path].info.samples for job in todo)
+    devices = sorted({writer.done[job.path].extra["device"] for job in todo})
+    return EncodeResult(manifest, out_url, len(todo), writer.reused, sum(s.samples for s in split_infos.values()),
+                        encoded, seconds, devices)
 
 
 # --- reading tokens, decoding ------------------------------------------------------------------------

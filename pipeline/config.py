@@ -271,9 +271,8 @@ class TrainConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _retired_testing_aids(cls, values: Any) -> Any:
-        """train.sample_log and train.debug_nan_step were testing aids in the user's schema (now the
-        environment variables PIPELINE_SAMPLE_LOG, PIPELINE_DEBUG_NAN_STEP): a config logged with them
-        unset still loads (`pipeline train --resume` of an older run); set, they are refused as unknown."""
+        """train.sample_log and train.debug_nan_step were testing aids in the user's schema (now hooks
+        the tests install, pipeline/train/hooks.py): a config logged with them unset still loads (`pipeline train --resume` of an older run); set, they are refused as unknown."""
         if isinstance(values, dict) and values.get("sample_log") is None and values.get("debug_nan_step") is None:
             values = {k: v for k, v in values.items() if k not in ("sample_log", "debug_nan_step")}
         return values

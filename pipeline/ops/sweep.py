@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import statistics
 import sys
@@ -45,7 +44,6 @@ console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: 
 TRIAL_RESTARTS = 2  # Tune restarts of a trial whose driver died (its training resumes from a checkpoint)
 AGGREGATED = ("val/", "latent/", "test/")  # the final figures aggregated per grid point
 NOT_AGGREGATED = re.compile(r"^val/kl_latent_\d+$")  # one KL per latent variable: too many to chart
-NAN_TRIAL_ENV = "PIPELINE_SWEEP_NAN_TRIAL"  # testing aid: a trial's name whose loss turns NaN at step 1
 POINT_WITHOUT_GRID = "base"
 
 
@@ -354,9 +352,6 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     if child is None or child.info.status != "FINISHED":
         if child is not None and child.data.tags.get("sweep.outcome") == "failed" and not spec["retry_failed"]:
             return {"outcome": "failed", "run_id": child.info.run_id, "reason": child.data.tags.get("sweep.failure")}
-        saved = os.environ.get("PIPELINE_DEBUG_NAN_STEP")
-        if spec.get("nan"):
-            os.environ["PIPELINE_DEBUG_NAN_STEP"] = "1"
         try:
             train(config, trigger="sweep", resume_run_id=child.info.run_id if child is not None else None,
                   resume_reason="sweep resumed the trial", tags={
@@ -369,11 +364,6 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
                 store.set_run_tags(uri, child.info.run_id, {"sweep.outcome": "failed",
                                                             "sweep.failure": reason[:5000]})
             return {"outcome": "failed", "run_id": child.info.run_id if child else None, "reason": reason}
-        finally:
-            if saved is None:
-                os.environ.pop("PIPELINE_DEBUG_NAN_STEP", None)
-            else:
-                os.environ["PIPELINE_DEBUG_NAN_STEP"] = saved
         child = _find_child(uri, experiment, parent, key)
     run_id = child.info.run_id
     k = spec["evaluate_k"]
@@ -541,12 +531,11 @@ def _run_tune(spec: SweepSpec, todo: list[Trial], *, parent_id: str, attempt: in
 
     from pipeline.data.remote import ray_storage_kwargs
 
-    nan_trial = os.environ.get(NAN_TRIAL_ENV)
     specs = [{"config": t.config.model_dump(mode="json") | {"tracking": t.config.tracking.model_dump(mode="json")
                                                             | {"run_name": t.name}},
               "tracking_uri": spec.base.tracking.uri, "parent": parent_id, "key": t.key, "point": t.point,
-              "seed": t.seed, "sweep_key": spec.key, "evaluate_k": evaluate_k, "retry_failed": retry_failed,
-              "nan": nan_trial == t.name} for t in todo]
+              "seed": t.seed, "sweep_key": spec.key, "evaluate_k": evaluate_k, "retry_failed": retry_failed}
+             for t in todo]
     limit = min(limit, len(todo))
     console.print(f"running {len(todo)} trial(s), at most {limit} at a time")
     tuner = tune.Tuner(

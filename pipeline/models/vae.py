@@ -17,7 +17,7 @@ from pipeline.models.latents import Latent, build_latent, expected_over_codes, p
 from pipeline.models.likelihoods import Likelihood, build_likelihood
 from pipeline.models.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from pipeline.models.patch import PatchDecoder, PatchEncoder
-from pipeline.models.resnet import ResNetDecoder, ResNetEncoder, grid_shape
+from pipeline.models.resnet import CODE_INIT_SPREAD, ResNetDecoder, ResNetEncoder, grid_shape
 
 
 @dataclass
@@ -148,7 +148,8 @@ class VAE(nn.Module):
         return objective
 
     @torch.no_grad()
-    def init_codes_from_data(self, x: Tensor, seed: int, method: str = "data", spread: float = 5.0) -> None:
+    def init_codes_from_data(self, x: Tensor, seed: int, method: str = "data",
+                             spread: float = CODE_INIT_SPREAD) -> None:
         """A grid model's code head initialised from images x [B, C, H, W] (`ResNetEncoder.init_codes`,
         ``method`` data or kmeans), and for arch patch with kmeans the decoder's codebook too
         (`PatchDecoder.init_codebook`); deterministic in (x, seed), so every rank computes the same."""

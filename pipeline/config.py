@@ -164,8 +164,13 @@ class ModelConfig(_Section):
         5.0, gt=0, description="data, kmeans: the std across the K codes of a position's initial logits. Large: "
         "the posterior starts confident, so sampled codes are the nearest centre"
     )
+    restart_dead_codes: bool = Field(
+        False, description="resnet, patch: at every epoch's end, each code that no position of the first "
+        "training images picks (argmax) takes over part of a busy code's positions, in the EMA and the "
+        "optimizer's moments too (VQ-VAE's codebook restarts, as a k-means split): codes stay in use"
+    )
     entropy_weight: float = Field(
-        0.0, ge=0.0, description="resnet: weight of the code entropy term N * (H(q) per position - H(q pooled "
+        0.0, ge=0.0, description="resnet, patch: weight of the code entropy term N * (H(q) per position - H(q pooled "
         "over the batch)) added to the loss: confident positions spread over the whole codebook (MAGVIT-v2)"
     )
     latent: LatentConfig = Field(default_factory=LatentConfig, description="The latent variables (model.latent.*)")
@@ -200,9 +205,10 @@ class ModelConfig(_Section):
                                  f"{stages} stage widths, got {self.channels}")
             if self.latent.kind != "categorical":
                 raise ValueError(f"arch resnet needs model.latent.kind categorical (a grid), got {self.latent.kind}")
-        elif self.code_init != "random" or self.entropy_weight:
-            raise ValueError(f"model.code_init: {self.code_init} and model.entropy_weight: {self.entropy_weight} "
-                             f"apply to a grid (arch resnet or patch), not arch {self.arch}")
+        elif self.code_init != "random" or self.entropy_weight or self.restart_dead_codes:
+            raise ValueError(f"model.code_init: {self.code_init}, model.entropy_weight: {self.entropy_weight} and "
+                             f"model.restart_dead_codes: {self.restart_dead_codes} apply to a grid (arch resnet or "
+                             f"patch), not arch {self.arch}")
         return self
 
 

@@ -318,13 +318,13 @@ def test_bench_train_plain_loop_runs_the_training_objective(request, config, dat
             assert cfg.model.code_init == "kmeans"  # as shipped: the K-means quantizer of the first train images
             from pipeline.data.contract import ImageTarget, SampleDecoder
             from pipeline.data.reader import ReadOptions, ShardReader
-            from pipeline.train.code_init import init_codes_from_data
+            from pipeline.train.code_init import code_pool, init_codes_from_data
 
             manifest = read_manifest(url)
             target = ImageTarget.from_config(manifest.spec, cfg.data)
             reader = ShardReader(ReadOptions.from_config(cfg.data),
                                  SampleDecoder(manifest.spec, target, cfg.data.decode_workers))
-            init_codes_from_data(model, manifest, url, cfg, reader)
+            init_codes_from_data(model, code_pool(model, manifest, url, cfg, reader), cfg)
         assert result["parameters"] == sum(p.numel() for p in model.parameters())
         x = images[next(batch_indices(len(images), 8, cfg.train.seed))]
         tau, beta = temperature(0, cfg.model.latent), kl_weight(0, cfg.train)

@@ -48,7 +48,7 @@ def test_dvae_on_two_workers_lands_schedules_code_use_and_per_epoch_images(ray_c
         f"train.log_every={LOG_EVERY}", "train.lr_warmup_steps=2", "train.kl_warmup_steps=4",
         "model.latent.tau_steps=6",
     ])
-    assert config.train.workers == 2 and config.train.ema  # what this test is about, as shipped
+    assert config.train.workers == 2 and config.train.ema and config.model.restart_dead_codes  # as shipped
     result = train(config)
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.run_id)
@@ -135,6 +135,8 @@ def test_dvae_on_two_workers_lands_schedules_code_use_and_per_epoch_images(ray_c
 
     val_steps = sorted(m.step for m in client.get_metric_history(result.run_id, "val/loss"))
     assert val_steps == [total_steps // EPOCHS * (e + 1) for e in range(EPOCHS)]
+    restarts = _history(client, result.run_id, "latent/codes_restarted")  # as shipped: dead codes restart each epoch
+    assert sorted(restarts) == val_steps and list(restarts.values()) == sorted(restarts.values())
     stepped = [a.path for a in client.list_artifacts(result.run_id, "images")]
     for key in ("reconstructions", "kl_heatmap", "code_usage"):  # one image per epoch, at the epoch's step
         steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in stepped

@@ -85,11 +85,10 @@ def build_like_training(cfg: Any, url: str) -> Any:
     torch.manual_seed(cfg.train.seed)
     model = build_vae(cfg.model, image_shape=target.shape, binarize=cfg.data.binarize)
     if cfg.model.code_init != "random":
-        from pipeline.train.code_init import init_codes_from_data
+        from pipeline.train.code_init import code_pool, init_codes_from_data
 
-        init_codes_from_data(model, manifest, url, cfg, ShardReader(ReadOptions.from_config(cfg.data),
-                                                                    SampleDecoder(manifest.spec, target,
-                                                                                  cfg.data.decode_workers)))
+        reader = ShardReader(ReadOptions.from_config(cfg.data), SampleDecoder(manifest.spec, target, cfg.data.decode_workers))
+        init_codes_from_data(model, code_pool(model, manifest, url, cfg, reader), cfg)
     return model
 
 

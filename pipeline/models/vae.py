@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
+from pipeline.models.code_restart import Split, apply_splits, plan_splits
 from pipeline.models.latents import Latent, build_latent, expected_over_codes, pick_code
 from pipeline.models.likelihoods import Likelihood, build_likelihood
 from pipeline.models.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
@@ -159,6 +160,23 @@ class VAE(nn.Module):
         centres = self.encoder.init_codes(inputs, seed, method=method, spread=spread)
         if method == "kmeans" and isinstance(self.decoder, PatchDecoder):
             self.decoder.init_codebook(centres[:, : self.decoder.cell_size])
+
+    @torch.no_grad()
+    def split_dead_codes(self, x: Tensor, generator: torch.Generator, *, copies: tuple["VAE", ...] = (),
+                         chunk: int = 256) -> list[Split]:
+        """Every code that no position of the images x [B, C, H, W] picks (argmax) takes over part of a
+        busy code's positions (models/code_restart.py), in this model and in ``copies`` (the weight
+        average) alike. Deterministic in (weights, x, generator). Returns the splits made (the caller
+        copies the optimizer's moments of the edited rows)."""
+        if not self.is_grid:
+            raise ValueError(f"model.restart_dead_codes needs a grid (arch resnet or patch), got arch {self.arch}")
+        device = self.encoder.to_logits.weight.device
+        features = torch.cat([self.encoder.features(self.prepare(part.to(device))[0]).permute(0, 2, 3, 1).flatten(0, 2)
+                              for part in x.split(chunk)])
+        splits = plan_splits(features, self.encoder.to_logits, generator)
+        for model in (self, *copies):
+            apply_splits(model.encoder.to_logits, model.decoder.codebook, splits)
+        return splits
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -33,7 +33,7 @@ from pipeline.data.stream import prefetch
 from pipeline.models import build_vae
 from pipeline.runs.logger import RunLogger, load_pending, log_data_health
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.train.code_init import init_codes_from_data
+from pipeline.train.code_init import code_pool, init_codes_from_data, restart_dead_codes
 from pipeline.train.collectives import all_gather, all_reduce
 from pipeline.train.hooks import HookSpec, Hooks
 from pipeline.train.state import TrainState
@@ -95,6 +95,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if stopped:
             break
         state.position.next_epoch(epoch)
+        # No collective: every rank edits its replica alike (the same pool, weights and draws).
+        worker.restart_dead_codes()
         score = worker.score_validation()  # this rank's share of the split; no collective inside
         # Collective: every rank reaches it once per epoch (the validation sums over all ranks).
         val_sums = all_reduce(score.pack(), worker.device)
@@ -131,6 +133,8 @@ class Worker:
     checkpoint: Any = None  # the ray.train.Checkpoint this run continues from
     logger: RunLogger | None = None  # rank 0's
     preview: torch.Tensor | None = None  # rank 0's validation images, the same every epoch
+    code_pool: torch.Tensor | None = None  # model.restart_dead_codes: the train images codes are counted on
+    codes_restarted: int = 0  # this worker group's restarts so far (logged at each epoch's end)
     skipped_nonfinite: int = 0
     setup_logged: bool = False
 
@@ -184,6 +188,11 @@ class Worker:
         every, position = self.cfg.train.checkpoint_every_steps, self.state.position
         return bool(every) and position.step % every == 0 and position.step_in_epoch < self.steps
 
+    def restart_dead_codes(self) -> None:
+        """``model.restart_dead_codes``: the codes the pool's positions no longer pick restart (train/code_init.py)."""
+        if self.code_pool is not None:
+            self.codes_restarted += restart_dead_codes(self.state, self.code_pool, self.cfg.train.seed)
+
     def score_validation(self) -> SplitScore:
         return score_split(self.state.evaluated, self.manifest, self.args.dataset_url, "val", rank=self.rank,
                            world_size=self.world_size, batch_size=self.cfg.train.batch_size // self.world_size,
@@ -195,6 +204,8 @@ class Worker:
         over ranks): rank 0 logs it; returns what the epoch's report says."""
         stats: dict[str, Any] = {}  # the all-reduced arrays behind the code-use plots
         val, step = score.metrics(val_sums, stats), self.state.position.step
+        if self.code_pool is not None:
+            val["latent/codes_restarted"] = float(self.codes_restarted)
         report = {"epoch": epoch + 1, "step": step, **val}
         if self.logger:
             log_data_health(self.logger, step, dict(zip(_READ_COUNTS, health.tolist())),
@@ -265,12 +276,15 @@ def setup(args: WorkerArgs) -> Worker:
     reader = ShardReader(ReadOptions.from_config(cfg.data), decoder, stats=read_stats)  # retries, cache, on_corrupt
     model = build_vae(cfg.model, image_shape=target.shape, binarize=cfg.data.binarize)
     checkpoint = ray.train.get_checkpoint()
+    init_codes = checkpoint is None and not cfg.train.init_from and cfg.model.code_init != "random"
+    # The first train images: a fresh grid's code init and dead-code restarts (train/code_init.py).
+    pool = code_pool(model, manifest, args.dataset_url, cfg, reader) if init_codes or cfg.model.restart_dead_codes else None
     if checkpoint is None and cfg.train.init_from:  # warm start (e.g. from the champion)
         from pipeline.runs.load import load_initial_weights
 
         load_initial_weights(model, cfg.train.init_from, args.tracking_uri)
-    elif checkpoint is None and cfg.model.code_init != "random":  # a fresh grid: every code in use (models/resnet.py)
-        init_codes_from_data(model, manifest, args.dataset_url, cfg, reader)
+    elif init_codes:  # a fresh grid: every code in use (models/resnet.py)
+        init_codes_from_data(model, pool, cfg)
 
     device = ray.train.torch.get_device()
     state = TrainState(model, cfg.train, device, cfg.partitions)
@@ -284,7 +298,8 @@ def setup(args: WorkerArgs) -> Worker:
                   decoder=decoder, reader=reader, state=state,
                   steps=steps_per_epoch(manifest.splits["train"].samples, partitions, global_batch // partitions),
                   partitions=partitions_of_rank(partitions, world_size, rank),
-                  hooks=Hooks.load(args.hooks, cfg, rank), entered=entered, checkpoint=checkpoint)
+                  hooks=Hooks.load(args.hooks, cfg, rank), entered=entered, checkpoint=checkpoint,
+                  code_pool=pool if cfg.model.restart_dead_codes else None)
 
 
 def _quiet_worker_logs() -> None:

@@ -51,36 +51,110 @@ def data_photos(
         fail(str(err))
 
 
+# --- the public datasets: from their files, or downloaded first -------------------------------------
+
+def _mirror_option(key: str, env: str) -> object:
+    return Annotated[Optional[str], typer.Option(
+        "--mirror", envvar=env, show_envvar=True,
+        help=f"With --download: a base URL serving the {key} files (an internal mirror, a proxy) instead of "
+             f"their canonical locations")]
+
+
+def _download_option(key: str) -> object:
+    return Annotated[bool, typer.Option(
+        "--download", help=f"Fetch the original files into --source first (default data/raw/{key}), resuming a "
+                           f"partial download and checking each file's known digest; files already there are "
+                           f"checked, not fetched again")]
+
+
+Checksums = Annotated[Optional[str], typer.Option(
+    "--checksums", help="With --download: a sha256sum-style list (SHA256  FILENAME per line) replacing the known "
+                        "digests of the files it names, for a mirror serving re-packed copies")]
+
+
+def _public_dataset(key: str, source: str | None, download: bool, mirror: str | None, checksums: str | None,
+                    out: str, samples_per_shard: int) -> None:
+    """The shared path of `data mnist`, `binarized-mnist` and `fashion-mnist`: download when asked (nothing is
+    sharded unless every file matches its digest), then read the files and write the shards."""
+    from pipeline.data import DataError, load_binarized_mnist_splits, load_mnist_splits
+    from pipeline.data.remote import is_local
+    from pipeline.data.sources import load_fashion_mnist_splits
+
+    loaders = {"mnist": ("mnist", load_mnist_splits), "binarized-mnist": ("binarized_mnist", load_binarized_mnist_splits),
+               "fashion-mnist": ("fashion_mnist", load_fashion_mnist_splits)}
+    prefix, load = loaders[key]
+    if not download:
+        if source is None:
+            fail(f"give --source (a folder or URL holding the {key} files) or --download (fetch them first)", code=2)
+        if checksums:
+            fail("--checksums applies to --download", code=2)
+    else:
+        from pipeline.data.download import DATASETS, download_dataset, read_checksums
+
+        source = source or f"data/raw/{key}"
+        if not is_local(source):
+            fail(f"--download keeps the files in a local folder: --source {source} is not one "
+                 f"(shard from a URL without --download)", code=2)
+        source = source.removeprefix("file://")
+        try:
+            download_dataset(DATASETS[key], source, mirror=mirror, progress=console.is_terminal,
+                             checksums=read_checksums(checksums) if checksums else None,
+                             say=lambda line: console.print(line, highlight=False))
+        except DataError as err:
+            fail(str(err))
+    try:
+        _write(load(source), out, f"{prefix}:{source}", samples_per_shard)
+    except DataError as err:
+        fail(str(err))
+
+
+Source = Annotated[Optional[str], typer.Option(
+    "--source", help="Folder or URL holding the files (with --download: the local folder they are fetched into)")]
+
+
 @data_app.command("mnist")
 def data_mnist(
-    source: Annotated[str, typer.Option("--source", help="Directory or URL with the four MNIST idx .gz files")],
+    source: Source = None,
+    download: _download_option("mnist") = False,
+    mirror: _mirror_option("MNIST", "PIPELINE_MNIST_MIRROR") = None,
+    checksums: Checksums = None,
     out: OutUrl = "data/mnist",
     samples_per_shard: ShardSize = 5000,
 ) -> None:
-    """MNIST from the four idx .gz files: train/val/test 50000/10000/10000 (val = last 10k of the train file)."""
-    from pipeline.data import DataError, load_mnist_splits
-
-    try:
-        _write(load_mnist_splits(source), out, f"mnist:{source}", samples_per_shard)
-    except DataError as err:
-        fail(str(err))
+    """MNIST from the four idx .gz files: train/val/test 50000/10000/10000 (val = last 10k of the train file).
+    --download fetches them from yann.lecun.com (PyTorch's mirror when it is down) and checks their sha256."""
+    _public_dataset("mnist", source, download, mirror, checksums, out, samples_per_shard)
 
 
 @data_app.command("binarized-mnist")
 def data_binarized_mnist(
-    source: Annotated[str, typer.Option("--source", help="Directory or URL with binarized_mnist_{train,valid,test}.amat.gz")],
+    source: Source = None,
+    download: _download_option("binarized-mnist") = False,
+    mirror: _mirror_option("binarized MNIST", "PIPELINE_BINARIZED_MNIST_MIRROR") = None,
+    checksums: Checksums = None,
     out: OutUrl = "data/binarized_mnist",
     samples_per_shard: ShardSize = 5000,
 ) -> None:
-    """Larochelle's fixed binarization of MNIST (.amat.gz): train/val/test 50000/10000/10000, pixels 0/255,
-    no labels (-1). Train on it with data.binarize: threshold (the images are already binary)."""
-    from pipeline.data import DataError, load_binarized_mnist_splits
+    """Larochelle's fixed binarization of MNIST (binarized_mnist_{train,valid,test}.amat, gzipped or not):
+    train/val/test 50000/10000/10000, pixels 0/255, no labels (-1). Train on it with data.binarize: threshold
+    (the images are already binary). --download fetches the .amat files from www.cs.toronto.edu and checks their
+    sha256."""
+    _public_dataset("binarized-mnist", source, download, mirror, checksums, out, samples_per_shard)
 
-    try:
-        _write(load_binarized_mnist_splits(source), out, f"binarized_mnist:{source}", samples_per_shard)
-    except DataError as err:
-        fail(str(err))
 
+@data_app.command("fashion-mnist")
+def data_fashion_mnist(
+    source: Source = None,
+    download: _download_option("fashion-mnist") = False,
+    mirror: _mirror_option("Fashion-MNIST", "PIPELINE_FASHION_MNIST_MIRROR") = None,
+    checksums: Checksums = None,
+    out: OutUrl = "data/fashion-mnist",
+    samples_per_shard: ShardSize = 5000,
+) -> None:
+    """Fashion-MNIST (Zalando's 28x28 grey article images, labels 0-9) from its four idx .gz files, as MNIST:
+    train/val/test 50000/10000/10000 (val = last 10k of the train file). --download fetches them from the
+    publisher's S3 site (its GitHub repository when that is down) and checks the md5 sums the publisher gives."""
+    _public_dataset("fashion-mnist", source, download, mirror, checksums, out, samples_per_shard)
 
 
 @data_app.command("deformed-mnist")

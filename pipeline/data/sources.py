@@ -71,18 +71,19 @@ _IMAGES_MAGIC = 2051
 _LABELS_MAGIC = 2049
 
 
-def load_mnist_splits(source: str) -> dict[str, Split]:
+def load_mnist_splits(source: str, *, dataset: str = "MNIST") -> dict[str, Split]:
     """MNIST from the four original idx ``.gz`` files in a local folder or any fsspec URL.
 
     Splits: train = the first 50,000 images of the training file, val = its LAST 10,000
     images (50,000..59,999, the usual convention), test = the 10,000 images of the t10k file.
+    ``dataset`` names the source in errors (Fashion-MNIST has the same files and layout).
     """
     fs, root = fsspec.core.url_to_fs(source)
     root = root.rstrip("/")
     missing = [name for name in MNIST_FILES.values() if not fs.exists(f"{root}/{name}")]
     if missing:
         raise DataError(
-            f"MNIST source {source} lacks {', '.join(missing)} "
+            f"{dataset} source {source} lacks {', '.join(missing)} "
             f"(expected all four idx files: {', '.join(MNIST_FILES.values())})"
         )
     arrays = {role: _read_idx(fs, f"{root}/{name}", images=role.endswith("images")) for role, name in MNIST_FILES.items()}
@@ -105,6 +106,12 @@ def load_mnist_splits(source: str) -> dict[str, Split]:
         "val": Split(train_images[cut:], train_labels[cut:]),
         "test": Split(arrays["test_images"], arrays["test_labels"]),
     }
+
+
+def load_fashion_mnist_splits(source: str) -> dict[str, Split]:
+    """Fashion-MNIST (Zalando's 28x28 grey article images, 10 classes) from its four idx ``.gz`` files, which
+    carry MNIST's names and format: the same splits, train / val / test = 50,000 / 10,000 / 10,000."""
+    return load_mnist_splits(source, dataset="Fashion-MNIST")
 
 
 def _read_idx(fs: fsspec.AbstractFileSystem, path: str, *, images: bool) -> np.ndarray:

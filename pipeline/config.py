@@ -7,12 +7,13 @@ names the key and lists the allowed ones instead of a silently ignored setting.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -27,11 +28,6 @@ class DataConfig(_Section):
     """Where the samples come from and how each is read, decoded and shuffled."""
 
     url: str = Field(description="Directory or fsspec URL holding manifest.json and the shards")
-    binarize: Literal["dynamic", "threshold", "none"] = Field(
-        "dynamic",
-        description="model.likelihood bernoulli only: dynamic: x ~ Bernoulli(pixel) every time a sample is seen; "
-        "threshold: pixel > 0.5; none: grey levels as targets",
-    )
     image_size: list[int] | None = Field(
         None, description="[H, W] fed to the model (default: the stored size; required when stored sizes vary)"
     )
@@ -64,15 +60,39 @@ class DataConfig(_Section):
         "every global batch depend on P, not on the worker count: resuming on W workers needs W to divide P",
     )
 
+    # model.binarize, as the run config this section belongs to says (RunConfig sets it).
+    _binarize: str = PrivateAttr("dynamic")
+
     @model_validator(mode="after")
     def _image_size(self) -> "DataConfig":
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ValueError(f"data.image_size must be [H, W] with positive sides, got {self.image_size}")
         return self
 
+    @property
+    def binarize(self) -> str:
+        """The run's ``model.binarize`` (once a key of this section), for the readers that still ask here."""
+        return self._binarize
+
+
+class TauExponential(_Section):
+    """The exponential temperature schedule (`model.latent.tau_schedule: exponential`): Jang's staircase
+    tau = max(tau_min, tau0 * exp(-rate * t))."""
+
+    rate: float = Field(3e-5, ge=0, description="r in tau = max(tau_min, tau0 * exp(-r * t))")
+    every: int = Field(1000, ge=1, description="t is the global step rounded down to a multiple of this")
+
+
+class TauCosine(_Section):
+    """The cosine temperature schedule (`model.latent.tau_schedule: cosine`): DALL-E's anneal from tau0 to
+    tau_min along a half cosine."""
+
+    steps: int = Field(150_000, ge=1, description="Steps from tau0 to tau_min (then constant)")
+
 
 class LatentConfig(_Section):
-    """The latent variables z: their kind, size, prior and KL, and the Gumbel-Softmax temperature schedule."""
+    """The latent variables z: their kind, size, prior and KL, the categorical sample's gradient estimator
+    and the Gumbel-Softmax temperature schedule."""
 
     kind: Literal["categorical", "gaussian", "mixture"] = Field(
         "categorical", description="categorical: N variables of K classes (Gumbel-Softmax); gaussian: a diagonal "
@@ -84,10 +104,14 @@ class LatentConfig(_Section):
     categories: int = Field(
         10, ge=2, description="Categorical: classes K per variable. Mixture: components K of y (ignored for gaussian)"
     )
-    hard: bool = Field(False, description="Straight-through: one-hot forward pass, relaxed gradient")
-    hard_from_step: int | None = Field(
-        None, ge=0, description="Categorical: relaxed samples before this global step, straight-through from it on "
-        "(the decoder then trains on the one-hot codes it is evaluated on); default: never (see `hard`)"
+    estimator: Literal["gumbel-softmax", "straight-through"] = Field(
+        "gumbel-softmax", description="Categorical: the gradient estimator of a sampled code. gumbel-softmax: the "
+        "relaxed sample forward and backward; straight-through: its one-hot argmax forward, the relaxed gradient "
+        "backward"
+    )
+    straight_through_from_step: int | None = Field(
+        None, ge=0, description="Categorical: gumbel-softmax before this global step, straight-through from it on "
+        "(the decoder then trains on the one-hot codes it is evaluated on); default: never (see `estimator`)"
     )
     prior: Literal["uniform", "learned"] = Field(
         "uniform", description="Categorical/mixture prior over classes: uniform, or learned logits"
@@ -101,13 +125,14 @@ class LatentConfig(_Section):
     )
     tau0: float = Field(1.0, gt=0, description="Initial Gumbel-Softmax temperature")
     tau_min: float = Field(0.5, gt=0, description="Temperature floor")
-    anneal_rate: float = Field(3e-5, ge=0, description="r in tau = max(tau_min, tau0 * exp(-r * t))")
-    anneal_every: int = Field(1000, ge=1, description="t is the global step rounded down to a multiple of this")
     tau_schedule: Literal["exponential", "cosine"] = Field(
-        "exponential", description="exponential: Jang's staircase max(tau_min, tau0 exp(-r t)); "
-        "cosine: DALL-E's anneal from tau0 to tau_min over tau_steps"
+        "exponential", description="exponential: Jang's staircase max(tau_min, tau0 exp(-r t)) (tau_exponential); "
+        "cosine: DALL-E's anneal from tau0 to tau_min over tau_cosine.steps"
     )
-    tau_steps: int = Field(150_000, ge=1, description="cosine: steps from tau0 to tau_min (then constant)")
+    tau_exponential: TauExponential = Field(
+        default_factory=TauExponential, description="The exponential schedule's settings"
+    )
+    tau_cosine: TauCosine = Field(default_factory=TauCosine, description="The cosine schedule's settings")
     mixture_posterior: Literal["marginal", "mean_field"] = Field(
         "marginal", description="Mixture: marginal = q(y|x) q(z|x,y), ELBO summed exactly over y (one decoder pass "
         "per component); mean_field = q(y|x) q(z|x) (one decoder pass)"
@@ -115,10 +140,11 @@ class LatentConfig(_Section):
 
     @model_validator(mode="after")
     def _straight_through_switch(self) -> "LatentConfig":
-        if self.hard_from_step is not None and self.kind != "categorical":
-            raise ValueError(f"model.latent.hard_from_step applies to categorical latents, not {self.kind}")
-        if self.hard_from_step is not None and self.hard:
-            raise ValueError("model.latent.hard=true is straight-through from the start: drop hard_from_step")
+        if self.straight_through_from_step is not None and self.kind != "categorical":
+            raise ValueError(f"model.latent.straight_through_from_step applies to categorical latents, not {self.kind}")
+        if self.straight_through_from_step is not None and self.estimator == "straight-through":
+            raise ValueError("model.latent.estimator: straight-through is straight-through from the start: drop "
+                             "straight_through_from_step")
         return self
 
 
@@ -135,10 +161,15 @@ class ModelConfig(_Section):
         "cell's pixels beside learned context, decoded back to cells (models/patch.py)"
     )
     likelihood: Literal["bernoulli", "logistic", "logit-laplace", "gaussian"] = Field(
-        "bernoulli", description="p(x|z): bernoulli (binary pixels, see data.binarize) or logistic (discretized "
+        "bernoulli", description="p(x|z): bernoulli (binary pixels, see model.binarize) or logistic (discretized "
         "logistic over the 256 levels of each 8-bit channel: RGB/grey images, bits/dim) or logit-laplace "
         "(DALL-E's continuous density on pixels mapped into [0.1, 0.9]) or gaussian (fixed std "
         "model.gaussian_std on pixels in [0, 1]: the squared error that PSNR measures)"
+    )
+    binarize: Literal["dynamic", "threshold", "none"] = Field(
+        "dynamic",
+        description="bernoulli: the binary targets. dynamic: x ~ Bernoulli(pixel) every time a sample is seen; "
+        "threshold: pixel > 0.5; none: grey levels as targets",
     )
     gaussian_std: float = Field(0.05, gt=0, description="gaussian: the std of the pixel noise (pixels in [0, 1])")
     activation: Literal["relu", "tanh"] = Field("relu", description="Nonlinearity of encoder and decoder (Burda et al.: tanh)")
@@ -336,6 +367,17 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, values: Any) -> Any:
+        """A tree that still names renamed keys (a run's logged config.yaml) reads them at their new places."""
+        return upgrade_keys(values) if isinstance(values, dict) else values
+
+    @model_validator(mode="after")
+    def _binarize_for_data(self) -> "RunConfig":
+        self.data._binarize = self.model.binarize
+        return self
+
     @model_validator(mode="after")
     def _partitions_fit(self) -> "RunConfig":
         partitions = self.partitions
@@ -369,23 +411,120 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# --- renamed keys ---------------------------------------------------------------------------------
+
+# Keys renamed so that each says what it is: old dotted key -> its new place. A config file, an override
+# or a run's logged config.yaml that still names an old key is read as the new one, with a one-line notice.
+RENAMED_KEYS = {
+    "data.binarize": "model.binarize",  # an option of the Bernoulli likelihood
+    "model.latent.hard": "model.latent.estimator",  # true: straight-through, false: gumbel-softmax
+    "model.latent.hard_from_step": "model.latent.straight_through_from_step",
+    "model.latent.anneal_rate": "model.latent.tau_exponential.rate",
+    "model.latent.anneal_every": "model.latent.tau_exponential.every",
+    "model.latent.tau_steps": "model.latent.tau_cosine.steps",
+}
+_log = logging.getLogger(__name__)
+_NOTICES: set[str] = set()  # each notice once per process (a sweep parses its config once per trial)
+
+
+def renamed_value(old: str, value: Any) -> Any:
+    """The value an old key's ``value`` is under its new name (model.latent.hard's boolean: an estimator)."""
+    if old != "model.latent.hard":
+        return value
+    try:
+        hard = TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        raise ConfigError(f"'{old}' (now {RENAMED_KEYS[old]}): expected true or false, got {value!r}") from None
+    return "straight-through" if hard else "gumbel-softmax"
+
+
+def _rename(old: str, value: Any) -> str:
+    """``old -> new`` for the notice; with the values where they change (hard: true -> estimator: straight-through)."""
+    new_value = renamed_value(old, value)
+    if new_value is value:
+        return f"{old} -> {RENAMED_KEYS[old]}"
+    return f"{old}: {str(value).lower()} -> {RENAMED_KEYS[old]}: {new_value}"
+
+
+def _notice(renames: list[str], source: str | None) -> None:
+    """One line naming each old key read at its new place; each line once per process (a sweep parses
+    its config once per trial)."""
+    message = f"{source or 'config'}: deprecated config keys, read under their new names: " + ", ".join(renames)
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        _log.warning(message)
+
+
+def _lookup(tree: Any, keys: list[str]) -> tuple[bool, Any]:
+    """(found, value) of the dotted path ``keys`` in a mapping of mappings."""
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return False, None
+        tree = tree[key]
+    return True, tree
+
+
+def _assign(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {key} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def upgrade_keys(tree: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """``tree`` (a run config's mapping) with every old key of `RENAMED_KEYS` moved to its new place, and
+    one notice naming ``source`` (a file, a run) and the keys; a copy when anything moved. A tree that
+    names a key both ways is refused: which value was meant is not known."""
+    renames: list[str] = []
+    for old, new in RENAMED_KEYS.items():
+        found, value = _lookup(tree, old.split("."))
+        if not found:
+            continue
+        if _lookup(tree, new.split("."))[0]:
+            raise ConfigError(f"{source + ': ' if source else ''}{old} is the old name of {new}: give only {new}")
+        if not renames:
+            tree = copy.deepcopy(tree)
+        *section, leaf = old.split(".")
+        _lookup(tree, section)[1].pop(leaf)
+        _assign(tree, new.split("."), renamed_value(old, value))
+        renames.append(_rename(old, value))
+    if renames:
+        _notice(renames, source)
+    return tree
+
+
+def upgrade_params(params: dict[str, str]) -> dict[str, str]:
+    """A run's logged MLflow params (strings) with each old key of `RENAMED_KEYS` also under its new name
+    (a run logged before the rename), as a run logged now would name it."""
+    out = dict(params)
+    for old, new in RENAMED_KEYS.items():
+        if old in params and new not in params:
+            out[new] = str(renamed_value(old, params[old]))
+    return out
+
+
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (3, 1e-3, [1, 2], true)."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like key.path=value")
     dotted, raw = assignment.split("=", 1)
-    keys = dotted.strip().split(".")
+    dotted = dotted.strip()
+    keys = dotted.split(".")
     if not all(keys):
         raise ConfigError(f"override {assignment!r}: empty key segment")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: {key} is a value, not a section")
-        node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    if keys == ["train", "workers"] and isinstance(node["workers"], int):
-        node.pop("min_workers", None)  # a plain count means a fixed size, also over a logged range
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if dotted in RENAMED_KEYS:  # an old key's override sets the new key (a file may already name it)
+        _notice([_rename(dotted, value)], "override")
+        keys, value = RENAMED_KEYS[dotted].split("."), renamed_value(dotted, value)
+    try:
+        _assign(tree, keys, value)
+    except ConfigError as err:
+        raise ConfigError(f"override {err}") from None
+    if keys == ["train", "workers"] and isinstance(value, int):
+        tree["train"].pop("min_workers", None)  # a plain count means a fixed size, also over a logged range
 
 
 def _describe(err: ValidationError) -> str:
@@ -412,7 +551,10 @@ def _section_at(path: tuple) -> type[BaseModel] | None:
     return model
 
 
-def parse_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def parse_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), *,
+                 source: str | None = None) -> RunConfig:
+    """A run config's mapping (``source`` names where it is from, in notices) plus dotted overrides, validated."""
+    tree = upgrade_keys(tree, source)  # before the overrides: an override by the new name wins over an old key
     tree = copy.deepcopy(tree)  # overrides edit nested sections: the caller's tree stays as it was
     for assignment in overrides:
         apply_override(tree, assignment)
@@ -448,6 +590,7 @@ def read_config_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections (data, model, train, tracking)")
     base = tree.pop("base", None)
+    tree = upgrade_keys(tree, str(path))  # each file's own keys: a file's old key overrides its base's new one
     if base is None:
         return tree
     if not isinstance(base, str) or not base:

@@ -22,7 +22,7 @@ def make_run(uri: str, experiment: str, name: str, *, val_loss: float, digest: s
              trigger: str = "manual", test_metrics: dict[str, float] | None = None, seed: int = 0,
              val_loss_onehot: float | None = None, overrides: dict[str, str] | None = None) -> str:
     """A FINISHED run with params, val/loss (val/loss_onehot when given; test metrics), a logged
-    model and its raw weights (checkpoint/model.pt), as training leaves it. `overrides` are config settings (e.g. model.latent.hard)."""
+    model and its raw weights (checkpoint/model.pt), as training leaves it. `overrides` are config settings (e.g. model.latent.estimator)."""
     import torch
 
     config = tiny_config(experiment, name, **(overrides or {}))

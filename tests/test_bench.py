@@ -312,7 +312,7 @@ def test_bench_train_plain_loop_runs_the_training_objective(request, config, dat
     torch.set_num_threads(1)
     try:
         torch.manual_seed(cfg.train.seed)
-        model = build_vae(cfg.model, image_shape=shape, binarize=cfg.data.binarize)
+        model = build_vae(cfg.model, image_shape=shape, binarize=cfg.model.binarize)
         if image:
             assert type(model.likelihood).__name__ == "Gaussian" and model.entropy_weight == 0.1
             assert cfg.model.code_init == "kmeans"  # as shipped: the K-means quantizer of the first train images

@@ -83,7 +83,7 @@ def _config(**train) -> RunConfig:
         "data": {"url": "unused", "channels": 3, "image_size": [16, 16]},
         "model": {"arch": "patch", "downsample": 4, "channels": [8], "blocks": 1, "codebook_dim": 48,
                   "likelihood": "gaussian", "code_init": "kmeans", "restart_dead_codes": True,
-                  "latent": {"categories": K, "hard": True}},
+                  "latent": {"categories": K, "estimator": "straight-through"}},
         "train": {"batch_size": 8, "workers": 1, "optimizer": "adamw", "lr": 1e-3, **train},
     })
 

@@ -46,7 +46,7 @@ def test_dvae_on_two_workers_lands_schedules_code_use_and_per_epoch_images(ray_c
         "data.image_size=[16, 16]", "model.channels=[8]", "model.codebook_dim=48",
         "model.latent.categories=32", f"train.batch_size={BATCH}", f"train.epochs={EPOCHS}",
         f"train.log_every={LOG_EVERY}", "train.lr_warmup_steps=2", "train.kl_warmup_steps=4",
-        "model.latent.tau_steps=6",
+        "model.latent.tau_cosine.steps=6",
     ])
     assert config.train.workers == 2 and config.train.ema and config.model.restart_dead_codes  # as shipped
     result = train(config)

@@ -36,7 +36,7 @@ DIGITS_CONFIG = REPO / "configs" / "digits-categorical.yaml"
 # A tiny grid dVAE on 8x8 digits: f = 4 -> a 2 x 2 grid of 16-way codes; logit-Laplace (no binarization noise).
 GRID = ["model.arch=resnet", "model.downsample=4", "model.channels=[4, 4, 4]", "model.blocks=1",
         "model.codebook_dim=4", "model.likelihood=logit-laplace", "model.latent.categories=16", "train.epochs=1",
-        "data.binarize=none", "tracking.experiment=encode-test"]
+        "model.binarize=none", "tracking.experiment=encode-test"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def _logged_run(store: str, tmp_path: Path, dataset: str, *overrides: str, seed:
 
     config = load_config(DIGITS_CONFIG, [f"data.url={dataset}", f"tracking.uri={store}", *overrides])
     torch.manual_seed(seed)
-    model = build_vae(config.model, image_shape=(1, 8, 8), binarize=config.data.binarize)
+    model = build_vae(config.model, image_shape=(1, 8, 8), binarize=config.model.binarize)
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name("encode-logged") or client.get_experiment(
         client.create_experiment("encode-logged"))

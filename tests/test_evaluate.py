@@ -126,11 +126,11 @@ def _labelled_dataset(root: Path) -> str:
 def test_evaluate_split_reports_active_units_and_cluster_accuracy(tmp_path) -> None:
     dataset = _labelled_dataset(tmp_path / "labelled")
     manifest = read_manifest(dataset)
-    cfg = load_config(DIGITS_CONFIG, [f"data.url={dataset}", "data.binarize=threshold", "model.hidden=[16]",
+    cfg = load_config(DIGITS_CONFIG, [f"data.url={dataset}", "model.binarize=threshold", "model.hidden=[16]",
                                       "model.latent.kind=mixture", "model.latent.variables=2",
                                       "model.latent.categories=3"])
     torch.manual_seed(0)
-    model = build_vae(cfg.model, image_shape=(4, 4), binarize=cfg.data.binarize)
+    model = build_vae(cfg.model, image_shape=(4, 4), binarize=cfg.model.binarize)
     metrics = evaluate_split(model, manifest, dataset, "val", rank=0, world_size=1, batch_size=10, cfg=cfg, step=0)
     assert {"val/loss", "val/kl_latent_0", "val/kl_latent_1", "latent/active_units", "latent/perplexity",
             "val/cluster_acc"} <= set(metrics)

@@ -103,7 +103,7 @@ def test_killed_worker_resumes_exactly(ray_cluster, mnist_dataset, tmp_path, tra
     """Kill rank 1 at a random step mid-epoch: one run, clean history, every sample once."""
     config = _config(mnist_dataset, tracking_uri, tmp_path, "train.epochs=1", "train.batch_size=100",
                      "train.checkpoint_every_steps=40", "train.log_every=10", "model.hidden=[128]",
-                     "data.binarize=threshold", "tracking.experiment=kill")
+                     "model.binarize=threshold", "tracking.experiment=kill")
     steps = steps_per_epoch(50_000, 2, 50)
     kill_at = random.Random(trial).randrange(50, steps - 60)
     result: dict = {}

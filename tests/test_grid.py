@@ -84,7 +84,7 @@ def test_importance_sampling_converges_to_the_enumerated_log_px() -> None:
 def test_relaxed_kl_and_straight_through_run_on_the_grid() -> None:
     cfg = parse_config({"data": {"url": "unused"}, "model": {
         "arch": "resnet", "downsample": 4, "channels": [4, 4, 4], "blocks": 1, "likelihood": "logistic",
-        "latent": {"categories": 6, "kl": "relaxed", "hard": True}}})
+        "latent": {"categories": 6, "kl": "relaxed", "estimator": "straight-through"}}})
     model = build_vae(cfg.model, image_shape=(3, 8, 8))
     out = model(torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8), temperature=0.5)
     assert torch.equal(out.z.reshape(3, 4, 6).sum(-1), torch.ones(3, 4))

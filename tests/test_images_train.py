@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGES_CONFIG = REPO / "configs" / "images-conv.yaml"
 SMALL = ["model.channels=[8]", "model.codebook_dim=48", "model.latent.categories=8", "data.image_size=[24, 24]",
          "train.batch_size=16", "train.log_every=2", "train.lr_warmup_steps=2", "train.kl_warmup_steps=4",
-         "model.latent.tau_steps=6"]
+         "model.latent.tau_cosine.steps=6"]
 
 
 def _pipeline(*args: str, cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:

@@ -352,8 +352,9 @@ def _extreme_params(latent, batch: int = 4) -> torch.Tensor:
 
 
 LATENT_VARIANTS = [
-    dict(kind="categorical", hard=hard, prior=prior, kl=kl)
-    for hard in (False, True) for prior in ("uniform", "learned") for kl in ("analytic", "relaxed")
+    dict(kind="categorical", estimator=estimator, prior=prior, kl=kl)
+    for estimator in ("gumbel-softmax", "straight-through") for prior in ("uniform", "learned")
+    for kl in ("analytic", "relaxed")
 ] + [dict(kind="categorical", kl="relaxed", prior_tau=0.5), dict(kind="gaussian"), dict(kind="mixture"),
      dict(kind="mixture", prior="learned")]
 
@@ -519,13 +520,14 @@ def test_each_shipped_config_trains_a_few_steps(config_path: Path) -> None:
                                         f"model.channels=[{','.join(str(8 << i) for i in range(len(cfg.model.channels)))}]"])
     size = cfg.data.image_size or ((8, 8) if "digits" in config_path.stem else (28, 28))
     shape = (cfg.data.channels or 1, *size)
-    model = build_vae(cfg.model, image_shape=shape, binarize=cfg.data.binarize)
+    model = build_vae(cfg.model, image_shape=shape, binarize=cfg.model.binarize)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     x = (torch.rand(32, *shape) < 0.2).to(torch.uint8) * 255  # 0/255: every binarization gives the same images
     losses = []
     for step in range(5):
-        tau = temperature_at(step, cfg.model.latent.tau0, cfg.model.latent.tau_min, cfg.model.latent.anneal_rate,
-                             cfg.model.latent.anneal_every)
+        latent = cfg.model.latent
+        exponential = latent.tau_exponential
+        tau = temperature_at(step, latent.tau0, latent.tau_min, exponential.rate, exponential.every)
         out = model(x, temperature=tau)
         optimizer.zero_grad()
         out.loss.backward()

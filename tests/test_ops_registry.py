@@ -138,15 +138,15 @@ def fair(store) -> dict:
     a categorical run without a one-hot figure. (In the store's own experiment, so used after
     `compare`'s test, which reads the store's latest run.)"""
     uri = store["uri"]
-    hard, relaxed = {"model.latent.hard": "true"}, {"model.latent.hard": "false"}
+    hard, relaxed = {"model.latent.estimator": "straight-through"}, {"model.latent.estimator": "gumbel-softmax"}
     runs = {
         "straight_through": make_run(uri, FAIR, "st", val_loss=103.0, val_loss_onehot=103.0, overrides=hard, seed=5),
         "relaxed_worse": make_run(uri, FAIR, "gs-worse", val_loss=95.0, val_loss_onehot=110.0, overrides=relaxed,
                                   seed=6),
         "other_likelihood": make_run(uri, FAIR, "logistic", val_loss=50.0, val_loss_onehot=50.0, seed=7,
-                                     overrides={**hard, "model.likelihood": "logistic", "data.binarize": "none"}),
+                                     overrides={**hard, "model.likelihood": "logistic", "model.binarize": "none"}),
         "other_binarization": make_run(uri, FAIR, "threshold", val_loss=50.0, val_loss_onehot=50.0, seed=10,
-                                       overrides={**hard, "data.binarize": "threshold"}),
+                                       overrides={**hard, "model.binarize": "threshold"}),
         "relaxed_better": make_run(uri, FAIR, "gs-better", val_loss=104.0, val_loss_onehot=101.0, overrides=relaxed,
                                    seed=8),
         "no_onehot": make_run(uri, FAIR, "gs-unmeasured", val_loss=1.0, overrides=relaxed, seed=9),
@@ -182,7 +182,7 @@ def test_other_likelihood_or_manifest_is_refused_with_the_reason(fair, store):
     other_data = "dataset.manifest_sha256 bbbbbbbbbbbb here, aaaaaaaaaaaa for the champion"
     assert other_likelihood in refused.reason
     binarized = fair["decisions"]["other_binarization"]  # a bernoulli likelihood's targets: the binarization
-    assert binarized.decision == "not-comparable" and "data.binarize threshold here, dynamic for" in binarized.reason
+    assert binarized.decision == "not-comparable" and "model.binarize threshold here, dynamic for" in binarized.reason
     tags = get_run(uri, fair["runs"]["other_likelihood"]).data.tags
     assert tags["champion.decision"] == "not-comparable" and tags["champion.reason"] == refused.reason
     # the command says why, on its output and on the run
@@ -206,18 +206,20 @@ def test_validation_scores_one_model_alike_under_either_estimator(digits_dataset
 
     manifest = read_manifest(digits_dataset)
     metrics = {}
-    for hard in ("false", "true"):
-        cfg = load_config("configs/digits-categorical.yaml", [f"data.url={digits_dataset}", f"model.latent.hard={hard}"])
+    for estimator in ("gumbel-softmax", "straight-through"):
+        cfg = load_config("configs/digits-categorical.yaml", [f"data.url={digits_dataset}",
+                                                              f"model.latent.estimator={estimator}"])
         torch.manual_seed(0)
-        model = build_vae(cfg.model, image_shape=(8, 8), binarize=cfg.data.binarize)
-        metrics[hard] = evaluate_split(model, manifest, digits_dataset, "val", rank=0, world_size=1, batch_size=64,
+        model = build_vae(cfg.model, image_shape=(8, 8), binarize=cfg.model.binarize)
+        metrics[estimator] = evaluate_split(model, manifest, digits_dataset, "val", rank=0, world_size=1, batch_size=64,
                                        cfg=cfg, step=0)
-    assert metrics["true"]["val/loss_onehot"] == metrics["true"]["val/loss"]
+    straight, relaxed = metrics["straight-through"], metrics["gumbel-softmax"]
+    assert straight["val/loss_onehot"] == straight["val/loss"]
     # float32 sums in another order: equal to ~1e-7; another code or image would move it by far more
-    assert metrics["false"]["val/loss_onehot"] == pytest.approx(metrics["true"]["val/loss"], rel=1e-6)
-    assert abs(metrics["false"]["val/loss"] - metrics["false"]["val/loss_onehot"]) > 1e-3
+    assert relaxed["val/loss_onehot"] == pytest.approx(straight["val/loss"], rel=1e-6)
+    assert abs(relaxed["val/loss"] - relaxed["val/loss_onehot"]) > 1e-3
     gaussian = load_config("configs/digits-categorical.yaml", [f"data.url={digits_dataset}", "model.latent.kind=gaussian"])
-    model = build_vae(gaussian.model, image_shape=(8, 8), binarize=gaussian.data.binarize)
+    model = build_vae(gaussian.model, image_shape=(8, 8), binarize=gaussian.model.binarize)
     assert "val/loss_onehot" not in evaluate_split(model, manifest, digits_dataset, "val", rank=0, world_size=1,
                                                    batch_size=64, cfg=gaussian, step=0)
 
@@ -225,7 +227,7 @@ def test_validation_scores_one_model_alike_under_either_estimator(digits_dataset
 @pytest.mark.timeout(600)
 def test_real_runs_of_each_estimator_on_shared_validation_shards_compare_and_a_registry_failure_shows(
         ray_cluster, digits_dataset, tmp_path, tracking_uri, capsys):
-    """Two trained runs, one straight-through (model.latent.hard=true), one Gumbel-Softmax, on the same
+    """Two trained runs, one straight-through (model.latent.estimator), one Gumbel-Softmax, on the same
     validation shards but other training shards. They are compared (on `dataset.val_sha256`, not
     refused as other data) on the one-hot -ELBO both log as val/loss_onehot; a registry that refuses
     the model leaves a warning and a tag, and the run stays FINISHED."""
@@ -244,16 +246,16 @@ def test_real_runs_of_each_estimator_on_shared_validation_shards_compare_and_a_r
     assert first.digest() != second.digest() and champion.val_data_id(first) == champion.val_data_id(second)
 
     results, decisions = [], []
-    for name, data, hard in (("straight-through", digits_dataset, "true"), ("gumbel-softmax", str(fewer), "false")):
+    for name, data in (("straight-through", digits_dataset), ("gumbel-softmax", str(fewer))):
         config = load_config("configs/digits-categorical.yaml", [
             f"data.url={data}", f"tracking.uri={tracking_uri}", f"train.storage={tmp_path / 'ray'}",
             "train.epochs=1", "tracking.experiment=shared-val", f"tracking.run_name={name}",
-            f"model.latent.hard={hard}"])
+            f"model.latent.estimator={name}"])
         results.append(train(config))
         decisions.append(after_training(config, results[-1]))
     assert decisions[0].decision == "first"
     runs = [get_run(tracking_uri, r.run_id) for r in results]
-    assert [r.data.params["model.latent.hard"] for r in runs] == ["True", "False"]
+    assert [r.data.params["model.latent.estimator"] for r in runs] == ["straight-through", "gumbel-softmax"]
     onehot = [r.data.metrics["val/loss_onehot"] for r in runs]
     relaxed = runs[1].data.metrics["val/loss"]
     # straight-through validates on one-hot codes already: its val/loss is the one-hot -ELBO;

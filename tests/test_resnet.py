@@ -120,7 +120,8 @@ def test_grid_batch_bytes_for_dalle_grid() -> None:
 
 def test_forward_backward_at_k8192_on_a_1x1_grid() -> None:
     torch.manual_seed(0)
-    model = build_vae(_cfg(4, k=8192, latent={"hard": True, "prior": "learned"}), image_shape=(3, 4, 4))
+    model = build_vae(_cfg(4, k=8192, latent={"estimator": "straight-through", "prior": "learned"}),
+                      image_shape=(3, 4, 4))
     assert model.latent.variables == 1 and model.latent.param_size == 8192
     out = model(torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8), temperature=1.0)
     assert torch.equal(out.z.sum(-1), torch.ones(4))  # straight-through: one-hot forward

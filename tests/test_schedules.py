@@ -40,8 +40,9 @@ def test_defaults_keep_todays_behaviour() -> None:
     for step in STEPS:
         assert learning_rate(step, train, 10_000) == train.lr
         assert kl_weight(step, train) == 1.0
-        assert temperature(step, latent) == temperature_at(step, latent.tau0, latent.tau_min, latent.anneal_rate,
-                                                           latent.anneal_every)
+        exponential = latent.tau_exponential
+        assert temperature(step, latent) == temperature_at(step, latent.tau0, latent.tau_min, exponential.rate,
+                                                           exponential.every)
     assert type(build_optimizer(torch.nn.Linear(2, 2).parameters(), train)) is torch.optim.Adam
 
 
@@ -83,11 +84,11 @@ def test_kl_warmup(shape: str) -> None:
 
 
 def test_temperature_schedules() -> None:
-    exp = LatentConfig(tau0=1.0, tau_min=0.5, anneal_rate=1e-4, anneal_every=500)
+    exp = LatentConfig(tau0=1.0, tau_min=0.5, tau_exponential={"rate": 1e-4, "every": 500})
     assert temperature(0, exp) == 1.0 and temperature(499, exp) == 1.0
     assert temperature(500, exp) == pytest.approx(math.exp(-0.05))
     assert temperature(10**6, exp) == 0.5
-    cos = LatentConfig(tau_schedule="cosine", tau0=1.0, tau_min=1 / 16, tau_steps=150_000)
+    cos = LatentConfig(tau_schedule="cosine", tau0=1.0, tau_min=1 / 16, tau_cosine={"steps": 150_000})
     assert temperature(0, cos) == 1.0
     assert temperature(75_000, cos) == pytest.approx((1 + 1 / 16) / 2)
     assert temperature(150_000, cos) == pytest.approx(1 / 16) and temperature(10**7, cos) == pytest.approx(1 / 16)
@@ -96,11 +97,11 @@ def test_temperature_schedules() -> None:
 
 
 def test_straight_through_from_a_step() -> None:
-    """Relaxed samples before model.latent.hard_from_step, one-hot forward passes from it on."""
-    switch = LatentConfig(hard_from_step=1000)
+    """Relaxed samples before model.latent.straight_through_from_step, one-hot forward passes from it on."""
+    switch = LatentConfig(straight_through_from_step=1000)
     assert [straight_through(s, switch) for s in (0, 999, 1000, 10**6)] == [False, False, True, True]
     assert not any(straight_through(s, LatentConfig()) for s in STEPS)
-    assert all(straight_through(s, LatentConfig(hard=True)) for s in STEPS)
+    assert all(straight_through(s, LatentConfig(estimator="straight-through")) for s in STEPS)
     _assert_pure(lambda s: straight_through(s, switch), STEPS)
     # the model the loop switches really decodes one-hot codes from then on
     model = build_vae(ModelConfig(hidden=[16], latent=LatentConfig(variables=3, categories=4)), input_dim=12)
@@ -110,8 +111,9 @@ def test_straight_through_from_a_step() -> None:
         codes = model.latent.rsample(model.encoder(x), 0.5).detach().reshape(5, 3, 4)
         is_one_hot = bool(((codes == 0) | (codes == 1)).all()) and torch.equal(codes.sum(-1), torch.ones(5, 3))
         assert is_one_hot == one_hot
-    for bad in ({"kind": "gaussian", "hard_from_step": 10}, {"hard": True, "hard_from_step": 10}):
-        with pytest.raises(ConfigError, match="hard_from_step"):
+    for bad in ({"kind": "gaussian", "straight_through_from_step": 10},
+                {"estimator": "straight-through", "straight_through_from_step": 10}):
+        with pytest.raises(ConfigError, match="straight_through_from_step"):
             parse_config({"data": {"url": "x"}, "model": {"latent": bad}})
 
 
@@ -119,7 +121,7 @@ def test_schedule_keys_in_config() -> None:
     cfg = parse_config({"data": {"url": "x"}}, [
         "train.lr_schedule=cosine", "train.lr_warmup_steps=10", "train.optimizer=adamw", "train.weight_decay=0.01",
         "train.grad_clip=1.0", "train.ema=0.999", "train.kl_weight=6.6", "train.kl_warmup_steps=5000",
-        "train.kl_warmup=cosine", "model.latent.tau_schedule=cosine", "model.latent.tau_steps=1000"])
+        "train.kl_warmup=cosine", "model.latent.tau_schedule=cosine", "model.latent.tau_cosine.steps=1000"])
     assert cfg.train.ema == 0.999 and cfg.model.latent.tau_schedule == "cosine"
     opt = build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg.train)
     assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["weight_decay"] == 0.01
@@ -143,7 +145,8 @@ def test_grad_clip_scales_to_the_max_norm_and_reports_the_norm_before() -> None:
 
 TRAIN = TrainConfig(lr=3e-3, lr_schedule="cosine", lr_warmup_steps=3, lr_min=1e-4, optimizer="adamw",
                     weight_decay=0.01, grad_clip=5.0, ema=0.9, kl_weight=2.0, kl_warmup_steps=6, kl_warmup="cosine")
-LATENT = LatentConfig(variables=3, categories=4, tau_schedule="cosine", tau0=1.0, tau_min=0.3, tau_steps=10)
+LATENT = LatentConfig(variables=3, categories=4, tau_schedule="cosine", tau0=1.0, tau_min=0.3,
+                      tau_cosine={"steps": 10})
 TOTAL = 12
 
 
@@ -271,7 +274,7 @@ def test_encoder_lr_scale_puts_the_encoder_in_its_own_group_at_a_fraction_of_the
 
 def test_resume_refuses_a_changed_schedule_unless_rescheduled(tmp_path, tracking_uri, monkeypatch) -> None:
     """A resumed run continues each schedule from its step: a new cosine horizon (train.epochs) or a new
-    tau_steps would bend the part already trained, so `pipeline train --resume` refuses them by name
+    tau_cosine.steps would bend the part already trained, so `pipeline train --resume` refuses them by name
     unless --reschedule; settings that shape no schedule (train.workers) pass."""
     import subprocess
     import sys
@@ -281,15 +284,15 @@ def test_resume_refuses_a_changed_schedule_unless_rescheduled(tmp_path, tracking
 
     cosine = parse_config({"data": {"url": str(tmp_path)}, "tracking": {"uri": tracking_uri, "experiment": "resume"},
                            "train": {"lr_schedule": "cosine", "epochs": 10},
-                           "model": {"latent": {"tau_schedule": "cosine", "tau_steps": 500}}})
+                           "model": {"latent": {"tau_schedule": "cosine", "tau_cosine": {"steps": 500}}}})
     run_id = start_run(cosine, tracking_uri=tracking_uri, manifest_digest="x")
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)  # where --resume looks for the run
 
     with pytest.raises(ConfigError) as refused:
-        resume_config(run_id, config_path=None, overrides=["train.epochs=20", "model.latent.tau_steps=900"])
+        resume_config(run_id, config_path=None, overrides=["train.epochs=20", "model.latent.tau_cosine.steps=900"])
     message = str(refused.value)
-    assert "train.epochs 10 -> 20" in message and "model.latent.tau_steps 500 -> 900" in message
+    assert "train.epochs 10 -> 20" in message and "model.latent.tau_cosine.steps 500 -> 900" in message
     assert "--reschedule" in message and run_id in message and "train.workers" not in message
     cfg, same = resume_config(run_id, config_path=None, overrides=["train.epochs=20"], reschedule=True)
     assert same == run_id and cfg.train.epochs == 20

@@ -26,7 +26,7 @@ import train_hooks
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits-categorical.yaml"
 EXPERIMENT = "sweep-digits"
-FAILING = "model.latent.hard=false seed=1"  # its loss turns NaN at step 1 (tests/train_hooks.py): fails for good
+FAILING = "model.latent.estimator=gumbel-softmax seed=1"  # its loss turns NaN at step 1 (tests/train_hooks.py): fails for good
 
 
 # --- the definition, without Ray --------------------------------------------------------------------
@@ -45,13 +45,14 @@ def test_seeds_and_grid_parse():
 
 
 def test_spec_keys_follow_what_is_trained(tmp_path):
-    args = (str(DIGITS_CONFIG), [f"data.url={tmp_path}"], [0, 1], parse_grid(["model.latent.hard=false,true"]))
+    args = (str(DIGITS_CONFIG), [f"data.url={tmp_path}"], [0, 1],
+            parse_grid(["model.latent.estimator=gumbel-softmax,straight-through"]))
     spec = build_spec(*args)
     assert [(t.point, t.seed) for t in spec.trials] == [
-        ("model.latent.hard=false", 0), ("model.latent.hard=false", 1),
-        ("model.latent.hard=true", 0), ("model.latent.hard=true", 1)]
+        ("model.latent.estimator=gumbel-softmax", 0), ("model.latent.estimator=gumbel-softmax", 1),
+        ("model.latent.estimator=straight-through", 0), ("model.latent.estimator=straight-through", 1)]
     assert len({t.key for t in spec.trials}) == 4
-    assert spec.trials[3].config.train.seed == 1 and spec.trials[3].config.model.latent.hard
+    assert spec.trials[3].config.train.seed == 1 and spec.trials[3].config.model.latent.estimator == "straight-through"
     again = build_spec(*args, tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")  # where it is logged: same sweep
     assert again.key == spec.key and [t.key for t in again.trials] == [t.key for t in spec.trials]
     assert build_spec(args[0], args[1], [0, 2], args[3]).key != spec.key
@@ -124,7 +125,7 @@ def test_sweep_killed_and_resumed(digits_dataset, tmp_path):
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "pipeline", "sweep", str(DIGITS_CONFIG), "--seeds", "0,1",
-               "--grid", "model.latent.hard=false,true", "-o", f"data.url={digits_dataset}",
+               "--grid", "model.latent.estimator=gumbel-softmax,straight-through", "-o", f"data.url={digits_dataset}",
                "-o", "train.workers=1", "-o", "train.epochs=1", "-o", "model.hidden=[32]",
                "-o", f"train.storage={tmp_path / 'ray'}", "-o", f"tracking.experiment={EXPERIMENT}",
                "--tracking-uri", uri]
@@ -167,8 +168,8 @@ def test_sweep_killed_and_resumed(digits_dataset, tmp_path):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep.attempts"] == "2" and parent.data.tags["sweep.trials.failed"] == "1"
     assert json.loads(parent.data.params["sweep.seeds"]) == [0, 1]
-    assert json.loads(parent.data.params["sweep.grid.model.latent.hard"]) == ["false", "true"]
-    assert "model.latent.hard" not in parent.data.params and "train.seed" not in parent.data.params
+    assert json.loads(parent.data.params["sweep.grid.model.latent.estimator"]) == ["gumbel-softmax", "straight-through"]
+    assert "model.latent.estimator" not in parent.data.params and "train.seed" not in parent.data.params
     artifacts = {a.path for a in client.list_artifacts(parent_id, "sweep")}
     assert {"sweep/definition.json", "sweep/aggregates.csv", "sweep/result.json"} <= artifacts
     children = _children(client, parent_id)
@@ -198,7 +199,7 @@ def test_sweep_killed_and_resumed(digits_dataset, tmp_path):
     # Aggregates: exactly the children's own final values; the failed trial left out and counted.
     metrics = parent.data.metrics
     finished = [c for c in children if c.info.run_name != FAILING]
-    for point in ("model.latent.hard=false", "model.latent.hard=true"):
+    for point in ("model.latent.estimator=gumbel-softmax", "model.latent.estimator=straight-through"):
         mine = [c for c in finished if c.data.tags["sweep.point"] == point]
         segment = metric_point((point,))
         assert metrics[f"sweep/{segment}/trials/finished"] == len(mine)

@@ -119,7 +119,7 @@ def test_decode_of_encode_is_the_models_reconstruction(trained, images, tokenize
     client = MlflowClient(trained["uri"])
     weights = client.download_artifacts(trained["run_id"], "checkpoint/model.pt", str(tmp_path))
     config = trained["config"]
-    model = build_vae(config.model, image_shape=(3, 16, 16), binarize=config.data.binarize)
+    model = build_vae(config.model, image_shape=(3, 16, 16), binarize=config.model.binarize)
     model.load_state_dict(torch.load(weights, weights_only=True))
     with torch.no_grad():
         expected = (model.eval().reconstruct(torch.from_numpy(images)).clamp(0, 1) * 255).round().to(torch.uint8)
@@ -154,7 +154,7 @@ def test_warm_start_loads_a_grid_champion(trained) -> None:
     from pipeline.runs.load import load_initial_weights
 
     config = trained["config"]
-    model = build_vae(config.model, image_shape=(3, 16, 16), binarize=config.data.binarize)
+    model = build_vae(config.model, image_shape=(3, 16, 16), binarize=config.model.binarize)
     load_initial_weights(model, f"models:/{EXPERIMENT}@champion", trained["uri"])
     from pipeline import Tokenizer
 

@@ -37,7 +37,7 @@ def test_cli_trains_digits_on_two_workers(digits_dataset, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", str(DIGITS_CONFIG), "-o", f"data.url={digits_dataset}",
          "-o", "train.epochs=2", "-o", f"train.storage={tmp_path / 'ray'}",
-         "-o", f"model.latent.hard_from_step={SWITCH}"],
+         "-o", f"model.latent.straight_through_from_step={SWITCH}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -57,7 +57,7 @@ def test_cli_trains_digits_on_two_workers(digits_dataset, tmp_path):
     assert len(val) == 2 and val[1] < val[0]
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
     assert steps == sorted(set(steps))
-    # Gumbel-Softmax up to model.latent.hard_from_step, straight-through from it on (logged step = steps done).
+    # Gumbel-Softmax up to model.latent.straight_through_from_step, straight-through from it on (logged step = steps done).
     estimator = {m.step: m.value for m in client.get_metric_history(run_id, "train/straight_through")}
     assert {v for s, v in estimator.items() if s <= SWITCH} == {0.0}
     assert {v for s, v in estimator.items() if s > SWITCH} == {1.0}

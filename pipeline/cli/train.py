@@ -163,7 +163,8 @@ def sweep(
     grid: Annotated[
         Optional[list[str]],
         typer.Option("--grid", help="Settings to cross, repeatable: --grid train.lr=1e-3,3e-3 --grid "
-                     "model.latent.hard=false,true (values in YAML; lists as [128],[256,128])"),
+                     "model.latent.estimator=gumbel-softmax,straight-through (values in YAML; lists as "
+                     "[128],[256,128])"),
     ] = None,
     max_concurrent: Annotated[
         Optional[int], typer.Option("--max-concurrent", min=1, help="Trials at once (default: as many as the "

@@ -284,8 +284,8 @@ def active_units(mean_sum: Tensor, square_sum: Tensor, count: float, unit_size: 
 
 def build_latent(cfg: LatentConfig) -> Latent:
     if cfg.kind == "categorical":
-        return CategoricalLatent(cfg.variables, cfg.categories, hard=cfg.hard, prior=cfg.prior, kl=cfg.kl,
-                                 prior_tau=cfg.prior_tau)
+        return CategoricalLatent(cfg.variables, cfg.categories, hard=cfg.estimator == "straight-through",
+                                 prior=cfg.prior, kl=cfg.kl, prior_tau=cfg.prior_tau)
     if cfg.kind == "gaussian":
         return GaussianLatent(cfg.variables)
     if cfg.kind == "mixture":

@@ -8,7 +8,8 @@ when that figure means the same for both:
 
 - the same validation data: `dataset.val_sha256` (the validation shards' hashes, so adding training
   shards keeps runs comparable) when both runs carry it, else `dataset.manifest_sha256`;
-- the same likelihood: params `model.likelihood` and, for bernoulli, `data.binarize`.
+- the same likelihood: params `model.likelihood` and, for bernoulli, `model.binarize` (`data.binarize` in
+  runs logged before it moved).
 
 Otherwise the decision is `not-comparable` and its reason names what differs. The decision, its
 reason, the metric and both figures are tagged on the challenger run.
@@ -21,6 +22,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.config import upgrade_params
 from pipeline.runs import registry
 from pipeline.runs.registry import CHAMPION
 from pipeline.runs.store import get_run, set_run_tags
@@ -93,10 +95,10 @@ def _same_validation_data(a, b) -> tuple[bool, str]:
 
 def _same_likelihood(a, b) -> tuple[bool, str]:
     """The likelihood the figure is measured under: model.likelihood, and the binarization of a bernoulli one."""
-    pa, pb = a.data.params, b.data.params
+    pa, pb = upgrade_params(a.data.params), upgrade_params(b.data.params)  # either may predate a renamed key
     keys = ["model.likelihood"]
     if pa.get("model.likelihood") == pb.get("model.likelihood") == "bernoulli":
-        keys.append("data.binarize")
+        keys.append("model.binarize")
     for key in keys:
         if pa.get(key) != pb.get(key):
             return False, f"{key} {pa.get(key)} here, {pb.get(key)} for the champion"

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, upgrade_params
 from pipeline.ops import champion
 from pipeline.ops.naming import default_run_name
 from pipeline.runs import registry, store
@@ -22,8 +22,10 @@ def model_name(config: RunConfig) -> str:
 
 
 def _same_architecture(tracking_uri: str, run_id: str, config: RunConfig) -> bool:
-    logged = store.get_run(tracking_uri, run_id).data.params
-    ours = {k: store.param_value(v) for k, v in config.flat().items() if k.startswith("model.")}
+    logged = upgrade_params(store.get_run(tracking_uri, run_id).data.params)  # it may predate a renamed key
+    # model.binarize (once data.binarize) chooses the targets, not the weights' shapes
+    ours = {k: store.param_value(v) for k, v in config.flat().items()
+            if k.startswith("model.") and k != "model.binarize"}
     return all(logged.get(k) == v for k, v in ours.items())
 
 

@@ -55,7 +55,7 @@ class SweepError(RuntimeError):
 class Trial:
     """One training run of the sweep: a grid point and a seed."""
 
-    point: str  # "model.latent.hard=true,train.lr=0.001"; "base" without a grid
+    point: str  # "model.latent.estimator=straight-through,train.lr=0.001"; "base" without a grid
     assignments: tuple[str, ...]  # the point's overrides
     seed: int
     key: str  # sweep.trial_key: the hash of its resolved config
@@ -269,7 +269,7 @@ def aggregates_by_point(outcomes: list[TrialOutcome]) -> dict[str, dict[str, dic
 
 def metric_point(assignments: tuple[str, ...] | list[str]) -> str:
     """A grid point as a segment of an MLflow metric name (letters, digits, _ - . and spaces only):
-    ("model.latent.hard=true", "train.lr=0.001") -> "model.latent.hard-true train.lr-0.001"."""
+    ("model.latent.kl=relaxed", "train.lr=0.001") -> "model.latent.kl-relaxed train.lr-0.001"."""
     if not assignments:
         return POINT_WITHOUT_GRID
     return " ".join(re.sub(r"[^\w.\- ]", "_", a.replace("=", "-", 1)) for a in assignments)

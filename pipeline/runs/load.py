@@ -143,10 +143,10 @@ def rebuild_vae(config: RunConfig, weights: "Path | str | dict[str, torch.Tensor
 
     try:
         if len(image_shape) == 1:
-            model = build_vae(config.model, int(image_shape[0]), binarize=config.data.binarize)
+            model = build_vae(config.model, int(image_shape[0]), binarize=config.model.binarize)
         else:
             model = build_vae(config.model, image_shape=tuple(int(v) for v in image_shape),
-                              binarize=config.data.binarize)
+                              binarize=config.model.binarize)
         state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (RuntimeError, ValueError) as err:  # weights that do not fit the config's shapes
@@ -278,7 +278,7 @@ def _parse_config_file(path: Path, run_id: str) -> RunConfig:
     from pipeline.config import ConfigError, parse_config
 
     try:
-        return parse_config(yaml.safe_load(path.read_text()) or {})
+        return parse_config(yaml.safe_load(path.read_text()) or {}, source=f"config.yaml of run {run_id}")
     except ConfigError as err:
         raise ModelLoadError(f"run {run_id}: its config.yaml no longer validates: {err}") from None
 

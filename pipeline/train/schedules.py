@@ -13,10 +13,11 @@ interrupted one was. The loop sets them at the start of each step, before the fo
 - a mixture's KL of y (`train.kl_y_anneal_from`, `kl_y_anneal_steps`): deterministic annealing,
   a weight above 1 falling to 1.
 - Gumbel-Softmax temperature (`model.latent.tau_schedule`): `exponential` = Jang's staircase
-  (`pipeline.models.latents.temperature_at`), `cosine` = DALL-E's anneal tau0 -> tau_min over `tau_steps`.
-- the categorical estimator (`model.latent.hard`, `hard_from_step`): Gumbel-Softmax samples, then
-  straight-through from a step on, so the decoder's last phase trains on one-hot codes — the
-  codes the strict one-sample -ELBO of `pipeline evaluate` decodes.
+  (`pipeline.models.latents.temperature_at`, its settings under `model.latent.tau_exponential`),
+  `cosine` = DALL-E's anneal tau0 -> tau_min over `model.latent.tau_cosine.steps`.
+- the categorical gradient estimator (`model.latent.estimator`, `straight_through_from_step`):
+  Gumbel-Softmax samples, then straight-through from a step on, so the decoder's last phase trains on
+  one-hot codes — the codes the strict one-sample -ELBO of `pipeline evaluate` decodes.
 """
 
 from __future__ import annotations
@@ -79,15 +80,16 @@ def kl_y_weight(step: int, cfg: TrainConfig) -> float:
 def temperature(step: int, cfg: LatentConfig) -> float:
     """The Gumbel-Softmax temperature at global step `step` (validation uses the same value)."""
     if cfg.tau_schedule == "exponential":
-        return temperature_at(step, cfg.tau0, cfg.tau_min, cfg.anneal_rate, cfg.anneal_every)
+        return temperature_at(step, cfg.tau0, cfg.tau_min, cfg.tau_exponential.rate, cfg.tau_exponential.every)
     if cfg.tau_schedule == "cosine":
-        return cfg.tau_min + (cfg.tau0 - cfg.tau_min) * _cosine(max(step, 0) / cfg.tau_steps)
+        return cfg.tau_min + (cfg.tau0 - cfg.tau_min) * _cosine(max(step, 0) / cfg.tau_cosine.steps)
     raise ValueError(f"unknown model.latent.tau_schedule {cfg.tau_schedule!r}")
 
 
 def straight_through(step: int, cfg: LatentConfig) -> bool:
     """Whether global step `step` uses one-hot forward passes (straight-through Gumbel-Softmax)."""
-    return cfg.hard or (cfg.hard_from_step is not None and step >= cfg.hard_from_step)
+    switch = cfg.straight_through_from_step
+    return cfg.estimator == "straight-through" or (switch is not None and step >= switch)
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,8 @@ SCHEDULE_KEYS = (
     "train.lr", "train.lr_min", "train.lr_schedule", "train.lr_warmup_steps", "train.lr_decay_rate",
     "train.lr_decay_every", "train.kl_weight", "train.kl_warmup_steps", "train.kl_warmup", "train.kl_y_anneal_from",
     "train.kl_y_anneal_steps", "model.latent.tau0", "model.latent.tau_min", "model.latent.tau_schedule",
-    "model.latent.tau_steps", "model.latent.anneal_rate", "model.latent.anneal_every", "model.latent.hard",
-    "model.latent.hard_from_step",
+    "model.latent.tau_exponential.rate", "model.latent.tau_exponential.every", "model.latent.tau_cosine.steps",
+    "model.latent.estimator", "model.latent.straight_through_from_step",
 )
 # The cosine learning rate's horizon is steps per epoch x train.epochs (steps per epoch follow from the
 # global batch): under that schedule these shape it too.

@@ -34,6 +34,11 @@ def train(
     warm_start: Annotated[
         bool, typer.Option("--warm-start", help="Start from the weights of the registered 'champion' (when compatible)")
     ] = False,
+    progress: Annotated[
+        Optional[bool], typer.Option("--progress/--no-progress", help="A live line of epoch, step, samples/s, loss "
+                                     "and ETA while training; the per-epoch lines print either way (environment: "
+                                     "$PIPELINE_PROGRESS=1 or 0)", show_default="on when stdout is a terminal")
+    ] = None,
 ) -> None:
     """Train a VAE with Ray Train (DDP) and track it in MLflow; prints the run id and final val -ELBO."""
     ray_auth(address)  # before Ray is imported: a cluster started with `ray start` wants its token
@@ -47,6 +52,8 @@ def train(
         fail("--reschedule applies to a resumed run (--resume RUN_ID_OR_NAME)", code=2)
     if tracking_uri:  # flag > $MLFLOW_TRACKING_URI > the config's tracking.uri > ./mlflow.db, here as everywhere:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the trainer and resume_config take no store of their own
+    if progress is not None:  # flag > $PIPELINE_PROGRESS > is stdout a terminal: the trainer reads the variable
+        os.environ["PIPELINE_PROGRESS"] = "1" if progress else "0"
 
     def report(result) -> None:
         print(f"run_id: {result.run_id}")

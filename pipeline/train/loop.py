@@ -36,6 +36,7 @@ from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.code_init import code_pool, init_codes_from_data, restart_dead_codes
 from pipeline.train.collectives import all_gather, all_reduce
 from pipeline.train.hooks import HookSpec, Hooks
+from pipeline.train.progress import ProgressReporter
 from pipeline.train.state import TrainState
 from pipeline.train.step import StepStats, train_step
 from pipeline.train.validate import SplitScore, score_split
@@ -63,6 +64,9 @@ class WorkerArgs:
     resumed_run: bool = False  # the driver resumed an existing run (`pipeline train --resume`)
     fallback_dir: str | None = None  # where undeliverable metrics are written
     hooks: list[HookSpec] = field(default_factory=list)  # callbacks installed in every worker (train/hooks.py)
+    # The driver's progress board (a Ray actor's name) when it draws a live line; None: the per-epoch
+    # lines only. The driver decides, as only its stdout can be a terminal (train/progress.py).
+    progress: str | None = None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -83,6 +87,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 stopped = stats  # every rank stops here, at the same step
                 break
             worker.after_step(stats, window, epoch, batch.keys)
+            worker.show_progress(epoch, stats)  # rank 0, to the driver's live line; no collective
             if stats.step + 1 == 1 or (stats.step + 1) % cfg.train.log_every == 0:
                 # Collective: every rank reaches it at the same steps (the window's sums over the global batch).
                 sums = all_reduce(window.sums_tensor(), worker.device)
@@ -132,6 +137,7 @@ class Worker:
     entered: float  # when setup began (perf/worker_setup_s)
     checkpoint: Any = None  # the ray.train.Checkpoint this run continues from
     logger: RunLogger | None = None  # rank 0's
+    progress: ProgressReporter | None = None  # rank 0's, when the driver draws a live line
     preview: torch.Tensor | None = None  # rank 0's validation images, the same every epoch
     code_pool: torch.Tensor | None = None  # model.restart_dead_codes: the train images codes are counted on
     codes_restarted: int = 0  # this worker group's restarts so far (logged at each epoch's end)
@@ -171,6 +177,12 @@ class Worker:
                 self.logger.set_tags({"nonfinite.last_step": stats.step})
         window.add(stats, self.cfg.train.batch_size)
         self.hooks.on_step_end(epoch, stats.step + 1, keys)
+
+    def show_progress(self, epoch: int, stats: StepStats) -> None:
+        """Rank 0 tells the driver's live line where training stands (at most twice a second)."""
+        if self.progress:
+            position = self.state.position
+            self.progress.step(epoch, position.step_in_epoch, position.step, stats.loss)
 
     def log_train(self, stats: StepStats, means: dict[str, float]) -> None:
         """Rank 0 logs the window's means (already reduced over ranks) and this step's values."""
@@ -253,6 +265,9 @@ class Worker:
             self.logger.count_restart(f"worker group restarted at step {position.step}")
         print(f"[rank 0] {self.world_size} workers x batch {cfg.train.batch_size // self.world_size} on {nodes} "
               f"node(s), {self.steps} steps/epoch, from epoch {position.epoch + 1} step {position.step_in_epoch}")
+        if self.args.progress:
+            self.progress = ProgressReporter.connect(self.args.progress, steps=self.steps, epochs=cfg.train.epochs,
+                                                     global_batch=cfg.train.batch_size)
         # The same validation images every epoch (reconstruction grids at their step).
         self.preview = _preview_images(self.manifest, self.args.dataset_url, self.reader)
 

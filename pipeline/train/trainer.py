@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -20,6 +20,7 @@ from pipeline.runs import store
 from pipeline.runs.logger import replay_metrics
 from pipeline.train import hooks
 from pipeline.train.loop import WorkerArgs, train_loop_per_worker
+from pipeline.train.progress import live_progress, wants_progress
 
 console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
 
@@ -111,9 +112,11 @@ def shutdown_local_ray_quietly() -> None:
 
 def train(config: RunConfig, *, address: str | None = None, trigger: str = "manual",
           resume_run_id: str | None = None, tags: dict[str, str] | None = None,
-          resume_reason: str = "driver resumed (pipeline train --resume)") -> TrainResult:
+          resume_reason: str = "driver resumed (pipeline train --resume)",
+          progress: bool | None = None) -> TrainResult:
     """Train one run. With ``resume_run_id``, continue that MLflow run from its latest checkpoint.
-    ``tags`` go on a new run when it is created (e.g. a sweep's parent run and trial key)."""
+    ``tags`` go on a new run when it is created (e.g. a sweep's parent run and trial key). ``progress``:
+    the live line (`_fit`; None: $PIPELINE_PROGRESS, else whether stdout is a terminal)."""
     started = time.perf_counter()
     dataset_url = absolute_url(config.data.url)
     manifest = _checked_manifest(config, dataset_url)
@@ -138,9 +141,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
         worker_args = WorkerArgs(config.model_dump(mode="json"), dataset_url, tracking_uri, run_id,
                                  resumed_run=bool(resume_run_id), fallback_dir=str(Path(storage) / ray_run_name)
                                  if "://" not in storage else None, hooks=hooks.specs_from_environment())
-        trainer = _torch_trainer(config, worker_args, storage, ray_run_name)
-        with store.system_metrics(tracking_uri, run_id):  # CPU, memory, GPU of the driver's machine
-            result = trainer.fit()
+        result = _fit(config, worker_args, storage, ray_run_name, progress)
     except Exception as err:  # noqa: BLE001 - any failure must mark the run FAILED
         reason = _root_cause(err)
         store.end_run(tracking_uri, run_id, failed=True, reason=reason)
@@ -169,6 +170,19 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
         seconds=time.perf_counter() - started,
         delivery={k.removeprefix("tracking/"): v for k, v in metrics.items() if k.startswith("tracking/")},
     )
+
+
+def _fit(config: RunConfig, worker_args: WorkerArgs, storage: str, ray_run_name: str,
+         progress: bool | None) -> Any:
+    """TorchTrainer.fit, under the live progress line when there is one (train/progress.py).
+
+    Ray workers' stdout is never a terminal (Ray forwards it to us line by line), so the decision is
+    made here, on the driver's stdout, and reaches rank 0 as `WorkerArgs.progress`: the name of the
+    board it posts to. The driver draws the line; rank 0's per-epoch lines print above it, or alone."""
+    with live_progress(wants_progress(progress)) as board:  # board: None without a live line
+        trainer = _torch_trainer(config, replace(worker_args, progress=board), storage, ray_run_name)
+        with store.system_metrics(worker_args.tracking_uri, worker_args.run_id):  # the driver machine's CPU, GPU
+            return trainer.fit()
 
 
 def resume_config(run: str, *, config_path: str | None, overrides: list[str],

@@ -103,18 +103,35 @@ def test_straight_through_from_a_step() -> None:
     assert not any(straight_through(s, LatentConfig()) for s in STEPS)
     assert all(straight_through(s, LatentConfig(estimator="straight-through")) for s in STEPS)
     _assert_pure(lambda s: straight_through(s, switch), STEPS)
-    # the model the loop switches really decodes one-hot codes from then on
+    # the estimator a step passes to the forward pass really decodes one-hot codes from then on
     model = build_vae(ModelConfig(hidden=[16], latent=LatentConfig(variables=3, categories=4)), input_dim=12)
     x = torch.rand(5, 12)
     for step, one_hot in ((999, False), (1000, True)):
-        model.latent.hard = straight_through(step, switch)
-        codes = model.latent.rsample(model.encoder(x), 0.5).detach().reshape(5, 3, 4)
+        codes = model(x, temperature=0.5, straight_through=straight_through(step, switch)).z.detach().reshape(5, 3, 4)
         is_one_hot = bool(((codes == 0) | (codes == 1)).all()) and torch.equal(codes.sum(-1), torch.ones(5, 3))
         assert is_one_hot == one_hot
     for bad in ({"kind": "gaussian", "straight_through_from_step": 10},
                 {"estimator": "straight-through", "straight_through_from_step": 10}):
         with pytest.raises(ConfigError, match="straight_through_from_step"):
             parse_config({"data": {"url": "x"}, "model": {"latent": bad}})
+
+
+def test_the_step_passes_the_scheduled_estimator_to_the_forward_pass_and_leaves_the_model_as_built() -> None:
+    """`train_step` hands the schedules' estimator to each forward pass, as it does the temperature: the
+    model's own default (the config's model.latent.estimator) is not switched under it."""
+    from pipeline.train.step import train_step
+
+    cfg = parse_config({"data": {"url": "x"}}, ["model.hidden=[16]", "model.latent.variables=3", "model.latent.categories=4",
+                                                "model.latent.straight_through_from_step=1"])
+    model = build_vae(cfg.model, input_dim=12)
+    state = TrainState(model, cfg.train, torch.device("cpu"), partitions=1)
+    seen = []
+    sample_codes = model.latent.sample_codes
+    model.latent.sample_codes = lambda *args: seen.append(args[2:]) or sample_codes(*args)
+    stats = [train_step(state, torch.rand(4, 12), cfg, range(1), total_steps=3) for _ in range(3)]
+    assert [s.straight_through for s in stats] == [False, True, True]
+    assert seen == [(False,), (True,), (True,)]
+    assert model.latent.hard is False  # built Gumbel-Softmax, still so
 
 
 def test_schedule_keys_in_config() -> None:

@@ -55,24 +55,28 @@ class Latent(nn.Module, ABC):
         return z
 
     @abstractmethod
-    def rsample(self, params: Tensor, temperature: float) -> Tensor:
-        """Reparameterised sample z [B, code_size]."""
+    def rsample(self, params: Tensor, temperature: float, straight_through: bool | None = None) -> Tensor:
+        """Reparameterised sample z [B, code_size]. ``temperature`` and ``straight_through`` (the gradient
+        estimator: one-hot forward, relaxed gradient) concern relaxed discrete codes; None: the latent's
+        own default (`CategoricalLatent.hard`)."""
 
     @abstractmethod
     def kl(self, params: Tensor) -> Tensor:
         """Analytic KL(q(z|x) || p(z)) per variable, [B, num_kl_terms]."""
 
-    def sample_and_kl(self, params: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    def sample_and_kl(self, params: Tensor, temperature: float,
+                      straight_through: bool | None = None) -> tuple[Tensor, Tensor]:
         """The training pass: a reparameterised code and the KL terms [B, num_kl_terms] to optimise."""
-        return self.rsample(params, temperature), self.kl(params)
+        return self.rsample(params, temperature, straight_through), self.kl(params)
 
-    def sample_codes(self, params: Tensor, temperature: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    def sample_codes(self, params: Tensor, temperature: float,
+                     straight_through: bool | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
         """The training pass as S codes per input with weights: (codes [S, B, code_size], weights [S, B]
         or None, KL terms [B, num_kl_terms]). The reconstruction term of the ELBO is
         sum_s weights[s] * (-log p(x | codes[s])) (`expected_over_codes`). S = 1 without weights
         (one reparameterised sample) for every family except one that sums a discrete variable out
         exactly: the marginal mixture returns one code per component y, weighted by q(y|x)."""
-        z, kl = self.sample_and_kl(params, temperature)
+        z, kl = self.sample_and_kl(params, temperature, straight_through)
         return z.unsqueeze(0), None, kl
 
     @abstractmethod

@@ -58,6 +58,11 @@ class CategoricalLatent(Latent):
     ``params`` are logits [B, N*K]; ``z`` is the (relaxed) one-hot code flattened to [B, N*K].
     ``kl="relaxed"`` trains on the Concrete estimate log q(y) - log p(y) at the sampled y
     (posterior at the sampling temperature, prior at ``prior_tau``, default the same).
+
+    The gradient estimator is an argument of each training pass, as the temperature is
+    (``straight_through``: the one-hot argmax forward, the relaxed gradient backward; else the
+    Gumbel-Softmax sample). ``hard`` is the estimator of a pass that names none: the config's
+    ``model.latent.estimator``.
     """
 
     def __init__(self, variables: int, categories: int, hard: bool = False, *, prior: str = "uniform",
@@ -105,16 +110,17 @@ class CategoricalLatent(Latent):
         log_alpha = log_q.clamp_min(RELAXED_LOG_FLOOR)
         return F.log_softmax((log_alpha + gumbel_like(log_alpha)) / temperature, dim=-1)
 
-    def _code_from_log_sample(self, y: Tensor) -> Tensor:
+    def _code_from_log_sample(self, y: Tensor, straight_through: bool | None) -> Tensor:
         relaxed = y.exp()
-        if self.hard:
+        if self.hard if straight_through is None else straight_through:
             one_hot = F.one_hot(relaxed.argmax(dim=-1), self.categories).to(relaxed.dtype)
             # one_hot + (relaxed - relaxed) is exactly one-hot forward, relaxed gradient backward.
             relaxed = one_hot + (relaxed - relaxed.detach())
         return relaxed.reshape(y.shape[0], self.code_size)
 
-    def rsample(self, params: Tensor, temperature: float) -> Tensor:
-        return self._code_from_log_sample(self._relaxed_log_sample(self._log_q(params), temperature))
+    def rsample(self, params: Tensor, temperature: float, straight_through: bool | None = None) -> Tensor:
+        return self._code_from_log_sample(self._relaxed_log_sample(self._log_q(params), temperature),
+                                          straight_through)
 
     def kl(self, params: Tensor) -> Tensor:
         # KL(q || p) = sum_k q_k (log q_k - log p_k); uniform p: log K - H(q)
@@ -128,15 +134,16 @@ class CategoricalLatent(Latent):
         prior_tau = self.prior_tau or temperature
         return exp_concrete_log_density(y, log_alpha_q, temperature) - exp_concrete_log_density(y, log_alpha_p, prior_tau)
 
-    def sample_and_kl(self, params: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    def sample_and_kl(self, params: Tensor, temperature: float,
+                      straight_through: bool | None = None) -> tuple[Tensor, Tensor]:
         if self.kl_mode == "analytic":
             # log q once for sample and KL (= rsample + kl): on a 32x32 grid of 8192-way codes every
             # [B, N, K] copy autograd keeps costs 32 MiB per image (models/resnet.py, grid_batch_bytes).
             log_q = self._log_q(params)
-            z = self._code_from_log_sample(self._relaxed_log_sample(log_q, temperature))
+            z = self._code_from_log_sample(self._relaxed_log_sample(log_q, temperature), straight_through)
             return z, (log_q.exp() * (log_q - self.log_prior())).sum(dim=-1)
         y = self._relaxed_log_sample(self._log_q(params), temperature)
-        return self._code_from_log_sample(y), self.relaxed_kl(params, y, temperature)
+        return self._code_from_log_sample(y, straight_through), self.relaxed_kl(params, y, temperature)
 
     def _one_hot_from(self, log_probs: Tensor) -> Tensor:
         """Gumbel-max: exact categorical samples from log-probabilities [..., N, K], as one-hot."""
@@ -221,8 +228,8 @@ class GaussianLatent(Latent):
         mu, logvar = params.chunk(2, dim=-1)
         return mu, logvar.clamp(*LOGVAR_RANGE)
 
-    def rsample(self, params: Tensor, temperature: float = 1.0) -> Tensor:
-        # The temperature only applies to relaxed discrete latents; accepted for a uniform call site.
+    def rsample(self, params: Tensor, temperature: float = 1.0, straight_through: bool | None = None) -> Tensor:
+        # The temperature and the estimator only apply to relaxed discrete latents; accepted for a uniform call site.
         mu, logvar = self._split(params)
         return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
 

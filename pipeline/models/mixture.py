@@ -139,7 +139,8 @@ class MarginalMixtureLatent(_GaussianMixturePrior):
     def kl(self, params: Tensor) -> Tensor:
         return self._kl_terms(*self._split(params))
 
-    def sample_codes(self, params: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    def sample_codes(self, params: Tensor, temperature: float = 1.0,
+                     straight_through: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """One code per component: codes [K, B, K + D] (z_y ~ q(z|x,y) reparameterised), weights
         q(y|x) [K, B] (in the graph: the decoder's per-component loss trains q(y|x)), KL terms [B, 2]."""
         log_qy, mu, logvar = self._split(params)
@@ -155,7 +156,7 @@ class MarginalMixtureLatent(_GaussianMixturePrior):
         pick = lambda t: torch.gather(t.unsqueeze(0).expand(y.shape[0], *t.shape), 2, index).squeeze(2)  # noqa: E731
         return pick(mu), pick(logvar)
 
-    def rsample(self, params: Tensor, temperature: float = 1.0) -> Tensor:
+    def rsample(self, params: Tensor, temperature: float = 1.0, straight_through: bool | None = None) -> Tensor:
         # One (y, z) draw; y is not reparameterised. Training uses `sample_codes` (all y, exactly).
         y = self._sample_y(self._log_qy(params), 1)
         mu, logvar = self._select(params, y)
@@ -204,7 +205,7 @@ class MixtureLatent(_GaussianMixturePrior):
         mu, logvar = params[:, k : k + d], params[:, k + d :].clamp(*LOGVAR_RANGE)
         return self._log_qy(params), mu, logvar
 
-    def rsample(self, params: Tensor, temperature: float = 1.0) -> Tensor:
+    def rsample(self, params: Tensor, temperature: float = 1.0, straight_through: bool | None = None) -> Tensor:
         log_qy, mu, logvar = self._split(params)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return torch.cat([log_qy.exp(), z], dim=-1)

@@ -103,13 +103,17 @@ class VAE(nn.Module):
         """The likelihood's parameters [N, C * P, H, W] for codes z [N, code_size]."""
         return self.decoder(self.latent.decoder_input(z))
 
-    def forward(self, x: Tensor, temperature: float = 1.0) -> VAEOutput:
+    def forward(self, x: Tensor, temperature: float = 1.0, straight_through: bool | None = None) -> VAEOutput:
+        """The -ELBO of a batch on sampled codes, drawn at ``temperature`` with the gradient estimator
+        ``straight_through`` (one-hot forward, relaxed gradient; else the Gumbel-Softmax sample; None: the
+        latent's own, the config's `model.latent.estimator`): in training, the schedules' values at the
+        step (train/schedules.py)."""
         inputs, target = self.prepare(x)
         params = self.encode(inputs)
         # Hook for latents that sum a discrete variable out exactly (the mixture's y, models/mixture.py):
         # S codes per input with weights; S = 1 and no weights for every other latent (same result as
         # one sample_and_kl code). The reconstruction term is the weighted sum over the S codes.
-        codes, weights, kl_terms = self.latent.sample_codes(params, temperature)
+        codes, weights, kl_terms = self.latent.sample_codes(params, temperature, straight_through)
         decoded = self.decode(codes.flatten(0, 1)).unflatten(0, codes.shape[:2])  # [S, B, ...]
         recon_per_sample = expected_over_codes(-self.likelihood.log_prob(decoded, target), weights)
         z, decoded = pick_code(codes, weights), pick_code(decoded, weights)  # the most probable code's
@@ -196,7 +200,8 @@ def build_vae(cfg: ModelConfig, input_dim: int | None = None, *, image_shape: tu
               binarize: str = "none") -> VAE:
     """The VAE a config describes, for images of ``image_shape`` (C, H, W), or (H, W) for grey ones.
     ``input_dim`` alone (flat vectors) means one row of D pixels; ``arch: conv`` then assumes a
-    square grey image (28x28 for 784, 8x8 for 64). ``binarize`` goes to a Bernoulli likelihood."""
+    square grey image (28x28 for 784, 8x8 for 64). ``binarize`` (a run's `model.binarize`) goes to a
+    Bernoulli likelihood."""
     if image_shape is None:
         if input_dim is None:
             raise ValueError("build_vae needs image_shape or input_dim")

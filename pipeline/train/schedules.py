@@ -17,7 +17,8 @@ interrupted one was. The loop sets them at the start of each step, before the fo
   `cosine` = DALL-E's anneal tau0 -> tau_min over `model.latent.tau_cosine.steps`.
 - the categorical gradient estimator (`model.latent.estimator`, `straight_through_from_step`):
   Gumbel-Softmax samples, then straight-through from a step on, so the decoder's last phase trains on
-  one-hot codes — the codes the strict one-sample -ELBO of `pipeline evaluate` decodes.
+  one-hot codes — the codes the strict one-sample -ELBO of `pipeline evaluate` decodes. The step passes
+  it to the model's forward pass, as it does the temperature.
 """
 
 from __future__ import annotations

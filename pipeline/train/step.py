@@ -197,8 +197,9 @@ class StepOutput:
 
 
 def forward_by_partition(model: torch.nn.Module, x: torch.Tensor, partitions: range, temperature: float,
-                         seed: int, step: int) -> StepOutput:
-    """Forward each partition's chunk with sampling noise seeded by `noise_seed(seed, step, partition)`.
+                         seed: int, step: int, straight_through: bool = False) -> StepOutput:
+    """Forward each partition's chunk with sampling noise seeded by `noise_seed(seed, step, partition)`,
+    at ``temperature`` with the estimator ``straight_through`` (the schedules' values at the step).
 
     The noise a sample gets then depends on where it sits in the global batch, not on which
     rank holds it: 1 and 2 workers compute the same global loss (up to reduction order),
@@ -208,7 +209,7 @@ def forward_by_partition(model: torch.nn.Module, x: torch.Tensor, partitions: ra
     outputs = []
     for partition, chunk in zip(partitions, x.chunk(len(partitions))):
         seed_noise(noise_seed(seed, step, partition), x.device)
-        outputs.append(model(chunk, temperature=temperature))
+        outputs.append(model(chunk, temperature=temperature, straight_through=straight_through))
     if len(outputs) == 1:
         first = outputs[0]
         return StepOutput(first.loss, first.recon, first.kl, first.kl_per_variable, first.code_entropy)
@@ -234,8 +235,9 @@ class StepStats:
 
 
 def set_estimator(model: torch.nn.Module, straight_through: bool) -> None:
-    """A categorical latent's estimator for the coming forward passes: straight-through (one-hot
-    forward, relaxed gradient) or the Gumbel-Softmax sample."""
+    """A categorical latent's estimator for the coming forward passes that name none: straight-through
+    (one-hot forward, relaxed gradient) or the Gumbel-Softmax sample. Training passes the scheduled
+    estimator to each forward pass instead (`forward_by_partition`); validation still sets it here."""
     from pipeline.models.latents import CategoricalLatent
 
     if isinstance(model.latent, CategoricalLatent):
@@ -251,9 +253,9 @@ def train_step(state: Any, x: torch.Tensor, cfg: Any, partitions: range, total_s
     step = state.position.step
     values = schedules_at(step, cfg, total_steps)  # pure functions of the global step (train/schedules.py)
     set_learning_rate(state.optimizer, values.lr)  # the encoder's group: x encoder_lr_scale
-    set_estimator(state.model, values.straight_through)
     with state.precision.autocast():
-        out = forward_by_partition(state.ddp, x, partitions, values.temperature, cfg.train.seed, step)
+        out = forward_by_partition(state.ddp, x, partitions, values.temperature, cfg.train.seed, step,
+                                   values.straight_through)
     if hooks is not None:
         out = hooks.on_output(step, out)
     objective = state.model.objective(out, values.kl_weight, values.kl_y_weight)  # the weighted -ELBO (models/vae.py)

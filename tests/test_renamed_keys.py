@@ -194,3 +194,50 @@ def test_warm_start_from_a_champion_logged_before_the_rename(monkeypatch) -> Non
     assert retrain._same_architecture("sqlite:///x.db", "old", config)
     old["model.hidden"] = "[8]"
     assert not retrain._same_architecture("sqlite:///x.db", "old", config)
+
+
+def _log_old_config(uri: str, run_id: str) -> None:
+    """Replace a run's config.yaml by the one an older run logged: the same settings, the old key names."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.runs.store import download_config
+
+    logged = parse_config(yaml.safe_load(download_config(uri, run_id)))
+    MlflowClient(uri).log_text(run_id, yaml.safe_dump(_as_logged_before_the_rename(logged)), "config.yaml")
+    assert "hard:" in download_config(uri, run_id)
+
+
+def test_a_run_logged_with_the_old_keys_loads_and_rebuilds_its_model(tracking_uri, caplog) -> None:
+    """`pipeline evaluate`/`encode`/`export` and warm start read a run through runs.load: its config.yaml
+    under the old names is read at the new places and its model rebuilt with its own weights."""
+    import torch
+
+    from ops_runs import make_run
+    from pipeline.runs.load import load_model
+
+    run_id = make_run(tracking_uri, "renamed", "old", val_loss=1.0, overrides={
+        "model.binarize": "threshold", "model.latent.estimator": "straight-through"})
+    _log_old_config(tracking_uri, run_id)
+    loaded = load_model(run_id, tracking_uri=tracking_uri, image_shape=(64,))
+    assert loaded.config.model.binarize == "threshold" and loaded.config.model.latent.estimator == "straight-through"
+    assert loaded.model.latent.hard and loaded.model.likelihood.binarize == "threshold"
+    assert loaded.model(torch.rand(2, 64)).loss.isfinite()
+    notice = next(n for n in _notices(caplog) if run_id in n)
+    assert notice.startswith(f"config.yaml of run {run_id}: deprecated config keys") and "data.binarize" in notice
+
+
+def test_resuming_a_run_logged_with_the_old_keys_checks_its_schedules_under_the_new_names(
+        tmp_path, tracking_uri, monkeypatch) -> None:
+    from pipeline.runs.store import start_run
+    from pipeline.train.trainer import resume_config
+
+    cosine = parse_config({"data": {"url": str(tmp_path)}, "tracking": {"uri": tracking_uri, "experiment": "resume"},
+                           "model": {"latent": {"tau_schedule": "cosine", "tau_cosine": {"steps": 500}}}})
+    run_id = start_run(cosine, tracking_uri=tracking_uri, manifest_digest="x")
+    _log_old_config(tracking_uri, run_id)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    for override in ("model.latent.tau_cosine.steps=900", "model.latent.tau_steps=900"):  # either name
+        with pytest.raises(ConfigError, match=r"model\.latent\.tau_cosine\.steps 500 -> 900"):
+            resume_config(run_id, config_path=None, overrides=[override])
+    cfg, same = resume_config(run_id, config_path=None, overrides=["train.workers=1"])
+    assert same == run_id and cfg.model.latent.tau_cosine.steps == 500 and cfg.train.workers == 1

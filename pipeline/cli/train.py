@@ -24,7 +24,7 @@ def train(
     ] = None,
     reschedule: Annotated[
         bool, typer.Option("--reschedule", help="With --resume: accept changed schedule settings (e.g. train.epochs "
-                           "under a cosine learning rate, model.latent.tau_steps); the schedules continue from the "
+                           "under a cosine learning rate, model.latent.tau_cosine.steps); the schedules continue from the "
                            "checkpoint's step on their new shape")
     ] = False,
     trigger: Annotated[str, typer.Option("--trigger", help="Tag the run with what started it: manual, cron, new-data")] = "manual",

@@ -129,14 +129,15 @@ class LatentConfig(_Section):
         "exponential", description="exponential: Jang's staircase max(tau_min, tau0 exp(-r t)) (tau_exponential); "
         "cosine: DALL-E's anneal from tau0 to tau_min over tau_cosine.steps"
     )
-    tau_exponential: TauExponential = Field(
-        default_factory=TauExponential, description="The exponential schedule's settings"
-    )
-    tau_cosine: TauCosine = Field(default_factory=TauCosine, description="The cosine schedule's settings")
     mixture_posterior: Literal["marginal", "mean_field"] = Field(
         "marginal", description="Mixture: marginal = q(y|x) q(z|x,y), ELBO summed exactly over y (one decoder pass "
         "per component); mean_field = q(y|x) q(z|x) (one decoder pass)"
     )
+    # the schedules' own settings, sections of their own (after every plain key: the reference lists them so)
+    tau_exponential: TauExponential = Field(
+        default_factory=TauExponential, description="The exponential schedule's settings"
+    )
+    tau_cosine: TauCosine = Field(default_factory=TauCosine, description="The cosine schedule's settings")
 
     @model_validator(mode="after")
     def _straight_through_switch(self) -> "LatentConfig":

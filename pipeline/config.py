@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -60,19 +60,11 @@ class DataConfig(_Section):
         "every global batch depend on P, not on the worker count: resuming on W workers needs W to divide P",
     )
 
-    # model.binarize, as the run config this section belongs to says (RunConfig sets it).
-    _binarize: str = PrivateAttr("dynamic")
-
     @model_validator(mode="after")
     def _image_size(self) -> "DataConfig":
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ValueError(f"data.image_size must be [H, W] with positive sides, got {self.image_size}")
         return self
-
-    @property
-    def binarize(self) -> str:
-        """The run's ``model.binarize`` (once a key of this section), for the readers that still ask here."""
-        return self._binarize
 
 
 class TauExponential(_Section):
@@ -373,11 +365,6 @@ class RunConfig(_Section):
     def _renamed_keys(cls, values: Any) -> Any:
         """A tree that still names renamed keys (a run's logged config.yaml) reads them at their new places."""
         return upgrade_keys(values) if isinstance(values, dict) else values
-
-    @model_validator(mode="after")
-    def _binarize_for_data(self) -> "RunConfig":
-        self.data._binarize = self.model.binarize
-        return self
 
     @model_validator(mode="after")
     def _partitions_fit(self) -> "RunConfig":

@@ -57,7 +57,7 @@ def test_a_config_file_with_the_old_keys_loads_them_at_their_new_places(tmp_path
     path.write_text(OLD_FILE)
     cfg = load_config(path)
     latent = cfg.model.latent
-    assert cfg.model.binarize == "threshold" and cfg.data.binarize == "threshold"
+    assert cfg.model.binarize == "threshold" and not hasattr(cfg.data, "binarize")
     assert latent.estimator == "straight-through" and latent.straight_through_from_step is None
     assert (latent.tau_exponential.rate, latent.tau_exponential.every, latent.tau_cosine.steps) == (1e-4, 500, 2000)
     flat = cfg.flat()

@@ -136,7 +136,7 @@ def data_binarized_mnist(
     samples_per_shard: ShardSize = 5000,
 ) -> None:
     """Larochelle's fixed binarization of MNIST (binarized_mnist_{train,valid,test}.amat, gzipped or not):
-    train/val/test 50000/10000/10000, pixels 0/255, no labels (-1). Train on it with data.binarize: threshold
+    train/val/test 50000/10000/10000, pixels 0/255, no labels (-1). Train on it with model.binarize: threshold
     (the images are already binary). --download fetches the .amat files from www.cs.toronto.edu and checks their
     sha256."""
     _public_dataset("binarized-mnist", source, download, mirror, checksums, out, samples_per_shard)

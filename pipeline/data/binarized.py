@@ -5,7 +5,7 @@ digits: train 50,000 / valid 10,000 / test 10,000. They carry no labels (label -
 their rows are not in the order of the MNIST idx files.
 
 Pixels are stored as uint8 0 / 255, so the shards look like any other greyscale dataset:
-with ``data.binarize: threshold`` (pixel > 0.5) or ``none`` the model sees exactly the fixed
+with ``model.binarize: threshold`` (pixel > 0.5) or ``none`` the model sees exactly the fixed
 0/1 images; ``dynamic`` would be harmless too (Bernoulli(0 or 1) is deterministic), but
 threshold says what is meant.
 """

@@ -11,7 +11,7 @@ publishes it with one move to its final name (a rename on a file system; a copy 
 stores, where the object appears only complete) and then records it in ``OUT/_progress/<shard>.json``
 (sha256, samples, bytes and the recipe: run, weights, source shard). A re-run reuses every shard
 whose record matches the recipe and whose file has the recorded size: a killed run resumes without
-redoing finished shards. The manifest is written last. Dynamic binarization (``data.binarize:
+redoing finished shards. The manifest is written last. Dynamic binarization (``model.binarize:
 dynamic``) draws its noise from a seed per (seed, split, shard), so tokens are reproducible.
 """
 
@@ -221,14 +221,14 @@ def encode_dataset(run_id: str, data_url: str, out_url: str, *, splits: list[str
     buffer = io.BytesIO()
     torch.save(run.model.state_dict(), buffer)
     weights = buffer.getvalue()
-    recipe = recipe_digest(run_id, weights, source.spec, target, seed, run.config.data.binarize)
+    recipe = recipe_digest(run_id, weights, source.spec, target, seed, run.config.model.binarize)
     with_labels = source.spec.label is not None
     jobs = [ShardJob(name, i, shard) for name in names for i, shard in enumerate(source.splits[name].shards)]
 
     writer = ShardWriter(out_url, jobs, recipe=lambda job: recipe, samples=lambda job: job.source.samples,
                          accept=lambda job, record: record.get("source_sha256") == job.source.sha256)
     ctx = EncodeContext(run_id=run_id, recipe=recipe, model_config=run.config.model.model_dump(),
-                        image_shape=run.image_shape, binarize=run.config.data.binarize, weights=weights,
+                        image_shape=run.image_shape, binarize=run.config.model.binarize, weights=weights,
                         layout=layout, manifest_json=source.model_dump_json(), data_url=data_url, out_url=out_url,
                         options=ReadOptions.from_config(run.config.data), target=target,
                         decode_workers=run.config.data.decode_workers, batch_size=batch_size, seed=seed,

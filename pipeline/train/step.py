@@ -234,16 +234,6 @@ class StepStats:
     nonfinite: bool  # not applied: the loss or the averaged gradient was NaN/inf (the same on every rank)
 
 
-def set_estimator(model: torch.nn.Module, straight_through: bool) -> None:
-    """A categorical latent's estimator for the coming forward passes that name none: straight-through
-    (one-hot forward, relaxed gradient) or the Gumbel-Softmax sample. Training passes the scheduled
-    estimator to each forward pass instead (`forward_by_partition`); validation still sets it here."""
-    from pipeline.models.latents import CategoricalLatent
-
-    if isinstance(model.latent, CategoricalLatent):
-        model.latent.hard = straight_through
-
-
 def train_step(state: Any, x: torch.Tensor, cfg: Any, partitions: range, total_steps: int,
                hooks: Any = None) -> StepStats:
     """One step of ``state`` (a `TrainState`) on this rank's batch ``x`` (on its device), whose data

@@ -192,7 +192,7 @@ def resume_config(run: str, *, config_path: str | None, overrides: list[str],
     The run's own logged config is the default, so a resumed run trains what it started;
     its checkpoint storage comes from the run's `ray.storage_path` tag. A change of a setting that
     shapes a schedule (`schedules.schedule_changes`: e.g. train.epochs under a cosine learning rate,
-    whose horizon it sets, or model.latent.tau_steps) is refused unless ``reschedule``.
+    whose horizon it sets, or model.latent.tau_cosine.steps) is refused unless ``reschedule``.
     """
     import copy
 

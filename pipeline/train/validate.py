@@ -25,7 +25,6 @@ from pipeline.models import CategoricalLatent, active_units, bits_per_dim, perpl
 from pipeline.models.code_use import code_counts, code_perplexity, codes_used
 from pipeline.train import schedules
 from pipeline.train.collectives import all_reduce
-from pipeline.train.step import set_estimator
 
 # Labels 0..MAX_LABELS-1 enter the cluster-accuracy counts; others (e.g. -1 = unlabelled) do not.
 MAX_LABELS = 256
@@ -75,14 +74,16 @@ class SplitScore:
     """One rank's sums over its share of a split (`add` per batch); `pack` flattens them for the
     all_reduce and `metrics` turns the reduced sums into the split's figures."""
 
-    def __init__(self, model: torch.nn.Module, split: str, seed: int, rank: int, tau: float) -> None:
+    def __init__(self, model: torch.nn.Module, split: str, seed: int, rank: int, tau: float,
+                 straight_through: bool = False) -> None:
         self.model, self.split, self.seed, self.rank, self.tau = model, split, seed, rank, tau
+        self.straight_through = straight_through
         self.device = next(model.parameters()).device
         latent = self.latent = model.latent
         # The one-hot -ELBO (one un-relaxed posterior sample, analytic KL): what a straight-through pass
         # with the analytic KL already computes; a relaxed pass needs one more decoding of a one-hot sample.
         self.categorical = isinstance(latent, CategoricalLatent)
-        self.onehot_is_loss = self.categorical and latent.hard and latent.kl_mode == "analytic"
+        self.onehot_is_loss = self.categorical and straight_through and latent.kl_mode == "analytic"
         probe = torch.zeros(1, latent.param_size, device=self.device)
         usage = latent.usage(probe)
         self.usage_shape = None if usage is None else tuple(usage.shape)
@@ -112,7 +113,7 @@ class SplitScore:
         model, latent, parts, device = self.model, self.latent, self.sums.parts, self.device
         seed = int(np.random.SeedSequence([self.seed % 2**64, self.rank, index, _EVAL_NOISE]).generate_state(1)[0])
         with _rng_seeded(seed, device):
-            out = model(x.to(device), temperature=self.tau)
+            out = model(x.to(device), temperature=self.tau, straight_through=self.straight_through)
         n = x.shape[0]
         parts["totals"] += torch.tensor([out.recon_per_sample.sum().item(), out.kl_per_sample.sum().item(), n],
                                         dtype=torch.float64)
@@ -199,8 +200,9 @@ def score_split(model: torch.nn.Module, manifest: Any, dataset_url: str, split: 
     so with a fixed world size every epoch is scored on the same binary images. The temperature and
     the estimator are the schedules' at ``step``, as training used them."""
     model.eval()
-    set_estimator(model, schedules.straight_through(step, cfg.model.latent))  # one-hot passes once straight-through
-    score = SplitScore(model, split, cfg.train.seed, rank, schedules.temperature(step, cfg.model.latent))
+    latent = cfg.model.latent  # one-hot passes once straight-through
+    score = SplitScore(model, split, cfg.train.seed, rank, schedules.temperature(step, latent),
+                       schedules.straight_through(step, latent))
     for index, (x, labels) in enumerate(eval_batches(manifest, dataset_url, split=split, rank=rank,
                                                      world_size=world_size, batch_size=batch_size, options=options,
                                                      decoder=decoder)):

@@ -1,5 +1,6 @@
 """Training progress: the live line's content and ETA, who decides to draw it, and a real `pipeline train`
-with the line forced on (as on a terminal) and left to decide (stdout not a terminal: per-epoch lines only)."""
+with the line forced on (as on a terminal). Left to decide with stdout not a terminal (per-epoch lines
+only): tests/test_train.py::test_cli_trains_digits_on_two_workers."""
 
 from __future__ import annotations
 
@@ -106,18 +107,5 @@ def test_train_with_progress_forced_draws_the_live_line(ray_cluster, digits_data
     assert "[rank 0] epoch 1/1 step" in text  # the per-epoch lines print above it
 
 
-@pytest.mark.timeout(400)
-def test_train_not_on_a_terminal_prints_the_epoch_lines_only(ray_cluster, digits_dataset, tmp_path, capsys,
-                                                              monkeypatch) -> None:
-    """The driver left to decide, its stdout not a terminal (captured, as in CI or a log file)."""
-    from pipeline.config import load_config
-    from pipeline.train.trainer import train
-
-    monkeypatch.delenv(progress.ENV, raising=False)
-    config = load_config(DIGITS_CONFIG, [f"data.url={digits_dataset}", "train.epochs=1",
-                                         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                                         f"train.storage={tmp_path / 'ray'}"])
-    train(config)
-    out = capsys.readouterr().out
-    assert "[rank 0] epoch 1/1 step" in out and "val -ELBO" in out
-    assert not re.search(LIVE_LINE, out) and "samples/s" not in out and "\x1b[2K" not in out
+# Not on a terminal (the driver left to decide, stdout a pipe): tests/test_train.py::
+# test_cli_trains_digits_on_two_workers checks `pipeline train`'s output has the per-epoch lines and no live line.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import load_config
 from pipeline.data import Split, read_manifest, steps_per_epoch, write_shards
 from pipeline.train.trainer import TrainingError, train
+from test_progress import LIVE_LINE
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits-categorical.yaml"
@@ -30,10 +32,13 @@ def _config(dataset: str, uri: str, tmp_path: Path, *extra: str):
 
 
 def test_cli_trains_digits_on_two_workers(digits_dataset, tmp_path):
-    """The main command: one MLflow run with every metric, val loss falling, artifacts logged."""
+    """The main command: one MLflow run with every metric, val loss falling, artifacts logged. Its
+    stdout is a pipe (not a terminal, as in CI or a log file) and neither --progress nor
+    $PIPELINE_PROGRESS says otherwise: the driver draws no live line, the per-epoch lines print."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = os.environ | {"MLFLOW_TRACKING_URI": uri}
     env.pop("RAY_ADDRESS", None)
+    env.pop("PIPELINE_PROGRESS", None)  # the driver left to decide
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", str(DIGITS_CONFIG), "-o", f"data.url={digits_dataset}",
          "-o", "train.epochs=2", "-o", f"train.storage={tmp_path / 'ray'}",
@@ -43,6 +48,9 @@ def test_cli_trains_digits_on_two_workers(digits_dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("run_id:"))
     assert "val/loss (-ELBO):" in proc.stdout and "pipeline ui" in proc.stdout
+    # Not on a terminal: rank 0's per-epoch lines only, no live progress line (nor its erase codes).
+    assert "[rank 0] epoch 2/2 step" in proc.stdout and "val -ELBO" in proc.stdout, proc.stdout[-3000:]
+    assert not re.search(LIVE_LINE, proc.stdout) and "samples/s" not in proc.stdout and "\x1b[2K" not in proc.stdout
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("digits-categorical")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,69 @@ def digits_dataset(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("digits")
     write_shards(load_digits_splits(), str(out), source="sklearn digits", samples_per_shard=500, progress=False)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def digits_progress_run(ray_cluster, digits_dataset, tmp_path_factory) -> dict:
+    """One real `pipeline train --progress` in this process, on the session's Ray cluster: digits, 2
+    epochs, 3 categorical variables of 4 classes (64 codes: few enough for exact test figures).
+    Its printed output is what tests/test_progress.py reads; its run is what tests/test_evaluate.py
+    evaluates (the only consumer that writes to it: test figures into the same run).
+    Returns the CLI result and, when it succeeded, the run id and its sqlite store."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root = tmp_path_factory.mktemp("digits-progress")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits-categorical.yaml"
+    result = CliRunner().invoke(app, [
+        "train", str(config), "-o", f"data.url={digits_dataset}", "-o", "train.epochs=2",
+        "-o", "model.latent.variables=3", "-o", "model.latent.categories=4",
+        "-o", f"train.storage={root / 'ray'}", "--tracking-uri", uri, "--progress"],
+        env={"PIPELINE_PROGRESS": None, "MLFLOW_TRACKING_URI": None})
+    found = re.search(r"run_id: ([0-9a-f]{32})", result.stdout)  # after the live line's terminal codes
+    return {"result": result, "run_id": found and found.group(1), "uri": uri}
+
+
+# configs/images-dvae.yaml at test widths: 16x16 RGB -> a 4x4 grid of 32-way codes, 2 short epochs.
+GRID_DVAE = {"images": 64, "batch": 16, "epochs": 2, "log_every": 2, "experiment": "tokenizer-test"}
+
+
+@pytest.fixture(scope="session")
+def grid_dvae_run(ray_cluster, tmp_path_factory) -> dict:
+    """One tiny grid dVAE trained by a real `pipeline train` process on the session's Ray cluster
+    (--address), 2 workers, on RGB photo crops, each rank logging the keys it trained per step
+    (tests/train_hooks.py), and registered as champion by the command. Read by tests/test_dvae_train.py
+    (schedules, code use, images, the logged EMA model) and tests/test_tokenizer.py (the tokenizer
+    loaded, encoded, served); neither changes the run."""
+    import subprocess
+    import sys
+
+    import train_hooks
+    from pipeline.config import load_config
+    from test_image_stream import photo_crops, write_image_dataset
+
+    root = tmp_path_factory.mktemp("grid-dvae")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    dataset, samples = str(root / "photos"), root / "samples"
+    write_image_dataset(dataset, photo_crops(GRID_DVAE["images"], seed=2), per_shard=16)
+    config_path = Path(__file__).resolve().parents[1] / "configs" / "images-dvae.yaml"
+    overrides = [f"data.url={dataset}", f"tracking.uri={uri}", f"train.storage={root / 'ray'}",
+                 f"tracking.experiment={GRID_DVAE['experiment']}", "data.image_size=[16, 16]", "model.channels=[8]",
+                 "model.codebook_dim=48", "model.latent.categories=32", f"train.batch_size={GRID_DVAE['batch']}",
+                 f"train.epochs={GRID_DVAE['epochs']}", f"train.log_every={GRID_DVAE['log_every']}",
+                 "train.lr_warmup_steps=2", "train.kl_warmup_steps=4", "model.latent.tau_cosine.steps=6"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env |= train_hooks.env(train_hooks.sample_log(samples))  # the driver hands the hook to every worker
+    gcs = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", str(config_path), "--address", gcs,
+                           *[arg for o in overrides for arg in ("-o", o)]], env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("run_id:"))
+    return {"uri": uri, "run_id": run_id, "dataset": dataset, "samples": samples, "root": root, "stdout": proc.stdout,
+            "config": load_config(config_path, overrides), "storage": root / "ray"}
 
 
 @pytest.fixture

@@ -29,21 +29,20 @@ def _digits_config(dataset: str, uri: str, tmp_path: Path, *extra: str):
 
 
 @pytest.mark.timeout(400)
-def test_evaluate_a_trained_run_logs_into_the_same_run(ray_cluster, digits_dataset, tmp_path, tracking_uri):
-    from pipeline.train.trainer import train
-
-    # 3 variables x 4 classes = 64 codes: small enough for the exact figures too.
-    config = _digits_config(digits_dataset, tracking_uri, tmp_path, "train.epochs=2", "model.latent.variables=3",
-                            "model.latent.categories=4")
-    result = train(config)
+def test_evaluate_a_trained_run_logs_into_the_same_run(digits_progress_run):
+    """The run `pipeline train` trained (tests/conftest.py: 2 epochs of digits, 3 variables x 4 classes =
+    64 codes, small enough for the exact figures too), evaluated into the same run."""
+    assert digits_progress_run["run_id"], digits_progress_run["result"].output[-4000:]
+    tracking_uri = digits_progress_run["uri"]
+    run_id = digits_progress_run["run_id"]
     client = MlflowClient(tracking_uri)
-    run = client.get_run(result.run_id)
+    run = client.get_run(run_id)
     for key in ("val/loss", "latent/active_units", "latent/perplexity", "val/kl_latent_2"):
         assert key in run.data.metrics, key
     assert 0 <= run.data.metrics["latent/active_units"] <= 3
 
     cli = CliRunner()
-    out = cli.invoke(app, ["evaluate", result.run_id, "--importance-samples", "200", "--json",
+    out = cli.invoke(app, ["evaluate", run_id, "--importance-samples", "200", "--json",
                            "--tracking-uri", tracking_uri])
     assert out.exit_code == 0, out.output
     figures = json.loads(out.stdout[out.stdout.index("{"):])
@@ -56,20 +55,20 @@ def test_evaluate_a_trained_run_logs_into_the_same_run(ray_cluster, digits_datas
     assert metrics["test/nll_is_k200"] <= metrics["test/loss_exact"] + 1e-6
     assert abs(metrics["test/loss"] - metrics["test/loss_exact"]) < 0.05 * metrics["test/loss_exact"]
 
-    logged = client.get_run(result.run_id).data.metrics
+    logged = client.get_run(run_id).data.metrics
     for key, value in metrics.items():
         assert logged[key] == pytest.approx(value), key
-    last_val_step = max(m.step for m in client.get_metric_history(result.run_id, "val/loss"))
-    assert [m.step for m in client.get_metric_history(result.run_id, "test/loss")] == [last_val_step]
+    last_val_step = max(m.step for m in client.get_metric_history(run_id, "val/loss"))
+    assert [m.step for m in client.get_metric_history(run_id, "test/loss")] == [last_val_step]
 
     # Plain-text output names every figure. Evaluating the validation split must not add a second
     # point to training's own val/* histories: its figures go under eval/val/.
-    val_history = [(m.step, m.value) for m in client.get_metric_history(result.run_id, "val/loss")]
-    text = cli.invoke(app, ["evaluate", result.run_id, "-k", "5", "--split", "val", "--tracking-uri", tracking_uri])
+    val_history = [(m.step, m.value) for m in client.get_metric_history(run_id, "val/loss")]
+    text = cli.invoke(app, ["evaluate", run_id, "-k", "5", "--split", "val", "--tracking-uri", tracking_uri])
     assert text.exit_code == 0, text.output
     assert "eval/val/nll_is_k5:" in text.stdout and "eval/val/nll_exact:" in text.stdout
-    assert [(m.step, m.value) for m in client.get_metric_history(result.run_id, "val/loss")] == val_history
-    assert "eval/val/loss" in client.get_run(result.run_id).data.metrics
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/loss")] == val_history
+    assert "eval/val/loss" in client.get_run(run_id).data.metrics
 
 
 def test_evaluate_unknown_run_fails_clearly(tracking_uri):

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.train import progress
 from pipeline.train.progress import ProgressReporter, Snapshot, eta_seconds, format_duration, progress_line
 
-DIGITS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits-categorical.yaml"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -89,22 +85,19 @@ LIVE_LINE = r"epoch (\d+)/\d+  step (\d+)/\d+  [\d,]+ samples/s  loss [\d.]+  ET
 
 
 @pytest.mark.timeout(400)
-def test_train_with_progress_forced_draws_the_live_line(ray_cluster, digits_dataset, tmp_path) -> None:
-    """`pipeline train --progress` in this process, on the session's Ray cluster: its stdout is not a
-    terminal, and the flag draws the line all the same, as it would on one."""
-    result = CliRunner().invoke(app, [
-        "train", str(DIGITS_CONFIG), "-o", f"data.url={digits_dataset}", "-o", "train.epochs=1",
-        "-o", f"train.storage={tmp_path / 'ray'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--progress"], env={progress.ENV: None, "MLFLOW_TRACKING_URI": None})
+def test_train_with_progress_forced_draws_the_live_line(digits_progress_run) -> None:
+    """`pipeline train --progress` in this process, on the session's Ray cluster (tests/conftest.py: 2 epochs
+    of digits): its stdout is not a terminal, and the flag draws the line all the same, as it would on one."""
+    result = digits_progress_run["result"]
     if result.exit_code != 0:
         import traceback
 
         raise AssertionError(result.output[-4000:] + "".join(traceback.format_exception(*result.exc_info)))
     assert "\x1b[2K" in result.output  # a line erased and redrawn in place
     text = ANSI.sub("", result.output).replace("\r", "\n")
-    # The line's last word: every step of the epoch done, nothing left.
-    assert re.search(r"epoch 1/1  step (\d+)/\1  [\d,]+ samples/s  loss [\d.]+  ETA 0:00", text), text[-3000:]
-    assert "[rank 0] epoch 1/1 step" in text  # the per-epoch lines print above it
+    # The line's last word: every step of the last epoch done, nothing left.
+    assert re.search(r"epoch 2/2  step (\d+)/\1  [\d,]+ samples/s  loss [\d.]+  ETA 0:00", text), text[-3000:]
+    assert "[rank 0] epoch 1/2 step" in text and "[rank 0] epoch 2/2 step" in text  # the per-epoch lines print above it
 
 
 # Not on a terminal (the driver left to decide, stdout a pipe): tests/test_train.py::

@@ -1,5 +1,6 @@
 """The image tokenizer users load, call and serve: one tiny grid dVAE trained by `pipeline train` on
-RGB photo crops (real Ray cluster, real sqlite MLflow store, registered as champion by the command),
+RGB photo crops (real Ray cluster, real sqlite MLflow store, registered as champion by the command;
+the session's run, tests/conftest.py::grid_dvae_run, which tests/test_dvae_train.py reads too),
 then loaded as `Tokenizer` by run id, runs:/ URI and registry alias, as an MLflow pyfunc, and
 served by a real `mlflow models serve` process — all giving the codes `pipeline encode` writes."""
 
@@ -27,17 +28,11 @@ from pipeline.data.contract import ImageTarget, SampleDecoder
 from pipeline.data.reader import ShardReader
 from pipeline.models import build_vae
 from pipeline.tokens.codes import read_tokens
-from photos import crops
-from test_image_stream import write_image_dataset
+from conftest import GRID_DVAE
 
 REPO = Path(__file__).resolve().parents[1]
-DVAE_CONFIG = REPO / "configs" / "images-dvae.yaml"
 DIGITS_CONFIG = REPO / "configs" / "digits-categorical.yaml"
-EXPERIMENT = "tokenizer-test"  # also the registered model's name
-# configs/images-dvae.yaml at test widths: 16x16 RGB -> a 4x4 grid of 32-way codes, one epoch.
-TINY = ["data.image_size=[16, 16]", "model.channels=[8]", "model.codebook_dim=48", "model.latent.categories=32",
-        "train.batch_size=16", "train.epochs=1", "train.log_every=1", "train.lr_warmup_steps=1",
-        f"tracking.experiment={EXPERIMENT}"]
+EXPERIMENT = GRID_DVAE["experiment"]  # also the registered model's name
 
 
 def _cli(*args: str, timeout: int) -> str:
@@ -50,24 +45,18 @@ def _cli(*args: str, timeout: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster, tmp_path_factory) -> dict:
-    """One grid run for the whole module, trained and registered by `pipeline train`, and its dataset
-    encoded by `pipeline encode`, both on the session's Ray cluster."""
-    root = tmp_path_factory.mktemp("tokenizer")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    dataset = str(root / "photos")
-    write_image_dataset(dataset, [np.ascontiguousarray(c.transpose(2, 0, 1)) for c in crops(32, size=(16, 16), seed=5)],
-                        fmt="png", per_shard=16)
+def trained(ray_cluster, grid_dvae_run) -> dict:
+    """The session's grid run (tests/conftest.py: configs/images-dvae.yaml at test widths, 16x16 RGB -> a 4x4
+    grid of 32-way codes), trained and registered by `pipeline train`, and its dataset encoded by
+    `pipeline encode`, both on the session's Ray cluster."""
+    assert "champion: " in grid_dvae_run["stdout"], grid_dvae_run["stdout"]
+    uri, run_id, dataset = grid_dvae_run["uri"], grid_dvae_run["run_id"], grid_dvae_run["dataset"]
+    tokens = str(grid_dvae_run["root"] / "tokens")
     gcs = ray_cluster.get_runtime_context().gcs_address
-    overrides = [f"data.url={dataset}", f"tracking.uri={uri}", f"train.storage={root / 'ray'}", *TINY]
-    out = _cli("train", str(DVAE_CONFIG), "--address", gcs, *[arg for o in overrides for arg in ("-o", o)], timeout=400)
-    run_id = next(line.split()[-1] for line in out.splitlines() if line.startswith("run_id:"))
-    assert "champion: " in out, out
-    tokens = str(root / "tokens")
     _cli("encode", run_id, "--data", dataset, "--out", tokens, "--address", gcs, "--tracking-uri", uri,
          "--batch-size", "7", timeout=300)
-    config = load_config(DVAE_CONFIG, overrides)
-    return {"uri": uri, "run_id": run_id, "dataset": dataset, "tokens": tokens, "config": config, "root": root}
+    return {"uri": uri, "run_id": run_id, "dataset": dataset, "tokens": tokens, "config": grid_dvae_run["config"],
+            "root": grid_dvae_run["root"]}
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from moto_s3 import moto_server, s3_environment
 from pipeline.data import steps_per_epoch
+from pipeline.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ray_nodes import ray_cluster_of_nodes
 import train_hooks
 
@@ -64,11 +65,28 @@ def _run(tmp_path: Path, experiment: str):
 
 @pytest.mark.timeout(600)
 def test_two_workers_land_on_two_nodes_with_checkpoints_in_s3(cluster, tmp_path):
+    """Also the default run's training from S3 (shards written by `pipeline data digits --out s3://`, read
+    with data.verify) with checkpoints in S3 (tests/test_s3.py trains so on one node, in the slow run)."""
     code, out = _train(cluster, tmp_path, "train.epochs=2", f"train.storage=s3://{BUCKET}/ckpt",
-                       "tracking.experiment=spread")
+                       "tracking.experiment=spread", "data.verify=true")
     assert code == 0, out[-4000:]
     client, run = _run(tmp_path, "spread")
     assert run.info.status == "FINISHED"
+    assert run.data.tags["dataset.url"] == DATA
+    logged = json.dumps(run.data.params) + json.dumps(run.data.tags)
+    assert "testing" not in logged and "AWS_" not in logged  # the credentials never reach the logged config
+    # the final checkpoint in S3 is the real one: it loads and stands at the run's last step
+    steps = 2 * steps_per_epoch(1297, 2, 32)
+    assert f"after 2 epochs, {steps} steps," in out
+    s3 = fsspec.filesystem("s3")
+    states = []
+    for number, path in enumerate(p for p in s3.find(f"{BUCKET}/ckpt") if p.endswith(f"/{CHECKPOINT_FILE}")):
+        local = tmp_path / "checkpoints" / str(number)
+        local.mkdir(parents=True)
+        s3.get(path, str(local / CHECKPOINT_FILE))
+        states.append(load_checkpoint(local))
+    final = max(states, key=lambda state: state["step"])
+    assert (final["step"], final["epoch"], final["step_in_epoch"]) == (steps, 2, 0)
     assert run.data.tags["cluster.nodes"] == "2"
     node_ids = run.data.tags["cluster.node_ids"].split(",")
     assert len(set(node_ids)) == 2 and set(node_ids) == {n["id"] for n in cluster.nodes() if n["cpus"] > 0}  # never the 0-CPU head

@@ -1,5 +1,6 @@
 """End to end on a real S3-protocol server (moto, loopback): `pipeline data ... --out s3://`, then
-training on 2 Ray workers reading s3:// with checkpoints in s3://."""
+training on 2 Ray workers reading s3:// with checkpoints in s3:// (in the slow run; the default run
+trains so on two Ray nodes in tests/test_multinode.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ from pipeline.train.trainer import TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "pipeline-e2e"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto on loopback and AWS_* in the environment (what s3fs and the processes we start read)."""
+    with moto_server() as endpoint, s3_environment(endpoint):
+        fsspec.filesystem("s3").mkdir(BUCKET)
+        yield endpoint
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +63,9 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           env=os.environ.copy())
 
 
+# ~75 s; the default run trains from S3 with checkpoints in S3 (data.verify, the final checkpoint loaded
+# from S3, no credentials logged) in tests/test_multinode.py::test_two_workers_land_on_two_nodes_with_checkpoints_in_s3
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_train_from_s3_with_checkpoints_in_s3(s3_ray, tmp_path, tracking_uri) -> None:
     url = f"s3://{BUCKET}/digits"
@@ -84,14 +96,14 @@ def test_train_from_s3_with_checkpoints_in_s3(s3_ray, tmp_path, tracking_uri) ->
     assert "testing" not in logged and "AWS_" not in logged
 
 
-def test_unreachable_dataset_fails_before_workers(s3_ray, tracking_uri) -> None:
+def test_unreachable_dataset_fails_before_workers(s3, tracking_uri) -> None:
     config = load_config(REPO / "configs" / "digits-categorical.yaml",
                          [f"data.url=s3://{BUCKET}/no-such-dataset", f"tracking.uri={tracking_uri}"])
     with pytest.raises(TrainingError, match=f"no manifest.json at s3://{BUCKET}/no-such-dataset/manifest.json"):
         train(config)
 
 
-def test_deformed_mnist_writes_to_s3_in_parallel(s3_ray, mnist_dir) -> None:
+def test_deformed_mnist_writes_to_s3_in_parallel(s3, mnist_dir) -> None:
     url = f"s3://{BUCKET}/deformed"
     proc = cli("data", "deformed-mnist", "--source", str(mnist_dir), "--samples", "1200", "--out", url,
                "--processes", "2", "--samples-per-shard", "5000")

@@ -36,7 +36,7 @@ def digits_dataset(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def digits_progress_run(ray_cluster, digits_dataset, tmp_path_factory) -> dict:
+def digits_progress_run(ray_cluster, digits_dataset, empty_mlflow_db, tmp_path_factory) -> dict:
     """One real `pipeline train --progress` in this process, on the session's Ray cluster: digits, 2
     epochs, 3 categorical variables of 4 classes (64 codes: few enough for exact test figures).
     Its printed output is what tests/test_progress.py reads; its run is what tests/test_evaluate.py
@@ -47,7 +47,7 @@ def digits_progress_run(ray_cluster, digits_dataset, tmp_path_factory) -> dict:
     from pipeline.cli import app
 
     root = tmp_path_factory.mktemp("digits-progress")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(empty_mlflow_db, root / "mlflow.db")
     config = Path(__file__).resolve().parents[1] / "configs" / "digits-categorical.yaml"
     result = CliRunner().invoke(app, [
         "train", str(config), "-o", f"data.url={digits_dataset}", "-o", "train.epochs=2",
@@ -63,7 +63,7 @@ GRID_DVAE = {"images": 64, "batch": 16, "epochs": 2, "log_every": 2, "experiment
 
 
 @pytest.fixture(scope="session")
-def grid_dvae_run(ray_cluster, tmp_path_factory) -> dict:
+def grid_dvae_run(ray_cluster, empty_mlflow_db, tmp_path_factory) -> dict:
     """One tiny grid dVAE trained by a real `pipeline train` process on the session's Ray cluster
     (--address), 2 workers, on RGB photo crops, each rank logging the keys it trained per step
     (tests/train_hooks.py), and registered as champion by the command. Read by tests/test_dvae_train.py
@@ -77,7 +77,7 @@ def grid_dvae_run(ray_cluster, tmp_path_factory) -> dict:
     from test_image_stream import photo_crops, write_image_dataset
 
     root = tmp_path_factory.mktemp("grid-dvae")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(empty_mlflow_db, root / "mlflow.db")
     dataset, samples = str(root / "photos"), root / "samples"
     write_image_dataset(dataset, photo_crops(GRID_DVAE["images"], seed=2), per_shard=16)
     config_path = Path(__file__).resolve().parents[1] / "configs" / "images-dvae.yaml"
@@ -98,9 +98,30 @@ def grid_dvae_run(ray_cluster, tmp_path_factory) -> dict:
             "config": load_config(config_path, overrides), "storage": root / "ray"}
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An empty sqlite MLflow store as MLflow itself creates it on first use (its schema migrations take
+    seconds on a busy 2-core machine): made once, copied by `new_store` for each store a test starts."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-empty") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def new_store(empty_mlflow_db: Path, path: Path) -> str:
+    """A fresh sqlite MLflow store at ``path`` (a copy of the empty one); its tracking URI."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty_mlflow_db, path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture
-def tracking_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking_uri(tmp_path, empty_mlflow_db) -> str:
+    """This test's own empty sqlite MLflow store. (A test that checks no store gets created names its own path.)"""
+    return new_store(empty_mlflow_db, tmp_path / "mlflow.db")
 
 
 @pytest.fixture(scope="session")

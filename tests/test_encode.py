@@ -20,6 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from conftest import new_store
 from pipeline.config import load_config
 from pipeline.data import read_manifest
 from pipeline.data.contract import ImageTarget, SampleDecoder
@@ -40,8 +41,8 @@ GRID = ["model.arch=resnet", "model.downsample=4", "model.channels=[4, 4, 4]", "
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def store(empty_mlflow_db, tmp_path_factory) -> str:
+    return new_store(empty_mlflow_db, tmp_path_factory.mktemp("mlflow") / "mlflow.db")
 
 
 @pytest.fixture(scope="module")

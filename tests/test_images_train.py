@@ -86,7 +86,8 @@ def test_image_folder_to_rgb_run_in_two_commands(tmp_path: Path) -> None:
     assert "test/bits_per_dim" in client.get_run(run_id).data.metrics
 
 
-def test_varying_sizes_without_image_size_are_refused_before_any_run(tmp_path: Path, tracking_uri: str) -> None:
+def test_varying_sizes_without_image_size_are_refused_before_any_run(tmp_path: Path) -> None:
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # not created: no run may start
     dataset = str(tmp_path / "photos")
     write_image_dataset(dataset, photo_crops(20, seed=1), per_shard=10)  # sizes vary: 40..71 px a side
     config = load_config(IMAGES_CONFIG, [f"data.url={dataset}", f"tracking.uri={tracking_uri}", "data.image_size=null"])

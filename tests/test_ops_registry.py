@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import new_store
 from ops_runs import make_run, tiny_config
 from pipeline.cli import app
 from pipeline.models import build_vae
@@ -26,9 +27,9 @@ def cli(*args: str, env: dict | None = None):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> dict:
+def store(empty_mlflow_db, tmp_path_factory) -> dict:
     """Three runs on the same data (first 100, then better 90, then worse 95) and one on other data."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    uri = new_store(empty_mlflow_db, tmp_path_factory.mktemp("registry") / "mlflow.db")
     runs = {
         "first": make_run(uri, EXPERIMENT, "digits-cat2x3-first", val_loss=100.0, val_loss_onehot=100.0, seed=1,
                           test_metrics={"test/loss": 101.0, "test/nll_is_k100": 97.5}),

@@ -114,13 +114,13 @@ def _wait_for_finished_trial(client: MlflowClient, proc: subprocess.Popen, timeo
 
 
 @pytest.mark.timeout(900)
-def test_sweep_killed_and_resumed(digits_dataset, tmp_path):
+def test_sweep_killed_and_resumed(digits_dataset, tmp_path, tracking_uri):
     """2 seeds x 2 settings, 1 worker per trial, 2 trials at a time on the machine's 2 CPUs. One trial
     fails for good (NaN stop). The sweep is SIGKILLed as soon as one trial has finished, then run again
     with --evaluate: the finished trial is not trained again, the interrupted ones continue, every
     trial is evaluated on test once, and the parent holds mean, sd and n of each figure per setting,
     computed from the children's own values, without the failed trial but counting it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     env = os.environ | train_hooks.env(train_hooks.nan_at(1, run_name=FAILING))  # the trials inherit it
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)

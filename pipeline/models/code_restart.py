@@ -1,9 +1,10 @@
 """Dead-code restarts for a grid model: every dead code takes over part of a busy code's positions.
 
 A grid of categorical codes loses codes while it trains: the encoder's gradient through the code
-choice moves positions onto the codes that already decode well, and a code no position picks gets
-no gradient to come back (``model.restart_dead_codes`` turns restarts on). VQ-VAEs fight this with restarts (a dead codebook vector is moved onto
-a recent encoder output). Here a restart is a k-means *split* of a busy code.
+choice moves positions onto the codes that already decode well, and a code no position picks gets no
+gradient to come back (``model.restart_dead_codes`` turns restarts on). VQ-VAEs fight this with
+restarts (a dead codebook vector is moved onto a recent encoder output). Here a restart is a k-means
+*split* of a busy code.
 
 The code head is linear over the encoder's feature f at a position: logit_k = w_k.f + b_k. Read
 as distances (what `ResNetEncoder.init_codes` sets up exactly), w_k = 2 c_k / T and

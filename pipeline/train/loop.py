@@ -293,7 +293,8 @@ def setup(args: WorkerArgs) -> Worker:
     checkpoint = ray.train.get_checkpoint()
     init_codes = checkpoint is None and not cfg.train.init_from and cfg.model.code_init != "random"
     # The first train images: a fresh grid's code init and dead-code restarts (train/code_init.py).
-    pool = code_pool(model, manifest, args.dataset_url, cfg, reader) if init_codes or cfg.model.restart_dead_codes else None
+    needs_pool = init_codes or cfg.model.restart_dead_codes
+    pool = code_pool(model, manifest, args.dataset_url, cfg, reader) if needs_pool else None
     if checkpoint is None and cfg.train.init_from:  # warm start (e.g. from the champion)
         from pipeline.runs.load import load_initial_weights
 

@@ -116,6 +116,9 @@ def test_ui_stopped_by_a_signal_to_its_pid_ends_every_server_process(tmp_path, s
         assert left == [], f"left running after {sig.name}: {left}"
         assert code == 0, log.read_text()[-2000:]
         with socket.socket() as sock:
+            # SO_REUSEADDR: the closed server's connections may linger in TIME_WAIT; a listener would
+            # still make the bind fail on Linux.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))  # nothing holds the port
     finally:
         for pid in [proc.pid, *server]:

@@ -78,7 +78,7 @@ def load_exported(path: str | Path, *, device: str | None = None) -> ExportedMod
     meta = json.loads((folder / META).read_text())
     config = parse_config(yaml.safe_load((folder / CONFIG).read_text()) or {})
     shape = tuple(meta["image_shape"])
-    model = build_vae(config.model, image_shape=shape)
+    model = build_vae(config.model, image_shape=shape, binarize=config.model.binarize)
     state = load_file(str(folder / WEIGHTS), device=device or "cpu")
     try:
         model.load_state_dict(state)

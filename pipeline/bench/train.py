@@ -70,7 +70,7 @@ def train_images(cfg: Any, url: str, limit: int = PLAIN_IMAGES) -> Any:
 
 def build_like_training(cfg: Any, url: str) -> Any:
     """The model a worker builds (pipeline/train/loop.py setup): `torch.manual_seed(train.seed)`, then
-    `build_vae(cfg.model, image_shape=target.shape)` with the target from
+    `build_vae(cfg.model, image_shape=target.shape, binarize=cfg.model.binarize)` with the target from
     the dataset's manifest and the config, and a grid's data-dependent code init (model.code_init:
     data). A warm start (train.init_from) only changes the weights' values and is not applied."""
     import torch
@@ -83,7 +83,7 @@ def build_like_training(cfg: Any, url: str) -> Any:
     manifest = read_manifest(url)
     target = ImageTarget.from_config(manifest.spec, cfg.data)
     torch.manual_seed(cfg.train.seed)
-    model = build_vae(cfg.model, image_shape=target.shape)
+    model = build_vae(cfg.model, image_shape=target.shape, binarize=cfg.model.binarize)
     if cfg.model.code_init != "random":
         from pipeline.train.code_init import code_pool, init_codes_from_data
 

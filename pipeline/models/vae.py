@@ -197,12 +197,11 @@ class VAE(nn.Module):
 
 
 def build_vae(cfg: ModelConfig, input_dim: int | None = None, *, image_shape: tuple[int, ...] | None = None,
-              binarize: str | None = None) -> VAE:
+              binarize: str = "none") -> VAE:
     """The VAE a config describes, for images of ``image_shape`` (C, H, W), or (H, W) for grey ones.
     ``input_dim`` alone (flat vectors) means one row of D pixels; ``arch: conv`` then assumes a
-    square grey image (28x28 for 784, 8x8 for 64). ``binarize`` (default: the config's `model.binarize`)
-    goes to a Bernoulli likelihood."""
-    binarize = cfg.binarize if binarize is None else binarize
+    square grey image (28x28 for 784, 8x8 for 64). ``binarize`` (a run's `model.binarize`) goes to a
+    Bernoulli likelihood."""
     if image_shape is None:
         if input_dim is None:
             raise ValueError("build_vae needs image_shape or input_dim")

@@ -289,7 +289,7 @@ def setup(args: WorkerArgs) -> Worker:
     target = ImageTarget.from_config(manifest.spec, cfg.data)  # what the model is fed: [C, H, W]
     decoder = SampleDecoder(manifest.spec, target, cfg.data.decode_workers)
     reader = ShardReader(ReadOptions.from_config(cfg.data), decoder, stats=read_stats)  # retries, cache, on_corrupt
-    model = build_vae(cfg.model, image_shape=target.shape)
+    model = build_vae(cfg.model, image_shape=target.shape, binarize=cfg.model.binarize)
     checkpoint = ray.train.get_checkpoint()
     init_codes = checkpoint is None and not cfg.train.init_from and cfg.model.code_init != "random"
     # The first train images: a fresh grid's code init and dead-code restarts (train/code_init.py).

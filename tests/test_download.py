@@ -21,7 +21,7 @@ from conftest import BINARIZED_MNIST_DIR, MNIST_DIR
 from pipeline.cli import app
 from pipeline.data import load_binarized_mnist_splits, load_mnist_splits, read_manifest, write_shards
 from pipeline.data.download import BINARIZED_MNIST, FASHION_MNIST, MNIST, DownloadError, download_dataset
-from pipeline.retry import RetryPolicy
+from pipeline.data.retry import RetryPolicy
 
 QUICK = RetryPolicy(retries=3, backoff_s=0.0, jitter=False)
 

@@ -19,7 +19,7 @@ from pipeline.data.reader import ReadOptions, ShardReader
 from pipeline.data.remote import RetryingReader, is_transient
 from pipeline.data.stats import ReadStats
 from pipeline.data.stream import eval_batches
-from pipeline.retry import RetryPolicy
+from pipeline.data.retry import RetryPolicy
 
 FAST = RetryPolicy(retries=5, backoff_s=0.01)
 

@@ -1,10 +1,10 @@
-"""The one retry policy (pipeline/retry.py): which errors are retried, how often, how long it waits, who hears."""
+"""The one retry policy (pipeline/data/retry.py): which errors are retried, how often, how long it waits, who hears."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.retry import RetryPolicy
+from pipeline.data.retry import RetryPolicy
 
 
 def _failing(times: int, error: Exception):

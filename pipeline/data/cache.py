@@ -24,7 +24,7 @@ from pathlib import Path
 from pipeline.data.errors import ShardError
 from pipeline.data.remote import RetryingReader
 from pipeline.data.stats import ReadStats
-from pipeline.retry import RetryPolicy
+from pipeline.data.retry import RetryPolicy
 
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600  # temp files this old belong to a crashed download

@@ -4,7 +4,7 @@ Each file comes from its dataset's canonical location (the next known location w
 only from the mirror a user names (``--mirror`` or the dataset's ``PIPELINE_*_MIRROR`` variable). It is written
 to ``NAME.part``; a connection that breaks, or a run that was interrupted, continues from the bytes already
 there with an HTTP Range request (from zero when the server does not honour ranges); transient network errors
-are retried under `DOWNLOAD_RETRY`, the project's one retry loop (`pipeline/retry.py`). Only once the whole
+are retried under `DOWNLOAD_RETRY`, the project's one retry loop (`pipeline/data/retry.py`). Only once the whole
 file matches the digest known for it is it renamed to NAME. A file whose digest differs is deleted and refused
 with an error naming the file, its URL and both digests; nothing is sharded from it.
 
@@ -30,7 +30,7 @@ import fsspec
 
 from pipeline.data.errors import DataError
 from pipeline.data.remote import is_transient
-from pipeline.retry import RetryPolicy
+from pipeline.data.retry import RetryPolicy
 
 # Up to 6 attempts per file and location, waiting 1, 2, 4, 8, 15 s (jittered) between them: every attempt
 # continues from the bytes already received, so a flaky link costs time, not the download.

@@ -46,7 +46,7 @@ from pipeline.data.errors import DataError, ShardError
 from pipeline.data.remote import open_for_reading
 from pipeline.data.shards import Manifest, ShardInfo, SplitInfo, begin_dataset, finish_dataset
 from pipeline.data.tarsamples import MAX_ENCODED_MEMBER, HashingReader
-from pipeline.retry import RetryPolicy
+from pipeline.data.retry import RetryPolicy
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # When several image members are in every sample, the first of these is the image.

@@ -38,7 +38,7 @@ from pipeline.data.shards import Manifest, ShardInfo, shard_url
 from pipeline.data.stats import ReadStats
 from pipeline.data.tarsamples import (READ_ERRORS, Chunk, HashingReader, as_shard_error, check_sha256, fast_chunk,
                                       group_members, max_member_bytes, stack)
-from pipeline.retry import RetryPolicy
+from pipeline.data.retry import RetryPolicy
 
 OnCorrupt = Literal["error", "skip"]
 Sample = tuple[str, np.ndarray, int]

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import fsspec
 from tenacity import Retrying
 
-from pipeline.retry import RetryPolicy
+from pipeline.data.retry import RetryPolicy
 
 # Errno values of OSErrors that mean "the service or network hiccuped", not "the object is bad".
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE,

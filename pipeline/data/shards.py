@@ -271,7 +271,7 @@ def read_manifest(url: str, on_retry: Callable[[BaseException], None] | None = N
     errors are retried (3 times), each retry told to ``on_retry`` (a worker's `ReadStats.count_retry`)."""
     _, path = manifest_location(url)
     from pipeline.data.remote import retrying_transient
-    from pipeline.retry import RetryPolicy
+    from pipeline.data.retry import RetryPolicy
 
     try:
         fs, fs_path = fsspec.core.url_to_fs(path)

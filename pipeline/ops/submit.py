@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pipeline
 from pipeline.config import load_config
-from pipeline.retry import RetryPolicy
+from pipeline.data.retry import RetryPolicy
 
 # Passed from the submitting shell to the job when set: where to log, how to reach storage.
 # Values are never printed or logged; only the names are.

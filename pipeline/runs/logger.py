@@ -33,7 +33,7 @@ from typing import Any, Iterable
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.retry import RetryPolicy
+from pipeline.data.retry import RetryPolicy
 from pipeline.runs.store import MAX_METRICS_PER_BATCH, MAX_TAG_CHARS, MAX_TAGS_PER_BATCH, count_restart
 
 PENDING_FILE = "mlflow-pending.jsonl"  # inside a checkpoint folder

@@ -64,7 +64,7 @@ def export(
     only), model.json and a README of its inputs and outputs. `Tokenizer.load(FOLDER)` loads a grid model from it."""
     import json
 
-    from pipeline.export import ExportError, export_model
+    from pipeline.runs.export import ExportError, export_model
     from pipeline.runs.load import ModelLoadError
 
     try:

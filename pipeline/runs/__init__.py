@@ -6,7 +6,9 @@
 - `registry`: the logged model (a grid model as its tokenizer pyfunc), registered versions,
   aliases, the champion alias;
 - `load`: a run or model URI -> its config, data target and VAE rebuilt with ``weights_only=True``
-  (evaluate, tokens, export and warm start load through it).
+  (evaluate, tokens, export and warm start load through it);
+- `export`: `pipeline export`, a run's model as a plain folder (safetensors weights, its config),
+  and `load_exported`, the VAE back from such a folder without MLflow.
 
 Nothing else in `pipeline` imports mlflow, except the tokenizer pyfunc MLflow itself executes
 (`pipeline/tokens/serving.py`). Tracking URIs travel as arguments (``MlflowClient(uri)``); the

@@ -55,7 +55,7 @@ class Tokenizer:
         ``runs:/RUN_ID/model`` or a bare RUN_ID, from the MLflow store ``tracking_uri`` (default:
         $MLFLOW_TRACKING_URI, else ./mlflow.db, as for `pipeline train`); or a folder `pipeline export`
         wrote, without MLflow."""
-        from pipeline.export import ExportError, is_export, load_exported
+        from pipeline.runs.export import ExportError, is_export, load_exported
 
         if is_export(uri):
             try:

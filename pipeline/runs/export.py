@@ -115,7 +115,7 @@ def _readme(meta: dict[str, Any]) -> str:
                   f"codes = tok.encode(images)                     # uint8 [B, {c}, {h}, {w}] -> int64 [B, {gh}, {gw}]",
                   f"images = tok.decode(codes)                     # -> uint8 [B, {c}, {h}, {w}]", "```"]
     else:
-        lines += ["", "```python", "from pipeline.export import load_exported",
+        lines += ["", "```python", "from pipeline.runs.export import load_exported",
                   "vae = load_exported(\"path/to/this/folder\").model   # a pipeline.models.VAE, eval mode",
                   "reconstructions = vae.reconstruct(images)          # uint8 in, floats in [0, 1] out", "```"]
     lines += ["", f"Files: `{CONFIG}` (the resolved training config), `{WEIGHTS}` (weights only), `{META}`.", ""]

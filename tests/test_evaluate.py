@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import LatentConfig, ModelConfig, load_config
 from pipeline.data import Split, eval_batches, read_manifest, write_shards
-from pipeline.evaluate import evaluate_model
+from pipeline.evaluate.likelihood import evaluate_model
 from pipeline.models import build_vae, exact_log_px_and_elbo
 from pipeline.train.validate import cluster_accuracy, evaluate_split
 

@@ -1,4 +1,4 @@
-"""The tokenizer report (pipeline/tokenizer_report.py), the K-means patch quantizer beside it
+"""The tokenizer report (pipeline/evaluate/tokenizer_report.py), the K-means patch quantizer beside it
 (`pipeline bench tokenizer`), and the report `pipeline evaluate` logs for a grid model. Real photo
 tiles (`pipeline data photos`), a real sqlite MLflow store."""
 
@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from pipeline.bench.tokenizer import fit_kmeans, from_patches, kmeans_encode, kmeans_report, to_patches
 from pipeline.cli import app
 from pipeline.config import load_config
-from pipeline.tokenizer_report import (PSNR_CAP_DB, TokenizerTally, model_report, rate_bits, tokenizer_figures,
-                                       unigram_bits_per_token)
+from pipeline.evaluate.tokenizer_report import (PSNR_CAP_DB, TokenizerTally, model_report, rate_bits,
+                                                tokenizer_figures, unigram_bits_per_token)
 
 REPO = Path(__file__).resolve().parents[1]
 DVAE_CONFIG = REPO / "configs" / "images-dvae.yaml"
@@ -194,7 +194,7 @@ def test_evaluate_logs_the_tokenizer_report_of_a_grid_run(photos, tracking_uri, 
     assert report["images"] == 48 and report["log2_codes"] == 4
 
     # The same figures from the report function on the model itself, and from the bench beside K-means
-    from pipeline.evaluate import open_run
+    from pipeline.evaluate.likelihood import open_run
 
     opened = open_run(run_id, tracking_uri=tracking_uri)
     direct = model_report(opened.model, lambda split: opened.batches(split, 17), ["val"])["val"]

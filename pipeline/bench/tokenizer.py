@@ -6,7 +6,7 @@ pixels, all channels). scikit-learn's MiniBatchKMeans with K centres is fitted o
 split's patches (pixels in [0, 1]); each patch of train and of the chosen split is then coded as
 its nearest centre and the image rebuilt from those centres. That is h x w K-way codes per
 image, so the same h * w * log2 K bits as a grid model with K codes, and it is scored by the
-same function as the model (pipeline/tokenizer_report.py): PSNR (mean and pooled), SSIM, codes
+same function as the model (pipeline/evaluate/tokenizer_report.py): PSNR (mean and pooled), SSIM, codes
 used, perplexity, bits per token. With ``--run``, the run's report on the same splits, read the
 way the run reads them, goes in the same table.
 """
@@ -81,7 +81,7 @@ def kmeans_report(kmeans: Any, batches: Callable[[str], Iterable[tuple[torch.Ten
                   grid: tuple[int, int], codes: int, *, train_split: str = "train") -> dict[str, Any]:
     """The tokenizer report of the fitted quantizer on each split (the train split's codes give
     the unigram model behind bits per token)."""
-    from pipeline.tokenizer_report import TokenizerTally
+    from pipeline.evaluate.tokenizer_report import TokenizerTally
 
     tallies = {split: TokenizerTally(grid, codes) for split in dict.fromkeys([train_split, *splits])}
     for split, tally in tallies.items():
@@ -118,11 +118,11 @@ def tokenizer_bench(data: str, grid: tuple[int, int] | None, codes: int | None, 
     """K-means on the dataset's train split at (grid, codes), its report on train and ``split``;
     with ``run_id`` the run's report beside it (grid and codes default to the run's)."""
     from pipeline.data import DataError, eval_batches, read_manifest
-    from pipeline.tokenizer_report import is_grid_model, model_report
+    from pipeline.evaluate.tokenizer_report import is_grid_model, model_report
 
     opened = None
     if run_id is not None:
-        from pipeline.evaluate import EvaluationError, open_run
+        from pipeline.evaluate.likelihood import EvaluationError, open_run
 
         try:
             opened = open_run(run_id, tracking_uri=tracking_uri, data_url=data)
@@ -215,7 +215,7 @@ def tokenizer_command(
     image): PSNR, SSIM, codes used, perplexity and bits per token on train and a held-out split,
     beside a run's figures with --run."""
     from pipeline.cli.common import fail
-    from pipeline.tokenizer_report import SMOOTHING_NOTE, render_table, report_table
+    from pipeline.evaluate.tokenizer_report import SMOOTHING_NOTE, render_table, report_table
 
     if grid is not None and None in grid:  # typer passes an unset tuple option as (None, None)
         grid = None

@@ -137,7 +137,7 @@ def evaluate(
     run on a whole split; logs them (test/loss, test/nll_is_k<K>, ...) into the same MLflow run."""
     import json
 
-    from pipeline.evaluate import EvaluationError, evaluate_run
+    from pipeline.evaluate.likelihood import EvaluationError, evaluate_run
 
     try:
         result = evaluate_run(run_id, split=split, importance_samples=importance_samples, batch_size=batch_size,

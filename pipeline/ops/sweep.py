@@ -330,7 +330,7 @@ def _completed(child, k: int | None) -> bool:
 
 def _evaluate(run_id: str, k: int, tracking_uri: str) -> dict[str, float]:
     """`pipeline evaluate RUN_ID -k K` on the test split, as a Ray task holding the trial's CPUs."""
-    from pipeline.evaluate import evaluate_run
+    from pipeline.evaluate.likelihood import evaluate_run
 
     return evaluate_run(run_id, split="test", importance_samples=k, tracking_uri=tracking_uri).metrics
 
@@ -342,7 +342,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     finds its child run and resumes it."""
     import ray
 
-    from pipeline.evaluate import EvaluationError
+    from pipeline.evaluate.likelihood import EvaluationError
     from pipeline.runs import store
     from pipeline.train.trainer import TrainingError, train
 

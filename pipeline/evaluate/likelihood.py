@@ -13,7 +13,7 @@ dataset, and computes per input, summed over the split:
 - for a likelihood over 8-bit levels (logistic): both as bits per dimension
   (``<split>/bits_per_dim``, ``<split>/bits_per_dim_is_k<K>``),
 - for a grid model (arch resnet or patch), the tokenizer report of its argmax tokens and the images decoded
-  from them (pipeline/tokenizer_report.py): ``<split>/rate_bits_per_image``, ``<split>/psnr``,
+  from them (pipeline/evaluate/tokenizer_report.py): ``<split>/rate_bits_per_image``, ``<split>/psnr``,
   ``<split>/psnr_pooled``, ``<split>/mse``, ``<split>/ssim``, ``<split>/codes_used``,
   ``<split>/code_perplexity`` and ``<split>/bits_per_token`` (under a unigram model of the train
   split's tokens), also printed as a table.
@@ -68,7 +68,7 @@ class EvaluationResult:
                 f"k={self.importance_samples}, {self.seconds:.0f} s")
         lines = [head, *(f"{name}: {value:.4f}" for name, value in self.metrics.items())]
         if self.tokenizer:
-            from pipeline.tokenizer_report import SMOOTHING_NOTE, render_table, report_table
+            from pipeline.evaluate.tokenizer_report import SMOOTHING_NOTE, render_table, report_table
 
             table = report_table(self.tokenizer, title=f"tokenizer report, run {self.run_id}")
             lines += [*render_table(table).splitlines(), SMOOTHING_NOTE]
@@ -170,7 +170,7 @@ def metric_prefix(split: str) -> str:
 def evaluate_run(run_id: str, *, split: str = "test", importance_samples: int = 5000, batch_size: int = 100,
                  tracking_uri: str | None = None, data_url: str | None = None, seed: int = 0,
                  enumeration_limit: int = ENUMERATION_LIMIT, log: bool = True) -> EvaluationResult:
-    from pipeline import tokenizer_report as report
+    from pipeline.evaluate import tokenizer_report as report
     from pipeline.data import DataError
     from pipeline.runs import store
 

@@ -251,7 +251,10 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs Ray reserves for each worker; also its torch threads (the integer part, at least 1)"
     )
-    use_gpu: bool = Field(False, description="One GPU per worker (Ray Train's use_gpu)")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="One GPU per worker (Ray Train's use_gpu). auto: GPUs when the cluster has one for each "
+        "worker, else CPUs; the run's params and config.yaml record what was used"
+    )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (the schedule's start, after any warm-up)")
     lr_schedule: Literal["constant", "exponential", "cosine"] = Field(
         "constant", description="constant; exponential: lr * lr_decay_rate^(step // lr_decay_every) (Jang's "
@@ -288,8 +291,9 @@ class TrainConfig(_Section):
     placement: Literal["auto", "spread", "pack"] = Field(
         "auto", description="Worker placement across nodes: spread (CPU default), pack (GPU default)"
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Autocast precision of forward/backward (fp16 adds a gradient scaler)"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision of forward/backward (fp16 adds a gradient scaler). auto: bf16 on "
+        "GPUs that support it, fp32 on CPUs; the run's params and config.yaml record what was used"
     )
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited)")
     checkpoint_every_steps: int = Field(0, ge=0, description="Also checkpoint every this many steps (0: epoch ends only)")

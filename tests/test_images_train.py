@@ -57,6 +57,8 @@ def test_image_folder_to_rgb_run_in_two_commands(tmp_path: Path) -> None:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.workers"] == "2"
     assert run.data.params["data.resize"] == "random-crop" and run.data.params["data.hflip"] == "True"
+    # train.use_gpu and train.precision are auto by default: this CPU-only cluster makes them CPUs and fp32
+    assert (run.data.params["train.use_gpu"], run.data.params["train.precision"]) == ("False", "fp32")
     history = [m.value for m in client.get_metric_history(run_id, "val/bits_per_dim")]
     loss = [m.value for m in client.get_metric_history(run_id, "val/loss")]
     # ~9 bits/dim untrained (wide logistics: worse than the uniform 8 bits), falling as it learns

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.train.collectives import all_reduce
+from pipeline.train.hardware import precision_for
 from pipeline.train.schedules import schedules_at, set_learning_rate
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,6 +39,7 @@ class StepResult:
 
 class PrecisionStep:
     def __init__(self, precision: str, device: torch.device, grad_clip: float | None = None) -> None:
+        precision = precision_for(precision, device)  # "auto" (a config the driver did not resolve, e.g. a bench)
         self.device = device
         self.dtype = _DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None

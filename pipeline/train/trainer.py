@@ -19,6 +19,7 @@ from pipeline.data.remote import local_checkpoint_dir, ray_storage_kwargs, stora
 from pipeline.runs import store
 from pipeline.runs.logger import replay_metrics
 from pipeline.train import hooks
+from pipeline.train.hardware import resolve_hardware
 from pipeline.train.loop import WorkerArgs, train_loop_per_worker
 from pipeline.train.progress import live_progress, wants_progress
 
@@ -127,6 +128,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     with console.status("starting Ray"):
         own_cluster = connect_ray(address, config)
     check_shared_storage(storage=storage, dataset_url=dataset_url, tracking_uri=tracking_uri)
+    config = _resolved_hardware(config)
     if resume_run_id:
         run_id = resume_run_id
         store.reopen_run(tracking_uri, run_id)
@@ -170,6 +172,13 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
         seconds=time.perf_counter() - started,
         delivery={k.removeprefix("tracking/"): v for k, v in metrics.items() if k.startswith("tracking/")},
     )
+
+
+def _resolved_hardware(config: RunConfig) -> RunConfig:
+    """train.use_gpu and train.precision as this cluster makes them (train/hardware.py)."""
+    import ray
+
+    return resolve_hardware(config, ray.cluster_resources(), say=lambda line: console.print(f"[yellow]note:[/] {line}"))
 
 
 def _fit(config: RunConfig, worker_args: WorkerArgs, storage: str, ray_run_name: str,

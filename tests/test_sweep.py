@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError
-from pipeline.ops.sweep import (aggregate, build_spec, final_figures, metric_point, parent_metrics, parse_grid,
+from pipeline.ops.sweep.driver import (aggregate, build_spec, final_figures, metric_point, parent_metrics, parse_grid,
                             parse_seeds)
 from processes import kill_session
 import train_hooks
@@ -73,7 +73,7 @@ def test_aggregates_and_metric_names():
     assignments = ("model.hidden=[256, 128]", "train.lr=0.001")
     assert metric_point(assignments) == "model.hidden-_256_ 128_ train.lr-0.001"
     assert metric_point(()) == "base"
-    from pipeline.ops.sweep import Trial, TrialOutcome
+    from pipeline.ops.sweep.driver import Trial, TrialOutcome
 
     trial = Trial(",".join(assignments), assignments, 0, "k", None)
     names = parent_metrics({trial.point: {"val/loss": aggregate([1.0, 2.0])}},

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from pipeline.data.cache import ShardCache
-from pipeline.data.contract import SampleDecoder
+from pipeline.data.contract import SampleDecoder, SampleSpec
 from pipeline.data.errors import DataError, ShardError
 from pipeline.data.fasttar import _Recorded
 from pipeline.data.remote import is_local, is_transient, open_for_reading
@@ -81,6 +81,103 @@ def _samples(chunks: Iterator[Chunk]) -> Iterator[Sample]:
     for keys, images, labels in chunks:
         for i, key in enumerate(keys):
             yield key, images[i], int(labels[i])
+
+
+@dataclass
+class _ShardRead:
+    """One read of samples [start, stop) of one shard, and how far it got: ``index`` is the position
+    in the shard of the next sample (where, in "skip" mode, the samples a failure loses begin)."""
+
+    url: str
+    shard: ShardInfo
+    spec: SampleSpec
+    decoder: SampleDecoder
+    max_member: int
+    start: int
+    stop: int
+    skip: bool  # on_corrupt="skip"
+    stats: ReadStats
+    index: int = 0
+
+    def bad_sample(self, position: int, error: ShardError) -> None:
+        """A sample the contract refused: raised in "error" mode, counted as skipped in "skip" mode."""
+        if not self.skip:
+            raise error
+        self.stats.record_skip(self.url, self.shard.samples, position, position + 1, str(error))
+
+
+class _DecodeQueue:
+    """Samples read from a shard's tar stream, decoded in groups in the decoder's pool, handed out in order.
+
+    Groups handed to the decoding pool, oldest first: with a pool, at most two, so it decodes one
+    group while this thread reads the next from the tar (else the pool idles during every read)."""
+
+    def __init__(self, read: _ShardRead) -> None:
+        self.read = read
+        self.pending: list[tuple[int, str, dict, ShardError | None]] = []
+        self.in_flight: list[tuple[list, Callable[[], list]]] = []
+
+    def add(self, position: int, key: str, members: dict, problem: ShardError | None) -> Iterator[Chunk]:
+        """Queue one sample; once a group is full, hand it to the pool and yield the oldest decoded group."""
+        self.pending.append((position, key, members, problem))
+        if len(self.pending) >= _DECODE_GROUP:
+            self._submit()
+            if len(self.in_flight) > (self.read.decoder.workers > 1):  # one thread: no lookahead
+                yield from self._decoded()
+
+    def flushed(self) -> Iterator[Chunk]:
+        """Every sample read so far, decoded, in order."""
+        if self.pending:
+            self._submit()
+        while self.in_flight:
+            yield from self._decoded()
+
+    def _submit(self) -> None:
+        group = self.pending[:]
+        self.pending.clear()  # first: a flush after an error never hands out a sample twice
+        self.in_flight.append((group, self.read.decoder.start_decoding(
+            [(k, m) for _, k, m, p in group if p is None], self.read.url)))
+
+    def _decoded(self) -> Iterator[Chunk]:
+        """The oldest submitted group decoded (in the pool), in order; skips recorded, errors raised."""
+        group, collect = self.in_flight.pop(0)
+        results = collect()
+        results.reverse()
+        keys, images, labels = [], [], []
+        for position, key, _, problem in group:
+            result = problem if problem is not None else results.pop()
+            if isinstance(result, ShardError):
+                if keys:  # the good samples before the bad one come first
+                    yield keys, stack(images), np.array(labels, np.int64)
+                    keys, images, labels = [], [], []
+                self.read.bad_sample(position, result)
+                continue
+            keys.append(key)
+            images.append(result[0])
+            labels.append(result[1])
+        if keys:
+            yield keys, stack(images), np.array(labels, np.int64)
+
+
+def _read_tar(stream: Any, read: _ShardRead) -> Iterator[Chunk]:
+    """Samples [start, stop) from a shard's tar stream (the reference path): each sample's members
+    grouped and checked, those before ``start`` passed over undecoded, the rest decoded in groups."""
+    queue = _DecodeQueue(read)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for key, members, problem in group_members(tar, read.url, read.spec, read.max_member):
+                if read.index >= read.start:
+                    yield from queue.add(read.index, key, members, problem)
+                read.index += 1
+                if read.index >= read.stop:
+                    break
+    except Exception:
+        yield from queue.flushed()  # the samples read before the damage are good: not lost with the rest
+        raise
+    yield from queue.flushed()
+    if read.index < read.stop:  # tarfile ends quietly when a shard is cut at a member boundary
+        raise ShardError(read.url, f"truncated: ended after {read.index} samples, "
+                                   f"the manifest says {read.shard.samples}")
 
 
 class ShardReader:
@@ -170,94 +267,18 @@ class ShardReader:
         """
         options = self.options
         verify, skip = options.verify, options.on_corrupt == "skip"
-        spec = manifest.spec
         decoder = self.decoder_for(manifest)
         url = shard_url(dataset_url, shard)
         stop = shard.samples if stop is None else stop
         if start >= stop and not verify:
             return
-        max_member = max_member_bytes(spec, decoder)
-        index = 0
+        read = _ShardRead(url, shard, manifest.spec, decoder, max_member_bytes(manifest.spec, decoder), start, stop,
+                          skip, self.stats)
         try:
             if verify and skip:
                 self._hash_whole_shard(url, shard)
             with self._open_shard(url, shard) as (raw, verified):
-                check_hash = verify and not verified and not skip
-                if options.fast_path and spec.fixed_npy and start < stop and shard.bytes <= _FAST_MAX_BYTES:
-                    recorded = _Recorded(raw)
-                    fast = None if recorded.error else fast_chunk(recorded.data, start, stop, spec, decoder, max_member)
-                    if fast is not None:
-                        yield fast
-                        index = stop
-                        if check_hash:
-                            check_sha256(url, shard, hashlib.sha256(recorded.data).hexdigest(), len(recorded.data))
-                        return
-                    raw = recorded  # the reference path below, over the same bytes (and the same read error)
-                stream = HashingReader(raw) if check_hash else raw
-                if start < stop:
-                    pending: list[tuple[int, str, dict, ShardError | None]] = []
-                    # Groups handed to the decoding pool, oldest first: with a pool, at most two, so it decodes one
-                    # group while this thread reads the next from the tar (else the pool idles during every read).
-                    in_flight: list[tuple[list, Callable[[], list]]] = []
-
-                    def submit() -> None:
-                        group = pending[:]
-                        pending.clear()  # first: a flush after an error never hands out a sample twice
-                        in_flight.append((group, decoder.start_decoding([(k, m) for _, k, m, p in group if p is None],
-                                                                        url)))
-
-                    def flushed() -> Iterator[Chunk]:
-                        """Every sample read so far, decoded, in order."""
-                        if pending:
-                            submit()
-                        while in_flight:
-                            yield from decoded()
-
-                    def decoded() -> Iterator[Chunk]:
-                        """The oldest submitted group decoded (in the pool), in order; skips recorded, errors raised."""
-                        group, collect = in_flight.pop(0)
-                        results = collect()
-                        results.reverse()
-                        keys, images, labels = [], [], []
-                        for position, key, _, problem in group:
-                            result = problem if problem is not None else results.pop()
-                            if isinstance(result, ShardError):
-                                if keys:  # the good samples before the bad one come first
-                                    yield keys, stack(images), np.array(labels, np.int64)
-                                    keys, images, labels = [], [], []
-                                if not skip:
-                                    raise result
-                                self.stats.record_skip(url, shard.samples, position, position + 1, str(result))
-                                continue
-                            keys.append(key)
-                            images.append(result[0])
-                            labels.append(result[1])
-                        if keys:
-                            yield keys, stack(images), np.array(labels, np.int64)
-
-                    try:
-                        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                            for key, members, problem in group_members(tar, url, spec, max_member):
-                                if index >= start:
-                                    pending.append((index, key, members, problem))
-                                    if len(pending) >= _DECODE_GROUP:
-                                        submit()
-                                        if len(in_flight) > (decoder.workers > 1):  # one thread: no lookahead
-                                            yield from decoded()
-                                index += 1
-                                if index >= stop:
-                                    break
-                    except Exception:
-                        yield from flushed()  # the samples read before the damage are good: not lost with the rest
-                        raise
-                    yield from flushed()
-                    if index < stop:  # tarfile ends quietly when a shard is cut at a member boundary
-                        raise ShardError(url, f"truncated: ended after {index} samples, "
-                                              f"the manifest says {shard.samples}")
-                if check_hash:
-                    while stream.read(1 << 20):
-                        pass
-                    check_sha256(url, shard, stream.sha256.hexdigest(), stream.bytes)
+                yield from self._read_opened(raw, read, check_hash=verify and not verified and not skip)
         except Exception as err:  # noqa: BLE001 - filtered on the next line
             if not isinstance(err, (ShardError, *READ_ERRORS)) and not is_transient(err):
                 raise  # a bug, not a bad shard
@@ -267,7 +288,30 @@ class ShardReader:
                 if error is err:
                     raise
                 raise error from err
-            self.stats.record_skip(url, shard.samples, max(index, start), stop, str(error))
+            self.stats.record_skip(url, shard.samples, max(read.index, start), stop, str(error))
+
+    def _read_opened(self, raw: Any, read: _ShardRead, *, check_hash: bool) -> Iterator[Chunk]:
+        """The samples of an opened shard, by the fast path when it reads the shard, else by the tar
+        stream; with ``check_hash``, the rest of the file is read after them and its sha256 checked."""
+        spec = read.spec
+        if self.options.fast_path and spec.fixed_npy and read.start < read.stop and read.shard.bytes <= _FAST_MAX_BYTES:
+            recorded = _Recorded(raw)
+            fast = None if recorded.error else fast_chunk(recorded.data, read.start, read.stop, spec, read.decoder,
+                                                          read.max_member)
+            if fast is not None:
+                yield fast
+                read.index = read.stop
+                if check_hash:
+                    check_sha256(read.url, read.shard, hashlib.sha256(recorded.data).hexdigest(), len(recorded.data))
+                return
+            raw = recorded  # the reference path below, over the same bytes (and the same read error)
+        stream = HashingReader(raw) if check_hash else raw
+        if read.start < read.stop:
+            yield from _read_tar(stream, read)
+        if check_hash:
+            while stream.read(1 << 20):
+                pass
+            check_sha256(read.url, read.shard, stream.sha256.hexdigest(), stream.bytes)
 
     # --- pieces of shards -----------------------------------------------------------------------------------
 

@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError
-from pipeline.ops.sweep.driver import (aggregate, build_spec, final_figures, metric_point, parent_metrics, parse_grid,
-                            parse_seeds)
+from pipeline.ops.sweep.results import aggregate, final_figures, metric_point, parent_metrics
+from pipeline.ops.sweep.spec import build_spec, parse_grid, parse_seeds
 from processes import kill_session
 import train_hooks
 
@@ -73,7 +73,8 @@ def test_aggregates_and_metric_names():
     assignments = ("model.hidden=[256, 128]", "train.lr=0.001")
     assert metric_point(assignments) == "model.hidden-_256_ 128_ train.lr-0.001"
     assert metric_point(()) == "base"
-    from pipeline.ops.sweep.driver import Trial, TrialOutcome
+    from pipeline.ops.sweep.results import TrialOutcome
+    from pipeline.ops.sweep.spec import Trial
 
     trial = Trial(",".join(assignments), assignments, 0, "k", None)
     names = parent_metrics({trial.point: {"val/loss": aggregate([1.0, 2.0])}},

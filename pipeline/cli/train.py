@@ -202,7 +202,8 @@ def sweep(
     import json
 
     from pipeline.config import ConfigError
-    from pipeline.ops.sweep.driver import SweepError, build_spec, parse_grid, parse_seeds, run_sweep
+    from pipeline.ops.sweep.driver import SweepError, run_sweep
+    from pipeline.ops.sweep.spec import build_spec, parse_grid, parse_seeds
 
     try:
         spec = build_spec(config, override or [], parse_seeds(seeds), parse_grid(grid or []), tracking_uri=tracking_uri)
@@ -216,7 +217,7 @@ def sweep(
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
-        from pipeline.ops.sweep.driver import render_summary
+        from pipeline.ops.sweep.results import render_summary
 
         Console(width=max(160, Console().width)).print(render_summary(result))
         print(f"parent_run_id: {result.parent_run_id}")

@@ -21,7 +21,8 @@ from typing import Any
 
 from rich.console import Console
 
-from pipeline.ops.sweep.results import SweepResult, TrialOutcome, aggregates_by_point, aggregates_table, parent_metrics
+from pipeline.ops.sweep.results import (SweepResult, TrialOutcome, aggregates_by_point, aggregates_table,
+                                        parent_metrics)
 from pipeline.ops.sweep.spec import SweepSpec, Trial
 from pipeline.ops.sweep.trial import completed, find_child, tune_trial
 

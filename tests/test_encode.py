@@ -28,7 +28,7 @@ from pipeline.data.reader import ShardReader
 from pipeline.data.shards import Manifest
 from pipeline.data.writer import PROGRESS_DIR
 from pipeline.tokens.decode import decode_tokens, safe_name
-from pipeline.tokens.encode import HANG_ENV, encode_dataset
+from pipeline.tokens.encode import encode_dataset
 from pipeline.tokens.codes import EncodeError, load_run_model, pixels_of, read_tokens, token_layout, tokens_of
 from pipeline.models import build_vae
 
@@ -104,6 +104,26 @@ def reference(grid_run, digits_dataset, store, tmp_path_factory) -> tuple[Path, 
     return out, result
 
 
+@pytest.fixture(scope="module")
+def digits_1000(tmp_path_factory) -> str:
+    """The digits in shards of 1,000 samples: train-00000's tokens (~2 MB) are more than the shard
+    writer buffers (1 MiB), so part of that shard reaches the disk before its last sample is encoded."""
+    from pipeline.data import load_digits_splits, write_shards
+
+    out = tmp_path_factory.mktemp("digits-1000")
+    write_shards(load_digits_splits(), str(out), source="sklearn digits", samples_per_shard=1000, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def reference_1000(grid_run, digits_1000, store, tmp_path_factory) -> Path:
+    """An uninterrupted encode of digits_1000's train split (train-00000: 1,000 samples, train-00001: 297)."""
+    out = tmp_path_factory.mktemp("tokens") / "digits-1000-tokens"
+    encode_dataset(grid_run, digits_1000, str(out), splits=["train"], batch_size=100, tracking_uri=store,
+                   progress=False)
+    return out
+
+
 def test_encode_writes_every_sample_once_in_source_order(grid_run, digits_dataset, store, reference) -> None:
     out, result = reference
     source = read_manifest(digits_dataset)
@@ -144,54 +164,66 @@ def test_encode_writes_every_sample_once_in_source_order(grid_run, digits_datase
     assert read_manifest(str(out)).tokens.model_version == "models:/encode-test-model/1"
 
 
-def test_killed_run_resumes_redoing_only_unfinished_shards(ray_cluster, grid_run, digits_dataset, store, reference,
-                                                          tmp_path) -> None:
+def test_killed_run_resumes_redoing_only_unfinished_shards(ray_cluster, grid_run, digits_1000, store,
+                                                          reference_1000, tmp_path) -> None:
+    """`pipeline encode` killed (its task, then its driver, by SIGKILL) while train-00000's tokens are half on
+    disk (the task's sample stream stalls by a hook once the writer has flushed part of the shard): the part
+    is not under the shard's name; a re-run redoes only that shard, and the result is the uninterrupted
+    run's, byte for byte."""
     import psutil
 
-    def hung_tasks() -> list[int]:
-        """Processes running an encode task (Ray titles a worker by its task)."""
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            if any("ray::encode_shard" in part for part in proc.info["cmdline"] or []):
-                found.append(proc.pid)
-        return found
+    import encode_hooks
 
-    out = tmp_path / "tokens"
+    def encoding(pid: int) -> bool:
+        """``pid`` is still an encode task (Ray titles a worker by its task)."""
+        try:
+            return any("ray::encode_shard" in part for part in psutil.Process(pid).cmdline())
+        except psutil.NoSuchProcess:
+            return False
+
+    out, marker = tmp_path / "tokens", tmp_path / "stalled.json"
     gcs = ray_cluster.get_runtime_context().gcs_address
-    env = os.environ | {HANG_ENV: "train-00001.tar"}
+    env = os.environ | encode_hooks.env(encode_hooks.stall_mid_write("train-00000.tar", marker))
     env.pop("RAY_ADDRESS", None)
     driver = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "encode", grid_run, "--data", digits_dataset, "--out", str(out),
-         "--address", gcs, "--tracking-uri", store, "--batch-size", "100"],
+        [sys.executable, "-m", "pipeline", "encode", grid_run, "--data", digits_1000, "--out", str(out),
+         "--splits", "train", "--address", gcs, "--tracking-uri", store, "--batch-size", "100"],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     progress = out / PROGRESS_DIR
     deadline = time.monotonic() + 150
     try:
-        # all but the hanging shard finished, and its task in flight (it may be scheduled last)
-        while len(list(progress.glob("*.json"))) < 4 or not hung_tasks():
+        # train-00001 finished, and train-00000's task stalled with part of the shard written
+        while not (progress / "train-00001.tar.json").exists() or not marker.exists():
             assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the other shards did not finish, or the hanging task did not start"
+            assert time.monotonic() < deadline, "train-00001 did not finish, or train-00000 never had bytes on disk"
             time.sleep(0.5)
+        stalled = json.loads(marker.read_text())
+        # The task dies at once (no cleanup runs in it: its part stays on disk), then its run.
+        os.kill(stalled["pid"], signal.SIGKILL)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the run dies with train-00001 in flight
+        os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    # The killed run's task ends with it: Ray stops a dead driver's workers (no sleeping task left behind).
     deadline = time.monotonic() + 60
-    while hung_tasks():
-        assert time.monotonic() < deadline, f"encode tasks still running after their driver was killed: {hung_tasks()}"
+    while encoding(stalled["pid"]):
+        assert time.monotonic() < deadline, f"encode task {stalled['pid']} still running after SIGKILL"
         time.sleep(0.5)
-    assert not (out / "train-00001.tar").exists()  # never under its final name before it is complete
+    reference_out = reference_1000
+    staged = Path(stalled["file"])
+    assert staged.parent == out / "_tmp" and staged.name.startswith("train-00000.tar.")  # written aside
+    assert 0 < staged.stat().st_size == stalled["bytes"] < (reference_out / "train-00000.tar").stat().st_size
+    assert 0 < stalled["samples"] < 1000  # killed mid-shard, part of it on disk
+    assert not (out / "train-00000.tar").exists()  # never under its final name before it is complete
     assert not (out / "manifest.json").exists()
     finished = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("*.tar")}
     records = {p.name: p.stat().st_mtime_ns for p in progress.glob("*.json")}
-    assert sorted(finished) == ["test-00000.tar", "train-00000.tar", "train-00002.tar", "val-00000.tar"]
+    assert sorted(finished) == ["train-00001.tar"] and sorted(records) == ["train-00001.tar.json"]
 
-    result = encode_dataset(grid_run, digits_dataset, str(out), batch_size=100, tracking_uri=store, progress=False)
-    assert (result.written, result.reused, result.encoded_samples) == (1, 4, 500)
+    result = encode_dataset(grid_run, digits_1000, str(out), splits=["train"], batch_size=100, tracking_uri=store,
+                            progress=False)
+    assert (result.written, result.reused, result.encoded_samples) == (1, 1, 1000)
     for name, stamp in finished.items():  # finished shards untouched: not rewritten, not re-recorded
         assert ((out / name).stat().st_mtime_ns, (out / name).stat().st_ino) == stamp
         assert (progress / f"{name}.json").stat().st_mtime_ns == records[f"{name}.json"]
-    reference_out, _ = reference
     assert _shard_bytes(out) == _shard_bytes(reference_out)  # identical to the uninterrupted run
     expected = _manifest_body(reference_out)
     assert _manifest_body(out) == expected | {"tokens": _manifest_body(out)["tokens"]}

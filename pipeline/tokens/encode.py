@@ -13,6 +13,11 @@ stores, where the object appears only complete) and then records it in ``OUT/_pr
 whose record matches the recipe and whose file has the recorded size: a killed run resumes without
 redoing finished shards. The manifest is written last. Dynamic binarization (``model.binarize:
 dynamic``) draws its noise from a seed per (seed, split, shard), so tokens are reproducible.
+
+Hooks (never part of a config; pipeline/train/hooks.py): specs passed as ``hooks=`` or read from
+``$PIPELINE_ENCODE_HOOKS`` travel to every task, which calls ``factory(out_url, shard_path, **args)``;
+a factory returns None (no hook for this shard) or a function that wraps the shard's sample stream
+(an iterator of (key, {suffix: bytes})) and returns the stream the shard is written from.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,11 +41,10 @@ from pipeline.data.writer import ShardTask, ShardWriter, Written, ray_tasks, wri
 from pipeline.models import VAE
 from pipeline.runs.registry import registered_version
 from pipeline.tokens.codes import EncodeError, TokenLayout, load_run_model, token_layout, tokens_of
+from pipeline.train import hooks as train_hooks
 
 RECIPE_VERSION = 1
-# Test hook: a shard path (e.g. "train-00001.tar") whose task sleeps before writing, so a test can kill
-# the run while that shard is in flight. Read by the driver and handed to the tasks explicitly.
-HANG_ENV = "PIPELINE_ENCODE_TEST_HANG"
+HOOKS_ENV = "PIPELINE_ENCODE_HOOKS"  # the hook specs `pipeline encode` installs (module docstring)
 
 # --- one shard (a Ray task) -----------------------------------------------------------------------
 
@@ -71,7 +74,7 @@ class EncodeContext:
     batch_size: int
     seed: int
     with_labels: bool
-    hang: str | None = None
+    hooks: list[train_hooks.HookSpec] = field(default_factory=list)
 
 
 _WORKER_CACHE: dict[str, Any] = {}
@@ -146,17 +149,19 @@ def encode_shard(ctx: EncodeContext, job: ShardJob) -> Written:
     """Encode one source shard into ``OUT/<job.path>``, published atomically, then recorded."""
     started = time.perf_counter()
     model, manifest, device = _worker_state(ctx)
-    if ctx.hang == job.path:
-        time.sleep(3600)  # test hook (HANG_ENV): stay in flight until the test kills the run
     source = shard_url(ctx.data_url, job.source)
+    samples = _token_samples(ctx, job, model, manifest, device)
+    for spec in ctx.hooks:
+        wrap = train_hooks.build(spec, ctx.out_url, job.path)
+        samples = samples if wrap is None else wrap(samples)
 
     def check(count: int) -> None:
         if count != job.source.samples:
             raise EncodeError(f"{source}: read {count} samples, its manifest says {job.source.samples}")
 
     try:
-        info = write_finished_shard(ctx.out_url, job.path, _token_samples(ctx, job, model, manifest, device), ctx.recipe,
-                                    staged=True, check=check, source=job.source.path, source_sha256=job.source.sha256)
+        info = write_finished_shard(ctx.out_url, job.path, samples, ctx.recipe, staged=True, check=check,
+                                    source=job.source.path, source_sha256=job.source.sha256)
     except DataError as err:
         raise EncodeError(f"run {ctx.run_id}: shard {source}: {err}") from None
     return Written(info, {"seconds": time.perf_counter() - started, "device": str(device)})
@@ -198,7 +203,8 @@ def recipe_digest(run_id: str, weights: bytes, spec: SampleSpec, target: ImageTa
 def encode_dataset(run_id: str, data_url: str, out_url: str, *, splits: list[str] | None = None,
                    batch_size: int = 256, address: str | None = None, tracking_uri: str | None = None,
                    seed: int = 0, progress: bool = True, max_retries: int = 3,
-                   on_shard_done: Callable[[ShardInfo], None] | None = None) -> EncodeResult:
+                   on_shard_done: Callable[[ShardInfo], None] | None = None,
+                   hooks: list[train_hooks.HookSpec] | None = None) -> EncodeResult:
     """Write the token dataset of ``data_url`` under ``out_url`` with run ``run_id``'s model (module docstring)."""
     if batch_size < 1:
         raise EncodeError(f"batch size must be >= 1, got {batch_size}")
@@ -232,7 +238,8 @@ def encode_dataset(run_id: str, data_url: str, out_url: str, *, splits: list[str
                         layout=layout, manifest_json=source.model_dump_json(), data_url=data_url, out_url=out_url,
                         options=ReadOptions.from_config(run.config.data), target=target,
                         decode_workers=run.config.data.decode_workers, batch_size=batch_size, seed=seed,
-                        with_labels=with_labels, hang=os.environ.get(HANG_ENV) or None)
+                        with_labels=with_labels,
+                        hooks=train_hooks.specs_from_environment(HOOKS_ENV) if hooks is None else hooks)
     todo = list(writer.todo)
     started = time.perf_counter()
     writer.run(ray_tasks(encode_shard, ctx, address=address, max_retries=max_retries, error=EncodeError,

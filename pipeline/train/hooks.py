@@ -11,6 +11,9 @@ Ray workers do not share the driver's process or environment, so hooks travel as
 keyword arguments. Each worker calls ``factory(cfg, rank, **args)``; a factory may return None
 (no hook in this run). The driver reads the specs from ``$PIPELINE_TRAIN_HOOKS`` (a JSON list of
 ``{"factory": ..., "args": {...}}``), so a command started in a subprocess installs them too.
+
+`pipeline encode` installs its hooks the same way, from ``$PIPELINE_ENCODE_HOOKS``
+(pipeline/tokens/encode.py says what its factories are called with).
 """
 
 from __future__ import annotations
@@ -28,15 +31,15 @@ HOOKS_ENV = "PIPELINE_TRAIN_HOOKS"
 HookSpec = dict[str, Any]  # {"factory": "module:name" or "/file.py:name", "args": {...}}
 
 
-def specs_from_environment() -> list[HookSpec]:
-    """The hook specs in ``$PIPELINE_TRAIN_HOOKS`` (none when unset)."""
-    raw = os.environ.get(HOOKS_ENV)
+def specs_from_environment(variable: str = HOOKS_ENV) -> list[HookSpec]:
+    """The hook specs in ``$variable`` (none when unset)."""
+    raw = os.environ.get(variable)
     return list(json.loads(raw)) if raw else []
 
 
-def environment(*specs: HookSpec) -> dict[str, str]:
-    """{HOOKS_ENV: ...} installing ``specs``: for ``os.environ``, a subprocess's env or monkeypatch."""
-    return {HOOKS_ENV: json.dumps(list(specs))}
+def environment(*specs: HookSpec, variable: str = HOOKS_ENV) -> dict[str, str]:
+    """{variable: ...} installing ``specs``: for ``os.environ``, a subprocess's env or monkeypatch."""
+    return {variable: json.dumps(list(specs))}
 
 
 class Hooks:
@@ -47,7 +50,7 @@ class Hooks:
 
     @classmethod
     def load(cls, specs: list[HookSpec], cfg: Any, rank: int) -> "Hooks":
-        built = [_factory(spec["factory"])(cfg, rank, **spec.get("args", {})) for spec in specs]
+        built = [build(spec, cfg, rank) for spec in specs]
         return cls([hook for hook in built if hook is not None])
 
     def on_output(self, step: int, out: Any) -> Any:
@@ -60,6 +63,11 @@ class Hooks:
         for hook in self.hooks:
             if hasattr(hook, "on_step_end"):
                 hook.on_step_end(epoch, step, keys)
+
+
+def build(spec: HookSpec, *args: Any) -> Any:
+    """``factory(*args, **spec["args"])`` of one spec: a hook, or None."""
+    return _factory(spec["factory"])(*args, **spec.get("args", {}))
 
 
 def _factory(target: str) -> Any:

@@ -58,8 +58,21 @@ def digits_progress_run(ray_cluster, digits_dataset, empty_mlflow_db, tmp_path_f
     return {"result": result, "run_id": found and found.group(1), "uri": uri}
 
 
-# configs/images-dvae.yaml at test widths: 16x16 RGB -> a 4x4 grid of 32-way codes, 2 short epochs.
-GRID_DVAE = {"images": 64, "batch": 16, "epochs": 2, "log_every": 2, "experiment": "tokenizer-test"}
+# configs/images-dvae.yaml at test widths: 16x16 RGB -> a 4x4 grid of 32-way codes, 2 short epochs of 4
+# steps, a checkpoint every 3 steps (mid-epoch at steps 3 and 6: tests/test_fault.py resumes from one).
+GRID_DVAE = {"images": 64, "batch": 16, "epochs": 2, "log_every": 2, "checkpoint_every": 3,
+             "experiment": "tokenizer-test"}
+GRID_DVAE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "images-dvae.yaml"
+
+
+def grid_dvae_overrides(dataset: str, uri: str, storage: Path) -> list[str]:
+    """The overrides of configs/images-dvae.yaml that make the session's grid dVAE run (`grid_dvae_run`)."""
+    return [f"data.url={dataset}", f"tracking.uri={uri}", f"train.storage={storage}",
+            f"tracking.experiment={GRID_DVAE['experiment']}", "data.image_size=[16, 16]", "model.channels=[8]",
+            "model.codebook_dim=48", "model.latent.categories=32", f"train.batch_size={GRID_DVAE['batch']}",
+            f"train.epochs={GRID_DVAE['epochs']}", f"train.log_every={GRID_DVAE['log_every']}",
+            f"train.checkpoint_every_steps={GRID_DVAE['checkpoint_every']}", "train.lr_warmup_steps=2",
+            "train.kl_warmup_steps=4", "model.latent.tau_cosine.steps=6"]
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +80,9 @@ def grid_dvae_run(ray_cluster, empty_mlflow_db, tmp_path_factory) -> dict:
     """One tiny grid dVAE trained by a real `pipeline train` process on the session's Ray cluster
     (--address), 2 workers, on RGB photo crops, each rank logging the keys it trained per step
     (tests/train_hooks.py), and registered as champion by the command. Read by tests/test_dvae_train.py
-    (schedules, code use, images, the logged EMA model) and tests/test_tokenizer.py (the tokenizer
-    loaded, encoded, served); neither changes the run."""
+    (schedules, code use, images, the logged EMA model), tests/test_tokenizer.py (the tokenizer
+    loaded, encoded, served) and tests/test_fault.py (the uninterrupted twin of a killed run); none
+    changes the run."""
     import subprocess
     import sys
 
@@ -80,12 +94,8 @@ def grid_dvae_run(ray_cluster, empty_mlflow_db, tmp_path_factory) -> dict:
     uri = new_store(empty_mlflow_db, root / "mlflow.db")
     dataset, samples = str(root / "photos"), root / "samples"
     write_image_dataset(dataset, photo_crops(GRID_DVAE["images"], seed=2), per_shard=16)
-    config_path = Path(__file__).resolve().parents[1] / "configs" / "images-dvae.yaml"
-    overrides = [f"data.url={dataset}", f"tracking.uri={uri}", f"train.storage={root / 'ray'}",
-                 f"tracking.experiment={GRID_DVAE['experiment']}", "data.image_size=[16, 16]", "model.channels=[8]",
-                 "model.codebook_dim=48", "model.latent.categories=32", f"train.batch_size={GRID_DVAE['batch']}",
-                 f"train.epochs={GRID_DVAE['epochs']}", f"train.log_every={GRID_DVAE['log_every']}",
-                 "train.lr_warmup_steps=2", "train.kl_warmup_steps=4", "model.latent.tau_cosine.steps=6"]
+    config_path = GRID_DVAE_CONFIG
+    overrides = grid_dvae_overrides(dataset, uri, root / "ray")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env |= train_hooks.env(train_hooks.sample_log(samples))  # the driver hands the hook to every worker
     gcs = ray_cluster.get_runtime_context().gcs_address

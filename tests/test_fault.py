@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from ops_services import free_port
 
@@ -23,6 +24,7 @@ from pipeline.config import load_config
 from pipeline.data import load_mnist_splits, steps_per_epoch, write_shards
 from pipeline.train.trainer import TrainingError, train
 from processes import kill_session
+from test_dvae_train import _final_checkpoint
 import train_hooks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,11 +98,143 @@ def _assert_history_clean(client: MlflowClient, run_id: str) -> None:
         assert len(steps) == len(set(steps)), f"{key} has duplicated steps"
 
 
+def _wait_for_registered_checkpoint(storage: Path, step: int, timeout: float = 120) -> None:
+    """Until Ray Train has registered the checkpoint of global step ``step`` (its checkpoint manager's
+    snapshot in the run's storage names it the latest): a worker group restarted from then on continues
+    from it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in storage.rglob("checkpoint_manager_snapshot.json"):
+            try:
+                latest = json.loads(path.read_text())["latest_checkpoint_result"]
+            except (OSError, ValueError, KeyError):  # being written
+                continue
+            if latest and latest["metrics"].get("step") == step:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"Ray Train never registered the checkpoint of step {step} under {storage}")
+
+
+def _killed_mid_epoch(config, sample_log: Path, monkeypatch, *, stall_step: int,
+                      checkpoint_step: int) -> tuple[str, dict]:
+    """Train ``config`` with rank 1 stalled after global step ``stall_step`` (a hook); once Ray has registered
+    the checkpoint of ``checkpoint_step``, SIGKILL that worker by the pid its sample log names. The run
+    id and the victim's log line."""
+    train_hooks.install(monkeypatch, train_hooks.sample_log(sample_log),
+                        train_hooks.stall_once(stall_step, 1, sample_log.parent / "stalled"))
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["run"] = train(config)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = err
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    victim = _wait_for_step(sample_log, rank=1, step=stall_step)
+    _wait_for_registered_checkpoint(Path(config.train.storage), checkpoint_step)
+    os.kill(victim["pid"], signal.SIGKILL)
+    runner.join(timeout=500)
+    assert "run" in result, f"training did not finish after the worker was killed: {result.get('error')!r}"
+    return result["run"].run_id, victim
+
+
+def _same(a, b, where: str = "") -> None:
+    """``a`` and ``b`` equal exactly: nested dicts/lists, tensors by torch.equal, numbers by ==."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    else:
+        assert a == b, (where, a, b)
+
+
+def _assert_resumed_exactly(uri: str, run_id: str, storage: Path, reference_uri: str, reference_id: str,
+                            reference_storage: Path, steps: int, checkpoint_step: int, victim: dict,
+                            records: list[dict]) -> None:
+    """The killed run: one MLflow run, restarted once from the checkpoint of ``checkpoint_step``, ends
+    where the uninterrupted reference run ends: online weights, EMA weights, optimizer state, and the
+    logged schedules (learning rate, KL weight, temperature) and losses, all exactly."""
+    client, reference = MlflowClient(uri), MlflowClient(reference_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]
+    _assert_history_clean(client, run_id)
+    pids = {rank: {r["pid"] for r in records if r["rank"] == rank} for rank in (0, 1)}
+    assert {rank: len(found) for rank, found in pids.items()} == {0: 2, 1: 2}, pids  # both ranks replaced once
+    assert victim["pid"] in pids[1]
+    first_step = {pid: min(r["step"] for r in records if r["pid"] == pid) for pid in pids[0] | pids[1]}
+    assert sorted(first_step.values()) == [1, 1, checkpoint_step + 1, checkpoint_step + 1]  # resumed from it
+
+    state, expected = _final_checkpoint(storage), _final_checkpoint(reference_storage)
+    assert state["step"] == expected["step"] == steps
+    # `model` is the EMA (what the run logs and evaluates), `online_model` the weights the optimizer trains.
+    for part in ("online_model", "model", "ema", "optimizer"):
+        _same(state[part], expected[part], part)
+    assert any(not torch.equal(tensor, expected["online_model"][name]) for name, tensor in expected["model"].items()
+               if tensor.is_floating_point()), "EMA and online weights are alike: the test could not tell them apart"
+    for key in ("train/lr", "train/kl_weight", "train/temperature", "train/loss", "val/loss"):
+        history = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        assert history == {m.step: m.value for m in reference.get_metric_history(reference_id, key)}, key
+    for key in ("train/lr", "train/kl_weight", "train/temperature"):  # the schedules moved across the kill
+        values = [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        assert len(set(values)) > 3, (key, values)
+
+
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("trial", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow),
-                                   pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
-def test_killed_worker_resumes_exactly(ray_cluster, mnist_dataset, tmp_path, tracking_uri, trial, sample_log):
-    """Kill rank 1 at a random step mid-epoch: one run, clean history, every sample once."""
+def test_killed_worker_resumes_exactly(ray_cluster, digits_dataset, tmp_path, tracking_uri, monkeypatch):
+    """A categorical VAE on digits with the weight EMA, a cosine learning rate after a warm-up, a KL weight
+    warm-up and a cosine temperature: rank 1 killed (SIGKILL) mid-epoch after the checkpoint of step 10;
+    the run resumes in the same MLflow run and ends exactly where an uninterrupted run of the same config
+    ends, every sample trained once."""
+    steps = steps_per_epoch(1297, 2, 32)  # 20, one epoch
+    settings = ["train.epochs=1", "train.log_every=1", "train.checkpoint_every_steps=5", "train.ema=0.9",
+                "train.lr_schedule=cosine", "train.lr_warmup_steps=4", "train.lr_min=1e-4", "train.kl_weight=2.0",
+                "train.kl_warmup_steps=12", "model.latent.tau_schedule=cosine", "model.latent.tau_cosine.steps=16"]
+    train_hooks.install(monkeypatch)  # the reference run: no hooks
+    reference = train(_config(digits_dataset, tracking_uri, tmp_path / "reference", *settings,
+                              "tracking.experiment=uninterrupted"))
+    config = _config(digits_dataset, tracking_uri, tmp_path, *settings, "tracking.experiment=kill")
+    run_id, victim = _killed_mid_epoch(config, tmp_path / "samples", monkeypatch, stall_step=13, checkpoint_step=10)
+    records = _records(tmp_path / "samples")
+    _assert_resumed_exactly(tracking_uri, run_id, tmp_path / "ray", tracking_uri, reference.run_id,
+                            tmp_path / "reference" / "ray", steps, 10, victim, records)
+    assert _assert_each_sample_trained_once(records, epoch=0, steps=steps, global_batch=64) == (0, 0)
+
+
+@pytest.mark.timeout(600)
+def test_killed_grid_dvae_worker_resumes_exactly(ray_cluster, grid_dvae_run, tmp_path, tracking_uri, monkeypatch):
+    """The session's grid dVAE (configs/images-dvae.yaml at test widths: EMA, cosine learning rate with a
+    warm-up, KL warm-up, cosine temperature, dead-code restarts, random crops and flips) trained again with
+    the same config, rank 1 killed after step 7 of 8 (epoch 2, after the mid-epoch checkpoint of step 6):
+    it ends exactly where the session's uninterrupted run ended."""
+    from conftest import GRID_DVAE, GRID_DVAE_CONFIG, grid_dvae_overrides
+
+    config = load_config(GRID_DVAE_CONFIG, grid_dvae_overrides(grid_dvae_run["dataset"], tracking_uri,
+                                                               tmp_path / "ray"))
+    steps = GRID_DVAE["images"] // GRID_DVAE["batch"] * GRID_DVAE["epochs"]
+    assert (steps, config.train.checkpoint_every_steps) == (8, 3)
+    run_id, victim = _killed_mid_epoch(config, tmp_path / "samples", monkeypatch, stall_step=7, checkpoint_step=6)
+    records = _records(tmp_path / "samples")
+    _assert_resumed_exactly(tracking_uri, run_id, tmp_path / "ray", grid_dvae_run["uri"], grid_dvae_run["run_id"],
+                            grid_dvae_run["storage"], steps, 6, victim, records)
+    for epoch in (0, 1):
+        assert _assert_each_sample_trained_once(records, epoch, steps // 2, GRID_DVAE["batch"]) == (0, 0)
+
+
+@pytest.mark.slow  # ~70 s each; the default run kills a worker mid-epoch in the two tests above
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("trial", [1, 2, 3, 4])
+def test_killed_worker_at_a_random_step_trains_every_sample_once(ray_cluster, mnist_dataset, tmp_path, tracking_uri,
+                                                                  trial, sample_log):
+    """Kill rank 1 at a random step mid-epoch of MNIST: one run, clean history, every sample once."""
     config = _config(mnist_dataset, tracking_uri, tmp_path, "train.epochs=1", "train.batch_size=100",
                      "train.checkpoint_every_steps=40", "train.log_every=10", "model.hidden=[128]",
                      "model.binarize=threshold", "tracking.experiment=kill")

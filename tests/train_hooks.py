@@ -5,6 +5,9 @@ this file by its path, so they reach Ray workers of any process on this machine.
   ``directory/rank<r>.jsonl``: the keys it trained on, its epoch, global step, pid and Ray node.
 - `nan_at(step, run_name=None)`: the loss of global step ``step`` becomes NaN (on every rank), in
   every run or only in the run named ``run_name`` (a sweep's trial).
+- `stall_once(step, rank, marker)`: rank ``rank`` stalls (for an hour) after global step ``step``,
+  once: it first writes ``marker``, and a restarted worker that finds it trains on. Installed after
+  `sample_log`, the step's line is in the log (with the pid to kill) when the rank stalls.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,10 @@ def sample_log(directory: str | Path) -> dict[str, Any]:
 
 def nan_at(step: int, run_name: str | None = None) -> dict[str, Any]:
     return {"factory": f"{HERE}:nan_loss", "args": {"step": step, "run_name": run_name}}
+
+
+def stall_once(step: int, rank: int, marker: str | Path) -> dict[str, Any]:
+    return {"factory": f"{HERE}:stall", "args": {"step": step, "at_rank": rank, "marker": str(Path(marker).resolve())}}
 
 
 def env(*specs: dict[str, Any]) -> dict[str, str]:
@@ -67,3 +75,17 @@ def nan_loss(cfg: Any, rank: int, step: int, run_name: str | None = None) -> _Na
     if run_name is not None and cfg.tracking.run_name != run_name:
         return None
     return _NanLoss(step)
+
+
+class _Stall:
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def on_step_end(self, epoch: int, step: int, keys: list[str]) -> None:
+        if step == self.step and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            time.sleep(3600)  # until the test kills this worker
+
+
+def stall(cfg: Any, rank: int, step: int, at_rank: int, marker: str) -> _Stall | None:
+    return _Stall(step, marker) if rank == at_rank else None

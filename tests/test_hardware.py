@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from pipeline.config import parse_config
@@ -69,3 +71,14 @@ def test_precision_auto_on_a_device() -> None:
     # a config nobody resolved (a bench's plain loop) still builds its step
     step = PrecisionStep("auto", torch.device("cpu"))
     assert step.dtype is None and step.scaler is None
+
+
+def test_a_sweep_sizes_its_trials_by_what_each_run_will_resolve(tmp_path) -> None:
+    from pipeline.ops.sweep.driver import trial_resources
+    from pipeline.ops.sweep.spec import build_spec
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "digits-categorical.yaml")
+    spec = build_spec(config, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"], [0, 1], [])
+    assert spec.trials[0].config.train.use_gpu == "auto"
+    assert trial_resources(spec, cluster_gpus=0) == {"CPU": 2.0, "GPU": 0}  # auto on CPUs takes no GPU
+    assert trial_resources(spec, cluster_gpus=4) == {"CPU": 2.0, "GPU": 2}

@@ -25,6 +25,7 @@ from pipeline.ops.sweep.results import (SweepResult, TrialOutcome, aggregates_by
                                         parent_metrics)
 from pipeline.ops.sweep.spec import SweepSpec, Trial
 from pipeline.ops.sweep.trial import completed, find_child, tune_trial
+from pipeline.train.hardware import gpus_wanted
 
 console = Console(stderr=True, soft_wrap=True)  # messages name paths and URLs: never break them
 
@@ -35,11 +36,18 @@ class SweepError(RuntimeError):
     """A sweep that cannot start or continue; the message says why."""
 
 
-def trial_resources(spec: SweepSpec) -> dict[str, float]:
-    """What one trial's workers hold (the largest over the grid)."""
+def trial_resources(spec: SweepSpec, cluster_gpus: float) -> dict[str, float]:
+    """What one trial's workers hold (the largest over the grid); train.use_gpu=auto as each trial's
+    own run will resolve it on this cluster (train/hardware.py)."""
     cpus = max(t.config.train.workers * t.config.train.cpus_per_worker for t in spec.trials)
-    gpus = max(t.config.train.workers if t.config.train.use_gpu else 0 for t in spec.trials)
+    gpus = max(t.config.train.workers if gpus_wanted(t.config.train, cluster_gpus) else 0 for t in spec.trials)
     return {"CPU": cpus, "GPU": gpus}
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0)
 
 
 def trials_that_fit(spec: SweepSpec) -> int:
@@ -47,7 +55,7 @@ def trials_that_fit(spec: SweepSpec) -> int:
     import ray
 
     cluster = ray.cluster_resources()
-    need = trial_resources(spec)
+    need = trial_resources(spec, cluster.get("GPU", 0))
     fits = [int(cluster.get(name, 0) // amount) for name, amount in need.items() if amount > 0]
     return max(1, min(fits)) if fits else 1
 
@@ -142,7 +150,7 @@ def _run_sweep(spec: SweepSpec, *, address: str | None, max_concurrent: int | No
         fits = trials_that_fit(spec)
         if max_concurrent and max_concurrent > fits:
             console.print(f"[yellow]warning:[/] --max-concurrent {max_concurrent}, but the cluster holds {fits} "
-                          f"trial(s) of {trial_resources(spec)} at once: the others wait for their workers")
+                          f"trial(s) of {trial_resources(spec, _cluster_gpus())} at once: the others wait for their workers")
         try:
             errors = _run_tune(spec, todo, parent_id=parent_id, attempt=attempt, limit=max_concurrent or fits,
                                evaluate_k=evaluate_k, retry_failed=retry_failed) if todo else {}

@@ -20,6 +20,7 @@ from pipeline.runs import store
 from pipeline.runs.logger import replay_metrics
 from pipeline.train import hooks
 from pipeline.train.hardware import resolve_hardware
+from pipeline.train.recovery import START_LOSS, RecoveryTally, failures_left, fit_with_recovery
 from pipeline.train.loop import WorkerArgs, train_loop_per_worker
 from pipeline.train.progress import live_progress, wants_progress
 
@@ -40,6 +41,7 @@ class TrainResult:
     checkpoint_path: str | None
     seconds: float
     delivery: dict = field(default_factory=dict)  # rank 0's MLflow delivery report: late_batches, failed_attempts
+    recoveries: list[str] = field(default_factory=list)  # why each worker-group recovery of this call was needed
 
 
 def absolute_url(url: str) -> str:
@@ -114,10 +116,11 @@ def shutdown_local_ray_quietly() -> None:
 def train(config: RunConfig, *, address: str | None = None, trigger: str = "manual",
           resume_run_id: str | None = None, tags: dict[str, str] | None = None,
           resume_reason: str = "driver resumed (pipeline train --resume)",
-          progress: bool | None = None) -> TrainResult:
+          progress: bool | None = None, callbacks: list[Any] = ()) -> TrainResult:
     """Train one run. With ``resume_run_id``, continue that MLflow run from its latest checkpoint.
     ``tags`` go on a new run when it is created (e.g. a sweep's parent run and trial key). ``progress``:
-    the live line (`_fit`; None: $PIPELINE_PROGRESS, else whether stdout is a terminal)."""
+    the live line (`_fit`; None: $PIPELINE_PROGRESS, else whether stdout is a terminal). ``callbacks``:
+    Ray Train callbacks added to the run's own (e.g. a ``ray.train.UserCallback`` of yours)."""
     started = time.perf_counter()
     dataset_url = absolute_url(config.data.url)
     manifest = _checked_manifest(config, dataset_url)
@@ -127,6 +130,8 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     # Ray first: a cluster that cannot take this run refuses it before an MLflow run exists.
     with console.status("starting Ray"):
         own_cluster = connect_ray(address, config)
+    if own_cluster:  # one machine is never preempted: no watcher actor (nor its start-up warning line)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     check_shared_storage(storage=storage, dataset_url=dataset_url, tracking_uri=tracking_uri)
     config = _resolved_hardware(config)
     if resume_run_id:
@@ -143,7 +148,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
         worker_args = WorkerArgs(config.model_dump(mode="json"), dataset_url, tracking_uri, run_id,
                                  resumed_run=bool(resume_run_id), fallback_dir=str(Path(storage) / ray_run_name)
                                  if "://" not in storage else None, hooks=hooks.specs_from_environment())
-        result = _fit(config, worker_args, storage, ray_run_name, progress)
+        result, recoveries = _fit(config, worker_args, storage, ray_run_name, progress, list(callbacks))
     except Exception as err:  # noqa: BLE001 - any failure must mark the run FAILED
         reason = _root_cause(err)
         store.end_run(tracking_uri, run_id, failed=True, reason=reason)
@@ -169,7 +174,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     return TrainResult(
         run_id=run_id, tracking_uri=tracking_uri, val_loss=float(metrics.get("val/loss", float("nan"))),
         epochs=int(metrics.get("epoch", 0)), steps=int(metrics.get("step", 0)), checkpoint_path=checkpoint_path,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, recoveries=recoveries,
         delivery={k.removeprefix("tracking/"): v for k, v in metrics.items() if k.startswith("tracking/")},
     )
 
@@ -182,16 +187,26 @@ def _resolved_hardware(config: RunConfig) -> RunConfig:
 
 
 def _fit(config: RunConfig, worker_args: WorkerArgs, storage: str, ray_run_name: str,
-         progress: bool | None) -> Any:
+         progress: bool | None, callbacks: list[Any]) -> tuple[Any, list[str]]:
     """TorchTrainer.fit, under the live progress line when there is one (train/progress.py).
 
     Ray workers' stdout is never a terminal (Ray forwards it to us line by line), so the decision is
     made here, on the driver's stdout, and reaches rank 0 as `WorkerArgs.progress`: the name of the
-    board it posts to. The driver draws the line; rank 0's per-epoch lines print above it, or alone."""
+    board it posts to. The driver draws the line; rank 0's per-epoch lines print above it, or alone.
+    Returns Ray's result and the run's recoveries (train/recovery.py), one reason each."""
+    def fit(tally: RecoveryTally, relaunched: bool) -> Any:
+        # A relaunch resumes like a driver resume: the driver counted the restart, not rank 0.
+        args = replace(worker_args, progress=board, resumed_run=worker_args.resumed_run or relaunched)
+        return _torch_trainer(config, args, storage, ray_run_name, [tally, *callbacks]).fit(), tally.reasons()
+
+    def relaunch(tally: int) -> None:
+        store.count_restart(worker_args.tracking_uri, worker_args.run_id, START_LOSS)
+        console.print(f"[yellow]note:[/] {START_LOSS}; going on from the latest checkpoint "
+                      f"(recovery {tally} of train.max_failures={config.train.max_failures})")
+
     with live_progress(wants_progress(progress)) as board:  # board: None without a live line
-        trainer = _torch_trainer(config, replace(worker_args, progress=board), storage, ray_run_name)
         with store.system_metrics(worker_args.tracking_uri, worker_args.run_id):  # the driver machine's CPU, GPU
-            return trainer.fit()
+            return fit_with_recovery(fit, config.train.max_failures, relaunch)
 
 
 def resume_config(run: str, *, config_path: str | None, overrides: list[str],
@@ -275,7 +290,9 @@ def _checked_manifest(config: RunConfig, dataset_url: str) -> Any:
     return manifest
 
 
-def _torch_trainer(config: RunConfig, worker_args: WorkerArgs, storage: str, ray_run_name: str) -> Any:
+def _torch_trainer(config: RunConfig, worker_args: WorkerArgs, storage: str, ray_run_name: str,
+                   callbacks: list[Any]) -> Any:
+    tally = next(c for c in callbacks if isinstance(c, RecoveryTally))
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -290,7 +307,11 @@ def _torch_trainer(config: RunConfig, worker_args: WorkerArgs, storage: str, ray
         ),
         run_config=ray.train.RunConfig(
             name=ray_run_name, **ray_storage_kwargs(storage),  # s3:// etc. through fsspec
-            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            # Ray's two budgets (worker failures; start-up failures) get what is left of the run's
+            # one, and the tally stops the run when their sum would pass it (train/recovery.py).
+            failure_config=ray.train.FailureConfig(max_failures=failures_left(tally),
+                                                   controller_failure_limit=failures_left(tally)),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),

@@ -81,7 +81,8 @@ def test_the_tally_counts_rays_restarts_and_reschedules_and_stops_past_the_budge
     tally = RecoveryTally(tmp_path / "recoveries", max_failures=2)
     assert failures_left(tally) == 2
     tally.after_controller_state_update(RunningState(), RunningState())
-    tally.after_controller_state_update(RunningState(), RestartingState(PreemptionError(SimpleNamespace(preempted_ranks=[1]))))
+    preempted = PreemptionError(SimpleNamespace(preempted_ranks=[1]))
+    tally.after_controller_state_update(RunningState(), RestartingState(preempted))
     assert tally.count() == 0  # running is no recovery; a preemption has its own budget in Ray
     tally.after_controller_state_update(RunningState(), ReschedulingState(
         ControllerError(WorkerGroupStartupFailedError("At least one of the worker actors failed to initialize."))))

@@ -98,8 +98,9 @@ def shutdown_local_ray_quietly() -> None:
 
     While the cluster goes away its actors print tracebacks that mean nothing after a success
     (PlacementGroupCleaner: "Timed out while waiting for GCS"; TrainController: GetTimeoutError;
-    a raylet abort), and Ray echoes them on our console, where they read as a failure. So the echo of worker logs stops first. Ray has no
-    public switch for that after `ray.init`: the handler name is Ray's own (ray/_private/worker.py).
+    a raylet abort), and Ray echoes them on our console, where they read as a failure. So the echo of
+    worker logs stops first. Ray has no public switch for that after `ray.init`: the handler name is
+    Ray's own (ray/_private/worker.py).
     """
     import contextlib
     import io
@@ -138,8 +139,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
         run_id = resume_run_id
         store.reopen_run(tracking_uri, run_id)
         store.count_restart(tracking_uri, run_id, resume_reason)
-    else:
-        # Created here, before the workers, so sqlite schema creation never stalls rank 0 mid-DDP.
+    else:  # created before the workers, so sqlite schema creation never stalls rank 0 mid-DDP
         run_id = store.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest(),
                                  trigger=trigger, extra_tags={**(tags or {}), "ray.storage_path": storage})
     ray_run_name = f"{config.tracking.experiment}-{run_id[:8]}"  # same name + storage = Ray resumes the run
@@ -155,20 +155,8 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
         raise TrainingError(f"training failed (MLflow run {run_id} marked FAILED): {reason}") from err
 
     metrics = result.metrics or {}
-    _warn_about_late_metrics(metrics, tracking_uri, run_id)
-    stopped = store.get_run(tracking_uri, run_id).data.tags.get("failure")
-    if stopped:  # the workers stopped on purpose (e.g. a non-finite loss) and said why in the run
-        store.end_run(tracking_uri, run_id, failed=True)
-        raise TrainingError(f"training stopped (MLflow run {run_id} marked FAILED): {stopped}")
+    _finish_run(config, result, tracking_uri, run_id, dataset_url, manifest)
     checkpoint_path = storage_url(storage, result.checkpoint.path) if result.checkpoint else None
-    from pipeline.train.artifacts import log_final_artifacts
-
-    try:
-        log_final_artifacts(config, tracking_uri, run_id, local_checkpoint_dir(result.checkpoint), dataset_url, manifest)
-    except Exception as err:  # noqa: BLE001
-        store.end_run(tracking_uri, run_id, failed=True, reason=f"final artifacts: {err}")
-        raise
-    store.end_run(tracking_uri, run_id)
     if own_cluster:
         shutdown_local_ray_quietly()
     return TrainResult(
@@ -179,11 +167,34 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     )
 
 
+def _finish_run(config: RunConfig, result: Any, tracking_uri: str, run_id: str, dataset_url: str,
+                manifest: Any) -> None:
+    """After Ray's fit returned: a stop the workers asked for fails the run; else the final
+    artifacts (logged model, tokenizer, images) go in and the run ends FINISHED."""
+    _warn_about_late_metrics(result.metrics or {}, tracking_uri, run_id)
+    stopped = store.get_run(tracking_uri, run_id).data.tags.get("failure")
+    if stopped:  # the workers stopped on purpose (e.g. a non-finite loss) and said why in the run
+        store.end_run(tracking_uri, run_id, failed=True)
+        raise TrainingError(f"training stopped (MLflow run {run_id} marked FAILED): {stopped}")
+    from pipeline.train.artifacts import log_final_artifacts
+
+    try:
+        log_final_artifacts(config, tracking_uri, run_id, local_checkpoint_dir(result.checkpoint), dataset_url,
+                            manifest)
+    except Exception as err:  # noqa: BLE001
+        store.end_run(tracking_uri, run_id, failed=True, reason=f"final artifacts: {err}")
+        raise
+    store.end_run(tracking_uri, run_id)
+
+
 def _resolved_hardware(config: RunConfig) -> RunConfig:
     """train.use_gpu and train.precision as this cluster makes them (train/hardware.py)."""
     import ray
 
-    return resolve_hardware(config, ray.cluster_resources(), say=lambda line: console.print(f"[yellow]note:[/] {line}"))
+    def say(line: str) -> None:
+        console.print(f"[yellow]note:[/] {line}")
+
+    return resolve_hardware(config, ray.cluster_resources(), say=say)
 
 
 def _fit(config: RunConfig, worker_args: WorkerArgs, storage: str, ray_run_name: str,

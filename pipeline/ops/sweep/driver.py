@@ -40,7 +40,8 @@ def trial_resources(spec: SweepSpec, cluster_gpus: float) -> dict[str, float]:
     """What one trial's workers hold (the largest over the grid); train.use_gpu=auto as each trial's
     own run will resolve it on this cluster (train/hardware.py)."""
     cpus = max(t.config.train.workers * t.config.train.cpus_per_worker for t in spec.trials)
-    gpus = max(t.config.train.workers if gpus_wanted(t.config.train, cluster_gpus) else 0 for t in spec.trials)
+    gpus = max(t.config.train.workers if gpus_wanted(t.config.train, cluster_gpus) else 0
+               for t in spec.trials)
     return {"CPU": cpus, "GPU": gpus}
 
 
@@ -150,7 +151,8 @@ def _run_sweep(spec: SweepSpec, *, address: str | None, max_concurrent: int | No
         fits = trials_that_fit(spec)
         if max_concurrent and max_concurrent > fits:
             console.print(f"[yellow]warning:[/] --max-concurrent {max_concurrent}, but the cluster holds {fits} "
-                          f"trial(s) of {trial_resources(spec, _cluster_gpus())} at once: the others wait for their workers")
+                          f"trial(s) of {trial_resources(spec, _cluster_gpus())} at once: the others wait "
+                          "for their workers")
         try:
             errors = _run_tune(spec, todo, parent_id=parent_id, attempt=attempt, limit=max_concurrent or fits,
                                evaluate_k=evaluate_k, retry_failed=retry_failed) if todo else {}

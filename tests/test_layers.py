@@ -1,7 +1,8 @@
 """The package's layers point one way: config and plan < data < models < runs < train < evaluate, tokens,
 ops, bench < cli. A module imports from its own package or a lower layer, never a higher one (function-level
 imports count too: they are arrows all the same), the packages of one layer import each other without a
-cycle, and the package root holds packages plus config.py and plan.py only."""
+cycle, and the package root holds packages plus plan.py only (config is a package of its own: the config
+stays one unit, the lowest layer beside plan)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 # `python -m pipeline`) sit above every layer; a bare `import pipeline` (for __version__) imports only them.
 LAYERS: list[set[str]] = [{"config", "plan"}, {"data"}, {"models"}, {"runs"}, {"train"},
                           {"evaluate", "tokens", "ops", "bench"}, {"cli"}]
-ROOT_MODULES = {"__init__", "__main__", "config", "plan"}
+ROOT_MODULES = {"__init__", "__main__", "plan"}
 
 # Known upward arrows, each one module to one module. The benches are commands (each registers itself on
 # `bench_app`) that fail through the CLI's one error path, pipeline.cli.common.fail.
@@ -99,11 +100,11 @@ def test_the_known_upward_arrows_still_exist() -> None:
     assert ALLOWED_UPWARD <= found
 
 
-def test_the_root_holds_packages_config_and_plan() -> None:
+def test_the_root_holds_packages_and_plan() -> None:
     modules = {p.stem for p in PACKAGE.glob("*.py")}
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert modules == ROOT_MODULES
-    assert packages == set().union(*LAYERS) - {"config", "plan"}
+    assert packages == set().union(*LAYERS) - {"plan"}
 
 
 def test_an_upward_import_is_caught(tmp_path: Path) -> None:

@@ -1,23 +1,20 @@
-"""Typed run configuration: YAML file + dotted CLI overrides -> pydantic models.
+"""The run configuration's schema: its sections (data, model and its latent, train, tracking) as pydantic
+models with their defaults, descriptions and cross-field checks, and RunConfig, the whole run.
 
 Every section forbids unknown keys, so a typo (``train.epoch``) is an error that
-names the key and lists the allowed ones instead of a silently ignored setting.
+names the key and lists the allowed ones instead of a silently ignored setting. The field
+descriptions are the reference: `pipeline docs` writes docs/reference/config.md from them.
 """
 
 from __future__ import annotations
 
-import copy
-import logging
 import math
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used; the message names the key."""
+from pipeline.config.keys import flatten
+from pipeline.config.renamed import upgrade_keys
 
 
 class _Section(BaseModel):
@@ -390,208 +387,3 @@ class RunConfig(_Section):
     def flat(self) -> dict[str, Any]:
         """The config as {"train.epochs": 10, ...}: MLflow params and the CLI's override keys."""
         return flatten(self.model_dump())
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-# --- renamed keys ---------------------------------------------------------------------------------
-
-# Keys renamed so that each says what it is: old dotted key -> its new place. A config file, an override
-# or a run's logged config.yaml that still names an old key is read as the new one, with a one-line notice.
-RENAMED_KEYS = {
-    "data.binarize": "model.binarize",  # an option of the Bernoulli likelihood
-    "model.latent.hard": "model.latent.estimator",  # true: straight-through, false: gumbel-softmax
-    "model.latent.hard_from_step": "model.latent.straight_through_from_step",
-    "model.latent.anneal_rate": "model.latent.tau_exponential.rate",
-    "model.latent.anneal_every": "model.latent.tau_exponential.every",
-    "model.latent.tau_steps": "model.latent.tau_cosine.steps",
-}
-_log = logging.getLogger(__name__)
-_NOTICES: set[str] = set()  # each notice once per process (a sweep parses its config once per trial)
-
-
-def renamed_value(old: str, value: Any) -> Any:
-    """The value an old key's ``value`` is under its new name (model.latent.hard's boolean: an estimator)."""
-    if old != "model.latent.hard":
-        return value
-    try:
-        hard = TypeAdapter(bool).validate_python(value)
-    except ValidationError:
-        raise ConfigError(f"'{old}' (now {RENAMED_KEYS[old]}): expected true or false, got {value!r}") from None
-    return "straight-through" if hard else "gumbel-softmax"
-
-
-def _rename(old: str, value: Any) -> str:
-    """``old -> new`` for the notice; with the values where they change (hard: true -> estimator: straight-through)."""
-    new_value = renamed_value(old, value)
-    if new_value is value:
-        return f"{old} -> {RENAMED_KEYS[old]}"
-    return f"{old}: {str(value).lower()} -> {RENAMED_KEYS[old]}: {new_value}"
-
-
-def _notice(renames: list[str], source: str | None) -> None:
-    """One line naming each old key read at its new place; each line once per process (a sweep parses
-    its config once per trial)."""
-    message = f"{source or 'config'}: deprecated config keys, read under their new names: " + ", ".join(renames)
-    if message not in _NOTICES:
-        _NOTICES.add(message)
-        _log.warning(message)
-
-
-def _lookup(tree: Any, keys: list[str]) -> tuple[bool, Any]:
-    """(found, value) of the dotted path ``keys`` in a mapping of mappings."""
-    for key in keys:
-        if not isinstance(tree, dict) or key not in tree:
-            return False, None
-        tree = tree[key]
-    return True, tree
-
-
-def _assign(tree: dict[str, Any], keys: list[str], value: Any) -> None:
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(keys)}: {key} is a value, not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def upgrade_keys(tree: dict[str, Any], source: str | None = None) -> dict[str, Any]:
-    """``tree`` (a run config's mapping) with every old key of `RENAMED_KEYS` moved to its new place, and
-    one notice naming ``source`` (a file, a run) and the keys; a copy when anything moved. A tree that
-    names a key both ways is refused: which value was meant is not known."""
-    renames: list[str] = []
-    for old, new in RENAMED_KEYS.items():
-        found, value = _lookup(tree, old.split("."))
-        if not found:
-            continue
-        if _lookup(tree, new.split("."))[0]:
-            raise ConfigError(f"{source + ': ' if source else ''}{old} is the old name of {new}: give only {new}")
-        if not renames:
-            tree = copy.deepcopy(tree)
-        *section, leaf = old.split(".")
-        _lookup(tree, section)[1].pop(leaf)
-        _assign(tree, new.split("."), renamed_value(old, value))
-        renames.append(_rename(old, value))
-    if renames:
-        _notice(renames, source)
-    return tree
-
-
-def upgrade_params(params: dict[str, str]) -> dict[str, str]:
-    """A run's logged MLflow params (strings) with each old key of `RENAMED_KEYS` also under its new name
-    (a run logged before the rename), as a run logged now would name it."""
-    out = dict(params)
-    for old, new in RENAMED_KEYS.items():
-        if old in params and new not in params:
-            out[new] = str(renamed_value(old, params[old]))
-    return out
-
-
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (3, 1e-3, [1, 2], true)."""
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like key.path=value")
-    dotted, raw = assignment.split("=", 1)
-    dotted = dotted.strip()
-    keys = dotted.split(".")
-    if not all(keys):
-        raise ConfigError(f"override {assignment!r}: empty key segment")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if dotted in RENAMED_KEYS:  # an old key's override sets the new key (a file may already name it)
-        _notice([_rename(dotted, value)], "override")
-        keys, value = RENAMED_KEYS[dotted].split("."), renamed_value(dotted, value)
-    try:
-        _assign(tree, keys, value)
-    except ConfigError as err:
-        raise ConfigError(f"override {err}") from None
-    if keys == ["train", "workers"] and isinstance(value, int):
-        tree["train"].pop("min_workers", None)  # a plain count means a fixed size, also over a logged range
-
-
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            section = _section_at(e["loc"][:-1])
-            allowed = ", ".join(section.model_fields) if section else "?"
-            lines.append(f"unknown key '{key}' (allowed here: {allowed})")
-        else:
-            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def _section_at(path: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
-    for key in path:
-        field = model.model_fields.get(str(key))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
-
-
-def parse_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), *,
-                 source: str | None = None) -> RunConfig:
-    """A run config's mapping (``source`` names where it is from, in notices) plus dotted overrides, validated."""
-    tree = upgrade_keys(tree, source)  # before the overrides: an override by the new name wins over an old key
-    tree = copy.deepcopy(tree)  # overrides edit nested sections: the caller's tree stays as it was
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    try:
-        return RunConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_describe(err)) from None
-
-
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """A YAML config file (after its ``base:`` chain, if any) plus dotted overrides, validated."""
-    path = Path(path)
-    tree = read_config_tree(path)
-    try:
-        return parse_config(tree, overrides)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def read_config_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The mapping a config file describes. A file may name ``base: other.yaml`` (relative to its own
-    folder): the base is read first and this file's keys override it, section by section (a list or
-    a scalar replaces the base's value; a mapping merges into it)."""
-    if not path.is_file():
-        where = f" (the base of {chain[-1]})" if chain else ""
-        raise ConfigError(f"config file not found: {path}{where}")
-    if path.resolve() in chain:
-        raise ConfigError(f"{path}: base configs form a cycle: {' -> '.join(map(str, (*chain, path.resolve())))}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections (data, model, train, tracking)")
-    base = tree.pop("base", None)
-    tree = upgrade_keys(tree, str(path))  # each file's own keys: a file's old key overrides its base's new one
-    if base is None:
-        return tree
-    if not isinstance(base, str) or not base:
-        raise ConfigError(f"{path}: base must name another config file, got {base!r}")
-    return _merged(read_config_tree(path.parent / base, (*chain, path.resolve())), tree)
-
-
-def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out

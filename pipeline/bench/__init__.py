@@ -11,6 +11,12 @@ import typer
 bench_app = typer.Typer(help="Measure the pipeline: memory, data and training throughput, the K-means tokenizer baseline",
                       no_args_is_help=True)
 
+
+class BenchError(RuntimeError):
+    """A dataset, split, grid or run a bench cannot use; the message says which and why. A bench raises
+    it; the CLI turns it into ``error: message`` and exit 1 (`pipeline.cli.common.fail_on`)."""
+
+
 from pipeline.bench import memory as _memory  # noqa: E402,F401 - registers `bench memory`
 from pipeline.bench import data as _data  # noqa: E402,F401 - registers `bench data`
 from pipeline.bench import train as _train  # noqa: E402,F401 - registers `bench train`

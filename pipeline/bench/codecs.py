@@ -19,7 +19,7 @@ import numpy as np
 import typer
 from PIL import Image
 
-from pipeline.bench import bench_app
+from pipeline.bench import BenchError, bench_app
 
 
 def _entropy_bits(values: np.ndarray) -> float:
@@ -52,22 +52,24 @@ def codecs_command(
 ) -> None:
     """Bits per dimension of classical coders on a split (pixel histogram, left-neighbour differences,
     PNG files): the yardstick beside a model's val/bits_per_dim."""
-    from pipeline.cli.common import console, fail
+    from rich.console import Console
+
     from pipeline.data import DataError, eval_batches, read_manifest
 
     try:
         manifest = read_manifest(data)
         if split not in manifest.splits:
-            fail(f"{data} has no split {split!r} (splits: {', '.join(sorted(manifest.splits))})")
+            raise BenchError(f"{data} has no split {split!r} (splits: {', '.join(sorted(manifest.splits))})")
         images = np.concatenate([x.numpy() for x, _ in eval_batches(manifest, data, split=split, rank=0,
                                                                      world_size=1, batch_size=512)])
     except DataError as err:
-        fail(str(err))
+        raise BenchError(str(err)) from None
     figures = {"data": data, "split": split, "images": int(len(images)), "dims": int(math.prod(images.shape[1:]))}
     figures |= {f"{name}_bits_per_dim": round(value, 4) for name, value in codec_bits_per_dim(images).items()}
     if as_json:
         print(json.dumps(figures))
         return
+    console = Console(stderr=True, soft_wrap=True)  # the figures on stderr, as the CLI's messages (paths unbroken)
     console.print(f"{data} split {split}: {figures['images']} images of {figures['dims']} dims — bits/dim: "
                   f"pixel histogram {figures['histogram_bits_per_dim']:.3f}, left-neighbour differences "
                   f"{figures['left_neighbour_bits_per_dim']:.3f}, PNG files {figures['png_bits_per_dim']:.3f}")

@@ -21,11 +21,7 @@ import numpy as np
 import torch
 import typer
 
-from pipeline.bench import bench_app
-
-
-class BenchError(RuntimeError):
-    """A dataset, split, grid or run the bench cannot use; the message says which and why."""
+from pipeline.bench import BenchError, bench_app
 
 
 def patch_size(image_size: tuple[int, int], grid: tuple[int, int], where: str = "the images") -> tuple[int, int]:
@@ -214,16 +210,12 @@ def tokenizer_command(
     """The K-means patch quantizer at the same rate as an h x w grid of K codes (h*w*log2 K bits per
     image): PSNR, SSIM, codes used, perplexity and bits per token on train and a held-out split,
     beside a run's figures with --run."""
-    from pipeline.cli.common import fail
     from pipeline.evaluate.tokenizer_report import SMOOTHING_NOTE, render_table, report_table
 
     if grid is not None and None in grid:  # typer passes an unset tuple option as (None, None)
         grid = None
-    try:
-        report = tokenizer_bench(data, grid, codes, run_id=run_id, split=split, seed=seed, batch_size=batch_size,
-                                 tracking_uri=tracking_uri, status=_status_on_stderr())
-    except BenchError as err:
-        fail(str(err))
+    report = tokenizer_bench(data, grid, codes, run_id=run_id, split=split, seed=seed, batch_size=batch_size,
+                             tracking_uri=tracking_uri, status=_status_on_stderr())
     if json_out:
         print(json.dumps(as_json(report), indent=2))
         return

@@ -4,8 +4,9 @@ with, and the old names of renamed flags."""
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +18,26 @@ def fail(message: str, code: int = 1) -> None:
     """Print ``error: message`` on stderr and exit with ``code``."""
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
+
+
+def fail_on(typer_app: typer.Typer, error: type[Exception], code: int = 1) -> None:
+    """Every command of ``typer_app`` (and of its groups) fails through `fail` on ``error``: a lower
+    layer's domain error (`pipeline.bench.BenchError`) becomes ``error: message`` and exit ``code``."""
+
+    def failing(callback: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(callback)  # typer reads the options off the wrapped function
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return callback(*args, **kwargs)
+            except error as err:
+                fail(str(err), code)
+
+        return run
+
+    for command in typer_app.registered_commands:
+        command.callback = failing(command.callback)
+    for group in typer_app.registered_groups:
+        fail_on(group.typer_instance, error, code)
 
 
 # --- Options more than one command takes -----------------------------------------------------------

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from pipeline.bench import bench_app  # each bench module registers its own command on it
+from pipeline.bench import BenchError, bench_app  # each bench module registers its own command on it
 from pipeline.cli import data, docs, ops, tokens, train
-from pipeline.cli.common import EXIT_CODES, renamed_flags, warn_renamed, with_exit_codes
+from pipeline.cli.common import EXIT_CODES, fail_on, renamed_flags, warn_renamed, with_exit_codes
 
 app = typer.Typer(
     help="Distributed training of VAEs with a categorical (multinomial) prior: "
@@ -40,7 +40,8 @@ def _root(
 
 
 app.add_typer(data.data_app, name="data")
-app.add_typer(bench_app, name="bench")
+app.add_typer(bench_app, name="bench")  # a bench's BenchError: `error: message`, exit 1
+fail_on(bench_app, BenchError)
 app.command()(train.train)
 app.command()(ops.ui)
 app.command("plan")(train.plan)

@@ -1,5 +1,5 @@
 """The reference pages, generated from the code: `docs/reference/config.md` from the pydantic models of
-pipeline/config.py (their Field descriptions) and `docs/reference/cli.md` from the Typer app.
+pipeline/config/schema.py (their Field descriptions) and `docs/reference/cli.md` from the Typer app.
 
 `pipeline docs` writes both; `pipeline docs --check` only compares them with what is on disk. The text
 depends on nothing but the code: no terminal width, no colours, no dates, and defaults that are absolute
@@ -173,7 +173,7 @@ def render_config() -> str:
     lines = [
         "# Configuration reference",
         "",
-        GENERATED.format(source="pipeline/config.py", edit="the Field descriptions there"),
+        GENERATED.format(source="pipeline/config/schema.py", edit="the Field descriptions there"),
         "",
         "Every key of a run's YAML config, by section. A key is written nested in the file (`train:` then "
         "`lr: 0.001`) and dotted on the command line (`-o train.lr=0.001`, the value read as YAML). Unknown keys "
@@ -373,7 +373,7 @@ def docs_command(
         "package is in)", file_okay=False)] = None,
 ) -> None:
     """Generate the reference pages from the code: docs/reference/config.md (every config key with its type,
-    default and description, from pipeline/config.py) and docs/reference/cli.md (every command and option,
+    default and description, from pipeline/config/schema.py) and docs/reference/cli.md (every command and option,
     from this command line).
 
     Run it after changing a config field or a command's help; the test suite fails while a page is stale."""

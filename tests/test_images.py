@@ -190,3 +190,76 @@ def test_folder_in_a_bucket(tmp_path) -> None:
         assert json.loads(s3.cat_file("pics/out/classes.json")) == classes
         images, labels = read_back("s3://pics/out", "train", (16, 16))
         assert images.shape == (splits["train"].samples, 3, 16, 16) and set(labels.tolist()) <= {0, 1}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _late_worker(started: str) -> None:
+    """A pool worker that reaches end_with_parent only after its parent has died (a slow start)."""
+    import multiprocessing
+
+    from pipeline.data.writer import end_with_parent
+
+    Path(started).write_text(str(os.getpid()))
+    parent = multiprocessing.parent_process().pid
+    deadline = time.monotonic() + 30
+    while not _gone(parent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    end_with_parent()
+    time.sleep(60)  # still here: end_with_parent did not notice the parent was gone
+
+
+def _start_late_worker(started: str) -> None:
+    """The pool's parent: starts the worker, then exits at once, before the worker arms its signal."""
+    import multiprocessing
+
+    multiprocessing.get_context("spawn").Process(target=_late_worker, args=(started,)).start()
+    while not Path(started).exists():
+        time.sleep(0.05)
+    os._exit(0)
+
+
+def _reaper(started: str) -> None:
+    """A child subreaper above the pool's parent, as a Ray driver is (Ray makes its core workers
+    subreapers): the orphaned worker is re-parented here, to a process that lives on."""
+    import ctypes
+    import multiprocessing
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    parent = multiprocessing.get_context("spawn").Process(target=_start_late_worker, args=(started,))
+    parent.start()
+    parent.join()
+    while True:  # reap the worker when it exits; the test ends this process
+        try:
+            os.wait()
+        except ChildProcessError:
+            time.sleep(0.1)
+
+
+def test_a_worker_whose_parent_died_while_it_started_exits() -> None:
+    """The killed-command test's race, made certain: the worker arms PR_SET_PDEATHSIG after its parent
+    died (no signal will come) and is re-parented to a living subreaper, so it must see that it has
+    been re-parented and exit by itself."""
+    import multiprocessing
+    import tempfile
+
+    started = Path(tempfile.mkdtemp()) / "started"
+    reaper = multiprocessing.get_context("spawn").Process(target=_reaper, args=(str(started),))
+    reaper.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        worker = int(started.read_text())
+        while not _gone(worker):
+            assert time.monotonic() < deadline, f"worker {worker} outlived its parent"
+            time.sleep(0.1)
+    finally:
+        reaper.kill()
+        reaper.join()

@@ -147,10 +147,12 @@ def in_process(run: Callable[[Any], Written]) -> ExecuteTasks:
 
 
 def end_with_parent() -> None:
-    """In a worker process of a shard-writing pool: be killed when the process that started it dies,
-    so a killed command leaves no worker writing (and recording) shards behind it. Linux only
-    (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    """In a worker of a shard-writing pool: die with the process that started it, so a killed command
+    leaves no worker writing shards. Linux only (prctl PR_SET_PDEATHSIG; elsewhere a no-op); a worker
+    still starting when its parent died arms that too late, sees it has been re-parented, and exits."""
     import ctypes
+    import multiprocessing
+    import os
     import signal
     import sys
 
@@ -158,7 +160,10 @@ def end_with_parent() -> None:
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         except OSError:
-            pass
+            return
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:
+            os._exit(1)
 
 
 def _start_worker(initializer: Callable[..., None] | None, *initargs: Any) -> None:

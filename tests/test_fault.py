@@ -188,6 +188,7 @@ def _assert_resumed_exactly(uri: str, run_id: str, storage: Path, reference_uri:
         assert len(set(values)) > 3, (key, values)
 
 
+@pytest.mark.slow  # ~85 s (a killed run and its reference); the default run kills the grid dVAE's worker below
 @pytest.mark.timeout(600)
 def test_killed_worker_resumes_exactly(ray_cluster, digits_dataset, tmp_path, tracking_uri, monkeypatch):
     """A categorical VAE on digits with the weight EMA, a cosine learning rate after a warm-up, a KL weight

@@ -34,13 +34,19 @@ def folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("folder")
     write_image_folder(root, classes=("bird", "boat", "flower"), per_class=20)  # jpg/png/webp, 24-96 px, 2 grey each
     (root / "bird" / "notes.txt").write_text("not an image")
+    (root / "bird" / "logo.svg").write_text("<svg/>")
+    (root / "flower" / "annotations.xml").write_text("<a/>")
+    (root / "flower" / "README").write_text("no extension")
     (root / "boat" / ".DS_Store").write_bytes(b"\0\1")
     return root
 
 
 def test_image_folder_to_labelled_shards(folder, tmp_path) -> None:
-    out = tmp_path / "out"
-    splits, reused, classes = shard_images(str(folder), str(out), size=24, samples_per_shard=8, progress=False)
+    out, said = tmp_path / "out", []
+    splits, reused, classes = shard_images(str(folder), str(out), size=24, samples_per_shard=8, progress=False,
+                                           say=said.append)
+    # what is not an image is named by extension and counted; hidden files (.DS_Store) pass unsaid
+    assert len(said) == 1 and said[0].startswith("skipped 4 files that are not an image: 1 (none), 1 .svg, 1 .txt, 1 .xml")
     assert classes == ["bird", "boat", "flower"] and reused == 0
     assert json.loads((out / "classes.json").read_text()) == classes
     assert sum(split.samples for split in splits.values()) == 60 and set(splits) == {"train", "val", "test"}

@@ -45,9 +45,11 @@ def test_image_folder_to_rgb_run_in_two_commands(tmp_path: Path) -> None:
     env = os.environ | {"MLFLOW_TRACKING_URI": uri}
     env.pop("RAY_ADDRESS", None)
 
-    _pipeline("data", "images", "--source", str(folder), "--out", str(dataset), "--size", "32",
-              "--val-fraction", "0.2", "--test-fraction", "0.15", "--samples-per-shard", "16", cwd=tmp_path, env=env,
-              timeout=200)
+    (folder / "licence.txt").write_text("not an image")
+    made = _pipeline("data", "images", "--source", str(folder), "--out", str(dataset), "--size", "32",
+                     "--val-fraction", "0.2", "--test-fraction", "0.15", "--samples-per-shard", "16", cwd=tmp_path,
+                     env=env, timeout=200)
+    assert "skipped 1 file that is not an image: 1 .txt" in made.stderr
     trained = _pipeline("train", str(IMAGES_CONFIG), "-o", f"data.url={dataset}", "-o", "train.epochs=2",
                         "-o", f"train.storage={tmp_path / 'ray'}", *[a for o in SMALL for a in ("-o", o)],
                         cwd=tmp_path, env=env, timeout=400)

@@ -251,7 +251,8 @@ def data_images(
     try:
         splits, reused, classes = shard_images(source, out, size=size, resize=resize, fmt=fmt, quality=quality,
                                                val_fraction=val_fraction, test_fraction=test_fraction,
-                                               samples_per_shard=samples_per_shard, workers=workers, seed=seed)
+                                               samples_per_shard=samples_per_shard, workers=workers, seed=seed,
+                                               say=console.print)
     except DataError as err:
         fail(str(err))
     shards = sum(len(info.shards) for info in splits.values())

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import io
 import json
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Literal, Sequence
@@ -81,8 +82,10 @@ class ShardJob(ShardTask):
 # --- the source folder ---------------------------------------------------------------------------------
 
 
-def list_source(source: str) -> tuple[list[SourceFile], list[str]]:
-    """(image files, class names) of an image folder at any fsspec URL; labels are class indices or -1."""
+def list_source(source: str, not_images: Counter | None = None) -> tuple[list[SourceFile], list[str]]:
+    """(image files, class names) of an image folder at any fsspec URL; labels are class indices or -1.
+    Hidden files and folders (.DS_Store, ._x.jpg, .git/) are passed over; the other files that are not
+    images are counted by extension into ``not_images`` (``".txt"``, or ``"(none)"``)."""
     fs, root = fsspec.core.url_to_fs(source)
     root = root.rstrip("/")
     if not fs.isdir(root):
@@ -90,8 +93,14 @@ def list_source(source: str) -> tuple[list[SourceFile], list[str]]:
     found, empty = [], []
     for path, info in sorted(fs.find(root, detail=True).items()):
         rel = path[len(root) + 1:]
-        if any(part.startswith(".") for part in rel.split("/")) or rel.rsplit(".", 1)[-1].lower() not in SOURCE_EXTENSIONS:
-            continue  # hidden files and folders (.DS_Store, ._x.jpg, .git/) and non-images are not samples
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        name = rel.rsplit("/", 1)[-1]
+        extension = name.rsplit(".", 1)[-1].lower() if "." in name else None
+        if extension not in SOURCE_EXTENSIONS:
+            if not_images is not None:
+                not_images[f".{extension}" if extension else "(none)"] += 1
+            continue
         if info.get("size") == 0:
             empty.append(rel)
         stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""
@@ -238,11 +247,12 @@ def shard_images(source: str, out_url: str, *, size: int | None = None, resize: 
                  fmt: str = "jpg", quality: int = 95, channels: int | None = None, val_fraction: float = 0.05,
                  test_fraction: float = 0.05, samples_per_shard: int = 1000, workers: int = 1, seed: int = 0,
                  progress: bool = True, on_shard_done: Callable[[ShardInfo], None] | None = None,
-                 ) -> tuple[dict[str, SplitInfo], int, list[str]]:
+                 say: Callable[[str], None] = lambda line: None) -> tuple[dict[str, SplitInfo], int, list[str]]:
     """Shard the image folder ``source`` into ``out_url``: (split infos, shards reused, class names).
 
     ``channels`` None: grey when every image is grey, else RGB. ``on_shard_done`` is called in
-    this process after each new shard is recorded (tests interrupt a run with it).
+    this process after each new shard is recorded (tests interrupt a run with it). ``say`` gets the
+    one line that names the files passed over because they are not images, with counts per extension.
     """
     if resize == "none":
         size = None
@@ -252,7 +262,13 @@ def shard_images(source: str, out_url: str, *, size: int | None = None, resize: 
         raise DataError("--val-fraction and --test-fraction must lie in [0, 1)")
     if workers > 1 and any(url.startswith("memory://") for url in (source, out_url)):
         workers = 1  # a spawned process has its own, empty memory:// filesystem
-    files, classes = list_source(source)
+    not_images: Counter = Counter()
+    files, classes = list_source(source, not_images)
+    if not_images:
+        counts = ", ".join(f"{n} {ext}" for ext, n in sorted(not_images.items()))
+        total = sum(not_images.values())
+        say(f"skipped {total} file{'s' * (total > 1)} that {'are' if total > 1 else 'is'} not an image: {counts} "
+            f"(images are {', '.join(sorted(SOURCE_EXTENSIONS))})")
     jobs = plan_jobs(files, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                      samples_per_shard=samples_per_shard)
     with process_pool(workers) if workers > 1 else contextlib.nullcontext() as pool:

@@ -4,15 +4,18 @@ without rewriting them, then read back through the training data path."""
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import fsspec
 import numpy as np
 import pytest
 
-from photos import encode, write_img2dataset, write_mnist_png_shards, write_png_shards, write_tar
+from photos import crops, encode, write_img2dataset, write_mnist_png_shards, write_png_shards, write_tar
 from pipeline.data import DataError, ImageTarget, ReadOptions, SampleDecoder, ShardError, eval_batches, read_manifest
 from pipeline.data.index import assign_splits, index_shards
 
@@ -182,3 +185,130 @@ def test_shards_in_a_bucket(tmp_path) -> None:
         assert local.splits["train"].samples + local.splits["val"].samples == 10
         with pytest.raises(DataError, match=r"5 of 8 shards do not exist: s3://photos/cc/00003\.tar, .*00007\.tar$"):
             index_shards(["s3://photos/cc/{00000..00007}.tar"], "s3://photos/m", progress=False)
+
+
+# --- shards as people have them: pixels against Pillow, refusals naming shard and key -------------------------
+
+
+def pillow(raw: bytes) -> np.ndarray:
+    """uint8 [3, H, W]: Pillow's own RGB decoding of ``raw``."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).transpose(2, 0, 1)
+
+
+def jpeg_samples(prefix: str, n: int, seed: int, size: tuple[int, int] = (24, 40)) -> list[tuple[str, bytes, int]]:
+    """(key, JPEG bytes, label) of ``n`` photo crops, all ``size``."""
+    return [(f"{prefix}{i:03d}", encode(image, "jpg", 95), (seed + i) % 5)
+            for i, image in enumerate(crops(n, size=size, seed=seed))]
+
+
+def write_samples(path, samples, *, gzipped: bool = False, json_for=lambda key: True):
+    return write_tar(path, [member for key, raw, label in samples for member in
+                            [(f"{key}.jpg", raw), (f"{key}.cls", str(label).encode())]
+                            + ([(f"{key}.json", json.dumps({"key": key}).encode())] if json_for(key) else [])],
+                     gzipped=gzipped)
+
+
+def assert_pixels_and_labels(url: str, samples, size=(24, 40)) -> None:
+    images, labels = read_back(url, "train", size=size)
+    assert labels.tolist() == [label for _, _, label in samples]
+    assert len(images) == len(samples)
+    differ = {key: int(np.abs(image.astype(int) - pillow(raw)).max())
+              for image, (key, raw, _) in zip(images, samples) if not np.array_equal(image, pillow(raw))}
+    assert differ == {}  # key -> largest difference of any pixel
+
+
+def test_tgz_shard_pixel_for_pixel(tmp_path) -> None:
+    samples = jpeg_samples("t", 6, seed=1)
+    write_samples(tmp_path / "photos-00000.tgz", samples, gzipped=True)
+    manifest = index_shards([str(tmp_path / "*.tgz")], str(tmp_path), require_val=False, progress=False)
+    assert manifest.spec.compression == "gzip" and manifest.splits["train"].shards[0].path == "photos-00000.tgz"
+    assert (manifest.spec.image, manifest.spec.size, manifest.spec.label) == ("jpg", [24, 40], "cls")
+    assert_pixels_and_labels(str(tmp_path), samples)
+
+
+def test_gzip_and_plain_shards_in_one_index(tmp_path) -> None:
+    plain, gz, tgz = jpeg_samples("a", 4, seed=2), jpeg_samples("b", 5, seed=3), jpeg_samples("c", 3, seed=4)
+    write_samples(tmp_path / "s-0.tar", plain)
+    write_samples(tmp_path / "s-1.tar.gz", gz, gzipped=True)
+    write_samples(tmp_path / "s-2.tgz", tgz, gzipped=True)
+    manifest = index_shards([str(tmp_path)], str(tmp_path), require_val=False, progress=False)
+    assert manifest.spec.compression == "gzip"  # some are: the reader finds which from the bytes
+    assert [s.path for s in manifest.splits["train"].shards] == ["s-0.tar", "s-1.tar.gz", "s-2.tgz"]
+    assert [s.samples for s in manifest.splits["train"].shards] == [4, 5, 3]
+    assert_pixels_and_labels(str(tmp_path), plain + gz + tgz)
+
+
+def test_json_in_some_samples_only(tmp_path) -> None:
+    samples = jpeg_samples("j", 6, seed=5)
+    write_samples(tmp_path / "s-0.tar", samples, json_for=lambda key: key in ("j001", "j004"))
+    manifest = index_shards([str(tmp_path / "s-0.tar")], str(tmp_path), require_val=False, progress=False)
+    assert (manifest.spec.label, manifest.spec.ignore) == ("cls", ["json"])
+    assert manifest.splits["train"].samples == 6
+    assert_pixels_and_labels(str(tmp_path), samples)
+
+
+def test_sample_without_its_image_named_nothing_written(tmp_path) -> None:
+    (a, b, c) = jpeg_samples("k", 3, seed=6)
+    write_tar(tmp_path / "s-0.tar", [("k000.jpg", a[1]), ("k000.cls", b"1"), ("k000.json", b"{}"),
+                                     ("k001.cls", b"2"), ("k001.json", b"{}"),  # no k001.jpg
+                                     ("k002.jpg", c[1]), ("k002.cls", b"3"), ("k002.json", b"{}")])
+    with pytest.raises(DataError, match=r"no image member is in every sample \(seen: \['jpg'\]\): "
+                                        rf"shard file://{tmp_path}/s-0\.tar has 2 \.jpg members in 3 samples"
+                                        r".*key k001\b"):
+        index_shards([str(tmp_path / "s-0.tar")], str(tmp_path), require_val=False, progress=False)
+    assert not (tmp_path / "manifest.json").exists()
+    # the first sample lacks it, the member first seen later; and a second shard whole
+    write_samples(tmp_path / "s-1.tar", jpeg_samples("m", 2, seed=7))
+    write_tar(tmp_path / "s-2.tar", [("n000.cls", b"1"), ("n001.jpg", a[1]), ("n001.cls", b"1")])
+    with pytest.raises(DataError, match=rf"shard file://{tmp_path}/s-2\.tar has 1 \.jpg members in 2 samples"
+                                        r".*key n000\b"):
+        index_shards([str(tmp_path / "s-1.tar"), str(tmp_path / "s-2.tar")], str(tmp_path), require_val=False,
+                     progress=False)
+    assert not (tmp_path / "manifest.json").exists()
+    # a label member some sample lacks: with --label auto it is no label (ignored), with --label cls refused
+    write_tar(tmp_path / "s-3.tar", [("p000.jpg", a[1]), ("p000.cls", b"1"), ("p001.jpg", c[1])])
+    with pytest.raises(DataError, match=r"--label cls: not every sample has a \.cls member: shard "
+                                        rf"file://{tmp_path}/s-3\.tar has 1 \.cls members in 2 samples.*key p001\b"):
+        index_shards([str(tmp_path / "s-3.tar")], str(tmp_path), require_val=False, label="cls", progress=False)
+    assert not (tmp_path / "manifest.json").exists()
+    auto = index_shards([str(tmp_path / "s-3.tar")], str(tmp_path), require_val=False, progress=False)
+    assert (auto.spec.label, auto.spec.ignore) == (None, ["cls"])
+
+
+def test_non_integer_cls_named_nothing_written(tmp_path) -> None:
+    (a, b) = jpeg_samples("k", 2, seed=8)
+    write_tar(tmp_path / "s-0.tar", [("k000.jpg", a[1]), ("k000.cls", b"1"), ("k001.jpg", b[1]), ("k001.cls", b"cat")])
+    with pytest.raises(ShardError, match=rf"shard file://{tmp_path}/s-0\.tar, member k001\.cls: label not an integer"):
+        index_shards([str(tmp_path / "s-0.tar")], str(tmp_path), require_val=False, progress=False)
+    assert not (tmp_path / "manifest.json").exists()
+    # --label none: the .cls members are declared ignored, never read as labels
+    manifest = index_shards([str(tmp_path / "s-0.tar")], str(tmp_path), require_val=False, label=None,
+                            progress=False)
+    assert (manifest.spec.label, manifest.spec.ignore) == (None, ["cls"])
+
+
+def test_empty_shard_named_nothing_written(tmp_path) -> None:
+    write_samples(tmp_path / "s-0.tar", jpeg_samples("k", 3, seed=9))
+    write_samples(tmp_path / "s-1.tar", jpeg_samples("m", 3, seed=10))
+    empty = write_tar(tmp_path / "s-2.tar", [])
+    assert tarfile.open(empty).getmembers() == []  # a valid tar, no members
+    empty_gz = write_tar(tmp_path / "s-3.tar.gz", [], gzipped=True)
+    for bad in (empty, empty_gz):
+        with pytest.raises(ShardError, match=rf"shard file://{bad}: holds no samples"):
+            index_shards([str(tmp_path / "s-0.tar"), str(tmp_path / "s-1.tar"), str(bad)], str(tmp_path),
+                         val=["s-1.tar"], progress=False)
+        assert not (tmp_path / "manifest.json").exists()
+
+
+def test_img2dataset_layout_pixel_for_pixel(tmp_path) -> None:
+    root = tmp_path / "cc"
+    tars = write_img2dataset(root, shards=2, per_shard=5, size=(24, 40))
+    manifest = index_shards([str(root)], str(root), val=["00001.tar"], progress=False)
+    assert (manifest.spec.image, manifest.spec.size, manifest.spec.ignore) == ("jpg", [24, 40], ["json", "txt"])
+    with tarfile.open(tars[0]) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    assert [name for name, _ in members[:3]] == ["000000000.jpg", "000000000.txt", "000000000.json"]
+    sources = [(name.split(".")[0], raw, -1) for name, raw in members if name.endswith(".jpg")]
+    assert_pixels_and_labels(str(root), sources)

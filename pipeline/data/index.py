@@ -105,6 +105,7 @@ class ShardScan:
     colour: dict[str, bool] = field(default_factory=dict)  # image suffix -> some image is not grey
     bad_cls: str | None = None  # first .cls member that is not an integer
     bad_label: str | None = None  # first .json member without the integer --label field
+    lacking: dict[str, str] = field(default_factory=dict)  # suffix -> key of the first sample without one
 
     def note_image(self, suffix: str, height: int, width: int, grey: bool) -> None:
         sizes = self.sizes.setdefault(suffix, set())
@@ -143,7 +144,7 @@ def scan_shard(url: str, label: str | None, policy: RetryPolicy = RetryPolicy())
 
 def _scan_members(tar: tarfile.TarFile, scan: ShardScan, json_field: str | None) -> None:
     key: str | None = None
-    seen: set[str] = set()
+    seen: set[str] = set(IGNORABLE)  # no sample before the first: it lacks nothing
     for info in tar:
         if not info.isfile():
             continue
@@ -158,6 +159,7 @@ def _scan_members(tar: tarfile.TarFile, scan: ShardScan, json_field: str | None)
             raise ShardError(scan.url, f"member .{suffix} is not part of the sample contract (allowed: "
                                        f"{', '.join(sorted(IGNORABLE))})", member=info.name)
         if key is None or prefix != key or suffix in seen:  # the reader's rule: a new sample starts
+            scan.lacking.update(dict.fromkeys(IGNORABLE - seen - scan.lacking.keys(), key))
             scan.samples += 1
             key, seen = prefix, set()
         seen.add(suffix)
@@ -170,6 +172,7 @@ def _scan_members(tar: tarfile.TarFile, scan: ShardScan, json_field: str | None)
             if len(raw) != info.size:
                 raise ShardError(scan.url, "damaged shard: truncated inside a member", member=info.name)
             _check_member(scan, info.name, suffix, raw, json_field)
+    scan.lacking.update(dict.fromkeys(IGNORABLE - seen - scan.lacking.keys(), key))
 
 
 def _check_member(scan: ShardScan, name: str, suffix: str, raw: bytes, json_field: str | None) -> None:
@@ -262,7 +265,7 @@ def infer_spec(scans: Sequence[ShardScan], label: str | None = "auto", image: st
     if image is None:
         candidates = [fmt for fmt in IMAGE_PREFERENCE if fmt in everywhere]
         if not candidates:
-            present = sorted(set().union(*scans[0].members) & IMAGE_FORMATS) or ["none"]
+            present = sorted(set().union(*(scan.members for scan in scans)) & IMAGE_FORMATS) or ["none"]
             raise DataError(_missing(scans, present[0], f"no image member is in every sample (seen: {present})"))
         image = candidates[0]
     elif image not in everywhere:
@@ -295,7 +298,7 @@ def _missing(scans: Sequence[ShardScan], member: str, problem: str) -> str:
     for scan in scans:
         if scan.members.get(member, 0) < scan.samples:
             return (f"{problem}: shard {scan.url} has {scan.members.get(member, 0)} .{member} members "
-                    f"in {scan.samples} samples")
+                    f"in {scan.samples} samples (the first without one: key {scan.lacking.get(member)})")
     return problem
 
 

@@ -80,6 +80,9 @@ def connect_ray(address: str | None, config: RunConfig) -> bool:
     # machine and dies on "Found multiple active Ray instances" when another one runs.
     dashboard_port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    # One machine is never preempted: no preemption watcher actor in any run on this cluster (nor its
+    # start-up warning line). Set before the cluster starts, so a sweep's trials inherit it too.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dashboard_port, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
     return True
@@ -131,8 +134,6 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     # Ray first: a cluster that cannot take this run refuses it before an MLflow run exists.
     with console.status("starting Ray"):
         own_cluster = connect_ray(address, config)
-    if own_cluster:  # one machine is never preempted: no watcher actor (nor its start-up warning line)
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     check_shared_storage(storage=storage, dataset_url=dataset_url, tracking_uri=tracking_uri)
     config = _resolved_hardware(config)
     if resume_run_id:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -195,6 +196,9 @@ def _run_tune(spec: SweepSpec, todo: list[Trial], *, parent_id: str, attempt: in
              for t in todo]
     limit = min(limit, len(todo))
     console.print(f"running {len(todo)} trial(s), at most {limit} at a time")
+    # verbose=0 silences Tune's reporter only in its classic output; the newer one still prints a
+    # configuration box and a TensorBoard hint. The summary table below says what the sweep did.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
         # The trial only drives its training run, whose workers ask for the CPUs themselves. Tune refuses a
         # trial without resources: one byte of memory is what it holds.

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.bench.images import ROWS, make_image_dataset, resize_center
+from pipeline.bench.image_dataset import make_image_dataset
+from pipeline.bench.images import ROWS, resize_center
 from pipeline.data import read_manifest, shard_url
 from pipeline.data.contract import ImageTarget, SampleDecoder
 from pipeline.data.reader import ShardReader

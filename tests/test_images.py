@@ -209,7 +209,7 @@ def _late_worker(started: str) -> None:
     """A pool worker that reaches end_with_parent only after its parent has died (a slow start)."""
     import multiprocessing
 
-    from pipeline.data.writer import end_with_parent
+    from pipeline.data.executors import end_with_parent
 
     Path(started).write_text(str(os.getpid()))
     parent = multiprocessing.parent_process().pid

@@ -250,7 +250,8 @@ def bench_data(
     On an image dataset (jpg/png/webp members; or --make-images N): our loader vs WebDataset's
     pipeline, Ray Data and a raw Pillow decode loop, same shards, output size and processes.
     """
-    from pipeline.bench.images import images_markdown, make_image_dataset, run_image_bench
+    from pipeline.bench.image_dataset import make_image_dataset
+    from pipeline.bench.images import images_markdown, run_image_bench
     from pipeline.data import read_manifest
 
     command = command_line()

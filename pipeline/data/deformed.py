@@ -27,7 +27,8 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 from pipeline.data.errors import DataError
 from pipeline.data.contract import SampleSpec
 from pipeline.data.shards import ShardInfo, SplitInfo, npy_members
-from pipeline.data.writer import ShardTask, ShardWriter, Written, in_pool, in_process, process_pool, write_finished_shard
+from pipeline.data.executors import in_pool, in_process, process_pool
+from pipeline.data.writer import ShardTask, ShardWriter, Written, write_finished_shard
 from pipeline.data.sources import Split, load_mnist_splits
 
 RECIPE_VERSION = "deformed-mnist/1"

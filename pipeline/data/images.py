@@ -38,7 +38,8 @@ import numpy as np
 from pipeline.data.contract import GREY_MODES, SampleSpec, encode_image, to_pixels
 from pipeline.data.errors import DataError
 from pipeline.data.shards import ShardInfo, SplitInfo
-from pipeline.data.writer import ShardTask, ShardWriter, Written, in_pool, in_process, process_pool, write_finished_shard
+from pipeline.data.executors import in_pool, in_process, process_pool
+from pipeline.data.writer import ShardTask, ShardWriter, Written, write_finished_shard
 
 RECIPE_VERSION = "images/1"
 CLASSES_NAME = "classes.json"

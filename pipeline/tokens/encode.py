@@ -37,7 +37,8 @@ from pipeline.data.contract import ImageTarget, SampleDecoder, SampleSpec
 from pipeline.data.errors import DataError
 from pipeline.data.reader import ReadOptions
 from pipeline.data.shards import Manifest, ShardInfo, TokenInfo, read_manifest, shard_url
-from pipeline.data.writer import ShardTask, ShardWriter, Written, ray_tasks, write_finished_shard
+from pipeline.data.executors import ray_tasks
+from pipeline.data.writer import ShardTask, ShardWriter, Written, write_finished_shard
 from pipeline.models import VAE
 from pipeline.runs.registry import registered_version
 from pipeline.tokens.codes import EncodeError, TokenLayout, load_run_model, token_layout, tokens_of

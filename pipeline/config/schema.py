@@ -150,9 +150,12 @@ class ModelConfig(_Section):
         "derived); patch: the same grid computed at the grid's resolution, each position reading its f x f "
         "cell's pixels beside learned context, decoded back to cells (models/patch.py)"
     )
-    likelihood: Literal["bernoulli", "logistic", "logit-laplace", "gaussian"] = Field(
+    likelihood: Literal["bernoulli", "logistic", "causal-logistic", "logit-laplace", "gaussian"] = Field(
         "bernoulli", description="p(x|z): bernoulli (binary pixels, see model.binarize) or logistic (discretized "
-        "logistic over the 256 levels of each 8-bit channel: RGB/grey images, bits/dim) or logit-laplace "
+        "logistic over the 256 levels of each 8-bit channel: RGB/grey images, bits/dim) or causal-logistic (the "
+        "same, each pixel also conditioned on the pixels above and to its left and on its earlier channels by "
+        "a small masked-convolution head: a PixelCNN-style decoder; reconstructions decode pixel by pixel) or "
+        "logit-laplace "
         "(DALL-E's continuous density on pixels mapped into [0.1, 0.9]) or gaussian (fixed std "
         "model.gaussian_std on pixels in [0, 1]: the squared error that PSNR measures)"
     )

@@ -111,4 +111,4 @@ class PatchDecoder(ResNetDecoder):
         self.patch.weight[:cells, :cells, 0, 0] = slope * torch.eye(cells)
         self.patch.bias[:cells] = intercept
         if self.patch.out_channels > cells and scale is not None:
-            self.patch.bias[cells:] = scale
+            self.patch.bias[cells:2 * cells] = scale  # any further channels (a likelihood's features) stay 0

@@ -219,6 +219,7 @@ def build_vae(cfg: ModelConfig, input_dim: int | None = None, *, image_shape: tu
         gh, gw = grid_shape(tuple(image_shape), cfg.downsample)
         latent_cfg = cfg.latent.model_copy(update={"variables": gh * gw})
     return VAE(tuple(image_shape), list(cfg.hidden), build_latent(latent_cfg),
-               likelihood=build_likelihood(cfg.likelihood, binarize, gaussian_std=cfg.gaussian_std), arch=cfg.arch,
+               likelihood=build_likelihood(cfg.likelihood, binarize, gaussian_std=cfg.gaussian_std,
+                                                  channels=image_shape[0]), arch=cfg.arch,
                channels=list(cfg.channels), activation=cfg.activation, downsample=cfg.downsample, blocks=cfg.blocks,
                codebook_dim=cfg.codebook_dim, entropy_weight=cfg.entropy_weight)

@@ -224,8 +224,9 @@ class Worker:
                             set().union(*map(set, skipped_shards)))
             self.logger.log_metrics(val, step)
             _log_epoch_images(self.logger, self.state.evaluated, self.preview, stats, self.cfg.train.seed, step)
+            bits = f", {val['val/bits_per_dim']:.3f} bits/dim" if "val/bits_per_dim" in val else ""
             print(f"[rank 0] epoch {epoch + 1}/{self.cfg.train.epochs} step {step}: val -ELBO "
-                  f"{val['val/loss']:.3f} (recon {val['val/recon']:.3f}, kl {val['val/kl']:.3f})")
+                  f"{val['val/loss']:.3f} (recon {val['val/recon']:.3f}, kl {val['val/kl']:.3f}{bits})")
             if epoch + 1 == self.cfg.train.epochs:
                 report |= {f"tracking/{k}": v for k, v in self.logger.close().items()}
         return report

@@ -29,6 +29,7 @@ from pipeline.train.collectives import all_reduce
 # Labels 0..MAX_LABELS-1 enter the cluster-accuracy counts; others (e.g. -1 = unlabelled) do not.
 MAX_LABELS = 256
 _EVAL_NOISE = 3  # tags the validation noise stream apart from training's
+RECONSTRUCT_CHUNK = 256  # images decoded per call of the likelihood's mean (see SplitScore.pending)
 
 
 @contextlib.contextmanager
@@ -107,6 +108,9 @@ class SplitScore:
             shapes["onehot"] = (1,)  # sum of the one-hot -ELBO
         shapes["pixel_error"] = (2,)
         self.sums = _Sums(**shapes)
+        # Reconstructions are decoded in chunks of RECONSTRUCT_CHUNK images, not per batch: a likelihood
+        # that decodes pixel by pixel (causal-logistic) pays per call, not per image.
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def add(self, index: int, x: torch.Tensor, labels: torch.Tensor) -> None:
         """Batch ``index`` of this rank's share: its noise is seeded by (seed, rank, index)."""
@@ -134,12 +138,22 @@ class SplitScore:
             recon_onehot = -model.likelihood.log_prob(model.decode(z), target).double().sum()
             parts["onehot"] += (recon_onehot + latent.kl(out.params).double().sum()).item()
         pixels = x.to(device).float().div(255.0) if x.dtype == torch.uint8 else x.to(device).float()
-        recon = model.likelihood.mean(model.decode(latent.mode(out.params)))
-        mse = (recon - pixels.reshape(recon.shape)).pow(2).flatten(1).mean(dim=1).double()
-        psnr = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))  # a perfect image counts as 100 dB, not inf
-        parts["pixel_error"] += torch.stack([mse.sum(), psnr.sum()]).cpu()
+        self.pending.append((pixels, model.decode(latent.mode(out.params))))
+        if sum(len(p) for p, _ in self.pending) >= RECONSTRUCT_CHUNK:
+            self._add_pixel_error()
         if self.has_clusters:
             self._add_clusters(out.params, labels)
+
+    def _add_pixel_error(self) -> None:
+        """The pending batches' reconstructions (the posterior mode decoded): per-image MSE and PSNR summed."""
+        if not self.pending:
+            return
+        pixels, decoded = (torch.cat(parts) for parts in zip(*self.pending))
+        self.pending = []
+        recon = self.model.likelihood.mean(decoded)
+        mse = (recon - pixels.reshape(recon.shape)).pow(2).flatten(1).mean(dim=1).double()
+        psnr = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))  # a perfect image counts as 100 dB, not inf
+        self.sums.parts["pixel_error"] += torch.stack([mse.sum(), psnr.sum()]).cpu()
 
     def _add_clusters(self, params: torch.Tensor, labels: torch.Tensor) -> None:
         components = self.latent.cluster(params).cpu()
@@ -150,7 +164,10 @@ class SplitScore:
                                                         torch.ones(len(flat_index), dtype=torch.float64))
 
     def pack(self) -> torch.Tensor:
-        """This rank's sums, flat: every rank all-reduces them exactly once, even with no samples."""
+        """This rank's sums, flat (the last reconstructions decoded first): every rank all-reduces them
+        exactly once, even with no samples."""
+        with torch.no_grad():
+            self._add_pixel_error()
         return self.sums.pack()
 
     def metrics(self, reduced: torch.Tensor, stats: dict[str, Any] | None = None) -> dict[str, float]:

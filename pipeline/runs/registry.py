@@ -30,8 +30,10 @@ def _model_requirements() -> list[str]:
     (10-30 s here). The package itself travels with the model (``code_paths``)."""
     import torch
 
-    # MLflow warns that it logs torch "2.13.0+cpu" as "torch==2.13.0": that is what we want.
+    # MLflow warns that it logs torch "2.13.0+cpu" as "torch==2.13.0": that is what we want; and it says
+    # at INFO that it validates the input example, which it does on every log.
     logging.getLogger("mlflow.utils.requirements_utils").setLevel(logging.ERROR)
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
     return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic>=2", "pyyaml"]
 
 

@@ -83,6 +83,9 @@ def connect_ray(address: str | None, config: RunConfig) -> bool:
     # One machine is never preempted: no preemption watcher actor in any run on this cluster (nor its
     # start-up warning line). Set before the cluster starts, so a sweep's trials inherit it too.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray starts a local cluster with token authentication on and says so at WARNING on every start;
+    # that is the setting we want (a user's RAY_AUTH_MODE still wins), so the line is not shown.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dashboard_port, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
     return True

@@ -90,6 +90,23 @@ def test_evaluate_missing_dataset_fails_clearly(tmp_path, tracking_uri, digits_d
     assert out.exit_code == 1 and "checkpoint/model.pt" in out.output
 
 
+def test_a_run_whose_start_was_cut_short_gets_its_config_when_resumed(tmp_path, tracking_uri, digits_dataset):
+    """A driver killed between creating a run and logging its config.yaml (a sweep killed while a trial
+    starts) leaves a run nothing can load; resuming it logs what the start left out."""
+    from pipeline.runs import store
+
+    config = _digits_config(digits_dataset, tracking_uri, tmp_path)
+    client = MlflowClient(tracking_uri)
+    experiment = store.ensure_experiment(tracking_uri, config.tracking.experiment)
+    run_id = client.create_run(experiment, tags={"sweep.trial_key": "k"}).info.run_id  # then the kill
+    client.log_param(run_id, "train.epochs", str(config.train.epochs))  # a param or two may have landed
+    store.reopen_run(tracking_uri, run_id, config)
+    assert store.download_config(tracking_uri, run_id) == store.config_yaml(config)
+    assert client.get_run(run_id).data.params == {k: store.param_value(v) for k, v in config.flat().items()}
+    store.reopen_run(tracking_uri, run_id, config)  # a second resume changes nothing
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
+
+
 def test_evaluate_model_on_batches_matches_exact_figures() -> None:
     torch.manual_seed(0)
     model = build_vae(ModelConfig(hidden=[8], latent=LatentConfig(variables=2, categories=3)), input_dim=6).eval()

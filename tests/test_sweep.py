@@ -159,7 +159,8 @@ def test_sweep_killed_and_resumed(digits_dataset, tmp_path, tracking_uri):
     assert second.returncode == 3, stderr[-4000:]  # some trials failed, some finished
     result = json.loads(stdout)
     assert result["parent_run_id"] == parent_id and result["attempt"] == 2
-    assert (result["finished"], result["failed"]) == (3, 1)
+    assert (result["finished"], result["failed"]) == (3, 1), [(t["point"], t["seed"], t.get("reason"))
+                                                             for t in result["trials"] if t["outcome"] != "finished"]
     by_name = {f"{t['point']} seed={t['seed']}": t for t in result["trials"]}
     assert by_name[FAILING]["outcome"] == "failed" and "non-finite" in by_name[FAILING]["reason"]
     assert sum(not t["reused"] for t in result["trials"]) >= 1, "the kill left nothing to resume"

@@ -161,9 +161,15 @@ def start_run(config: RunConfig, *, tracking_uri: str, manifest_digest: str, tri
         },
     )
     run_id = run.info.run_id
-    log_params(client, run_id, config.flat())
-    log_text_files(client, run_id, {"config.yaml": config_yaml(config)})
+    _log_definition(client, run_id, config)
     return run_id
+
+
+def _log_definition(client: MlflowClient, run_id: str, config: RunConfig) -> None:
+    """What rebuilds a run's model: its params and its resolved config.yaml (logged last)."""
+    logged = client.get_run(run_id).data.params
+    log_params(client, run_id, {k: v for k, v in config.flat().items() if k not in logged})
+    log_text_files(client, run_id, {"config.yaml": config_yaml(config)})
 
 
 def start_parent_run(tracking_uri: str, experiment: str, *, run_name: str, tags: dict[str, Any],
@@ -188,12 +194,16 @@ def log_params(store: MlflowClient | str, run_id: str, params: dict[str, Any], *
         client.log_batch(run_id, params=entries[start : start + MAX_PARAMS_PER_BATCH])
 
 
-def reopen_run(tracking_uri: str, run_id: str) -> None:
-    """Mark a run RUNNING again for a resumed driver (its params stay as they are)."""
+def reopen_run(tracking_uri: str, run_id: str, config: RunConfig | None = None) -> None:
+    """Mark a run RUNNING again for a resumed driver (its params stay as they are). With ``config``
+    (the run's own), a run whose start was cut short between its creation and its config.yaml (a
+    driver killed there) gets its params and config.yaml now, so it can be evaluated and loaded."""
     client = MlflowClient(tracking_uri)
     for stale in ("failure", "failure.step"):  # the reason an earlier attempt ended no longer holds
         if stale in client.get_run(run_id).data.tags:
             client.delete_tag(run_id, stale)
+    if config is not None and "config.yaml" not in {a.path for a in client.list_artifacts(run_id)}:
+        _log_definition(client, run_id, config)
     client.update_run(run_id, status="RUNNING")
 
 

@@ -141,7 +141,7 @@ def train(config: RunConfig, *, address: str | None = None, trigger: str = "manu
     config = _resolved_hardware(config)
     if resume_run_id:
         run_id = resume_run_id
-        store.reopen_run(tracking_uri, run_id)
+        store.reopen_run(tracking_uri, run_id, config)
         store.count_restart(tracking_uri, run_id, resume_reason)
     else:  # created before the workers, so sqlite schema creation never stalls rank 0 mid-DDP
         run_id = store.start_run(config, tracking_uri=tracking_uri, manifest_digest=manifest.digest(),

@@ -43,8 +43,10 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
 	  else echo "tests need Chromium: sudo apt-get install -y chromium" >&2; exit 1; fi
 
+# Two pytest-xdist workers: the tests that start clusters, servers or a browser run one at a time on
+# one of them, the others beside them (tests/conftest.py).
 test: setup browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 clean:
 	rm -rf data/digits ray_results mlflow.db mlartifacts

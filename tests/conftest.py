@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray cluster for the session, real datasets on disk."""
+"""Shared fixtures: one real local Ray cluster for the session, real datasets on disk; and which
+tests run one at a time."""
 
 from __future__ import annotations
 
@@ -12,6 +13,25 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST_DIR = Path(os.environ.get("PIPELINE_MNIST_DIR", SHARED_DATA / "mnist"))
 BINARIZED_MNIST_DIR = Path(os.environ.get("PIPELINE_BINARIZED_MNIST_DIR", SHARED_DATA / "binarized_mnist"))
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). The tests that
+# start Ray clusters, training runs, MLflow servers or a browser form one group, which xdist runs on
+# one worker, one test after another, as a serial run would (two of them at once on two cores would
+# starve each other's health checks); the tests that start none of these run on the other worker
+# beside them. A test is in the group when its file is named here or it uses one of these fixtures.
+ONE_AT_A_TIME_FILES = {
+    "test_bench.py", "test_bench_images.py", "test_dvae_train.py", "test_encode.py", "test_evaluate.py",
+    "test_fault.py", "test_images_train.py", "test_multinode.py", "test_ops_cluster.py", "test_ops_registry.py",
+    "test_photo_tokenizer.py", "test_progress.py", "test_recovery.py", "test_run_logger.py", "test_sweep.py",
+    "test_tokenizer.py", "test_train.py", "test_ui.py",
+}
+ONE_AT_A_TIME_FIXTURES = {"ray_cluster", "digits_progress_run", "grid_dvae_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in ONE_AT_A_TIME_FILES or ONE_AT_A_TIME_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group("one-at-a-time"))
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ they never clash with other clusters on the machine; teardown kills the whole gr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -26,10 +27,18 @@ from typing import Iterator
 BIN = Path(sys.executable).parent
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every socket stays bound until all are chosen (ports chosen one
+    after another can repeat, and one process then finds its second port taken by its first)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _http_ok(url: str) -> bool:
@@ -87,13 +96,13 @@ def spawn_ray_head(root: Path, num_cpus: int = 2) -> Service:
     root.mkdir(parents=True, exist_ok=True)
     # Ray's socket paths must stay under 107 bytes: a short directory of our own, not pytest's tmp_path.
     temp_dir = tempfile.mkdtemp(prefix="ops-ray-", dir="/tmp")
-    dashboard = free_port()
     worker_base = random.randrange(20000, 30000, 200)
-    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--dashboard-agent-listen-port": free_port(),
-             "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
-             "--metrics-export-port": free_port(), "--ray-client-server-port": free_port(),
-             "--node-manager-port": free_port(), "--object-manager-port": free_port(),
-             "--min-worker-port": worker_base, "--max-worker-port": worker_base + 199}
+    flags = ("--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--runtime-env-agent-port", "--metrics-export-port", "--ray-client-server-port", "--node-manager-port",
+             "--object-manager-port")
+    ports = dict(zip(flags, free_ports(len(flags)))) | {"--min-worker-port": worker_base,
+                                                         "--max-worker-port": worker_base + 199}
+    dashboard = ports["--dashboard-port"]
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}",
            f"--temp-dir={temp_dir}", "--disable-usage-stats", *[f"{k}={v}" for k, v in ports.items()]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +37,13 @@ def _token_available() -> bool:
 def enable_token_auth() -> None:
     """Ray 2.60 clients send their token only with RAY_AUTH_MODE=token: set it when a token is at hand.
 
-    Must run before Ray reads its config in this process (the CLI imports Ray lazily, after this).
-    """
+    Ray reads the mode into a cached config when it is first imported (the CLI imports Ray lazily,
+    after this); in a process that imported Ray already (a notebook, a test session) the cache is
+    re-read, as Ray's own ray.init does when it turns token auth on."""
     if "RAY_AUTH_MODE" not in os.environ and _token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray._raylet" in sys.modules:
+            sys.modules["ray._raylet"].Config.initialize("")
 
 
 def connect(address: str | None):

@@ -232,8 +232,8 @@ def test_prefetch_same_order_errors_in_place_and_close():
     assert len(produced) == count <= 5  # nothing produced after it stopped; at most depth + 3 before
 
 
-def _bench(*args: str, timeout: int) -> dict:
-    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+def _bench(*args: str, timeout: int, env: dict[str, str] | None = None) -> dict:
+    env = os.environ | {"PYTHONWARNINGS": "ignore"} | (env or {})
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, "-m", "pipeline", "bench", *args, "--json"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -253,7 +253,10 @@ def test_bench_data_emits_every_field():
 def test_bench_train_emits_every_field(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- bench:train:start -->\nold\n<!-- bench:train:end -->\ny\n")
-    report = _bench("train", "--source", "digits", "-o", "train.log_every=5", "--readme", str(readme), timeout=600)
+    users_store = tmp_path / "users-mlflow.db"  # a user's MLFLOW_TRACKING_URI: the bench's runs stay out of it
+    report = _bench("train", "--source", "digits", "-o", "train.log_every=5", "--readme", str(readme), timeout=600,
+                    env={"MLFLOW_TRACKING_URI": f"sqlite:///{users_store}"})
+    assert not users_store.exists()
     for field in ("ray_vs_plain", "scaling_2v1", "data_wait_frac", "startup_s"):
         assert report[field] is not None, field
     assert report["ray1"]["steps"] == report["ray2"]["steps"] > 0

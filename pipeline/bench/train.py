@@ -160,7 +160,7 @@ def ray_run(cfg: Any) -> dict[str, Any]:
     ended = time.time()
 
     def history(name: str) -> list[Any]:
-        return store.metric_history(cfg.tracking.uri, result.run_id, name)
+        return store.metric_history(result.tracking_uri, result.run_id, name)
 
     speed, wait = history("perf/samples_per_s"), history("perf/data_wait_frac")
     steady = [m.value for m in speed[1:]] or [m.value for m in speed]  # step 1 is warm-up
@@ -170,7 +170,7 @@ def ray_run(cfg: Any) -> dict[str, Any]:
     setup = history("perf/worker_setup_s")
     # Every other per-window perf/* metric the loop logs (medians over the same steady windows)
     perf = {}
-    for name in sorted(store.get_run(cfg.tracking.uri, result.run_id).data.metrics):
+    for name in sorted(store.get_run(result.tracking_uri, result.run_id).data.metrics):
         if name.startswith("perf/") and name not in ("perf/samples_per_s", "perf/worker_setup_s"):
             values = history(name)
             values = [m.value for m in values[1:]] or [m.value for m in values]
@@ -199,16 +199,12 @@ def step_time(plain: dict[str, Any], run: dict[str, Any], batch: int) -> dict[st
             "data_wait_ms": round(wait_ms, 2), "other_ms": round(ray_ms - plain_ms - wait_ms, 2)}
 
 
-def _start_ray() -> None:
-    """A local cluster as `pipeline train` starts one (trainer.connect_ray), but with worker output
-    kept off this process's stdout, so --json prints nothing but the report."""
-    import logging
+def _start_ray(cfg: Any) -> None:
+    """The local cluster `pipeline train` starts, with the workers' output kept off this process's
+    stdout, so --json prints nothing but the report."""
+    from pipeline.train.trainer import connect_ray
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False)
+    connect_ray(None, cfg, worker_output=False)
 
 
 def run_train_bench(url: str, config: str, work: Path, *, epochs: int = 1, batch: int | None = None,
@@ -217,7 +213,10 @@ def run_train_bench(url: str, config: str, work: Path, *, epochs: int = 1, batch
     from pipeline.config import load_config
     from pipeline.data import read_manifest, steps_per_epoch
 
+    # A local cluster and a scratch store of the bench's own: its runs never reach the user's cluster or
+    # MLflow server (the environment would beat the config's tracking.uri).
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     base = [f"data.url={url}", f"train.epochs={epochs}", "train.cpus_per_worker=1", f"train.storage={work / 'ray'}",
             f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=bench", "tracking.register_model=false",
             *([f"train.batch_size={batch}"] if batch else []), *overrides]
@@ -232,7 +231,7 @@ def run_train_bench(url: str, config: str, work: Path, *, epochs: int = 1, batch
 
     plains = [plain_loop(cfg, url, images, total, window)]
     started = time.perf_counter()
-    _start_ray()
+    _start_ray(cfg)
     ray_init_s = time.perf_counter() - started
     runs = {f"ray{w}": ray_run(configs[w]) for w in workers}
     for _ in range(plain_repeats - 1):

@@ -49,9 +49,10 @@ def absolute_url(url: str) -> str:
     return url if "://" in url else str(Path(url).expanduser().resolve())
 
 
-def connect_ray(address: str | None, config: RunConfig) -> bool:
+def connect_ray(address: str | None, config: RunConfig, *, worker_output: bool = True) -> bool:
     """Join RAY_ADDRESS/--address if given, else start a local cluster sized to this machine;
-    True when this call started a local cluster (so it is ours to shut down)."""
+    True when this call started a local cluster (so it is ours to shut down). ``worker_output``
+    False keeps the workers' output off this process's stdout (a benchmark's JSON report)."""
     import ray
 
     if ray.is_initialized():
@@ -87,7 +88,8 @@ def connect_ray(address: str | None, config: RunConfig) -> bool:
     # that is the setting we want (a user's RAY_AUTH_MODE still wins), so the line is not shown.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=dashboard_port, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+             dashboard_port=dashboard_port, _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+             log_to_driver=worker_output)
     return True
 
 

@@ -41,6 +41,11 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def ports_for(flags: tuple[str, ...]) -> dict[str, int]:
+    """A distinct free port per command-line flag (Ray refuses a node whose components share one)."""
+    return dict(zip(flags, free_ports(len(flags))))
+
+
 def _http_ok(url: str) -> bool:
     """The server answers (a 401 from a token-protected Ray dashboard counts: it is up)."""
     try:
@@ -100,8 +105,7 @@ def spawn_ray_head(root: Path, num_cpus: int = 2) -> Service:
     flags = ("--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--runtime-env-agent-port", "--metrics-export-port", "--ray-client-server-port", "--node-manager-port",
              "--object-manager-port")
-    ports = dict(zip(flags, free_ports(len(flags)))) | {"--min-worker-port": worker_base,
-                                                         "--max-worker-port": worker_base + 199}
+    ports = ports_for(flags) | {"--min-worker-port": worker_base, "--max-worker-port": worker_base + 199}
     dashboard = ports["--dashboard-port"]
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}",

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ops_services import BIN, free_ports, kill_group
+from ops_services import BIN, kill_group, ports_for
 
 
 def node_ip() -> str:
@@ -31,11 +31,6 @@ def node_ip() -> str:
 _NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
                "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
 _HEAD_PORTS = ("--port", "--dashboard-port", "--ray-client-server-port")
-
-
-def _ports(flags: tuple[str, ...]) -> dict[str, int]:
-    """A distinct free port per flag (Ray refuses a node whose components share one)."""
-    return dict(zip(flags, free_ports(len(flags))))
 
 
 def _processes() -> dict[int, tuple[int, int, str]]:
@@ -129,7 +124,7 @@ def ray_cluster_of_nodes(root: Path, worker_cpus: tuple[int, ...] = (1, 1), head
     root.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in (env or os.environ).items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env |= {"RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
-    ip, ports = node_ip(), _ports(_HEAD_PORTS + _NODE_PORTS)
+    ip, ports = node_ip(), ports_for(_HEAD_PORTS + _NODE_PORTS)
     port = ports["--port"]
     ray = str(BIN / "ray")
     # Socket paths must stay under 107 bytes: short temp dirs of our own, one per node.
@@ -145,7 +140,7 @@ def ray_cluster_of_nodes(root: Path, worker_cpus: tuple[int, ...] = (1, 1), head
             temp_dir = tempfile.mkdtemp(prefix=f"rn-w{index}-", dir="/tmp")
             cmd = [ray, "start", "--block", f"--address={cluster.address}", f"--node-ip-address={ip}",
                    f"--num-cpus={cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-                   *[f"{flag}={value}" for flag, value in _ports(_NODE_PORTS).items()]]
+                   *[f"{flag}={value}" for flag, value in ports_for(_NODE_PORTS).items()]]
             log = root / f"worker{index}.log"
             cluster.workers.append(Node(_start(cmd, log, env), log, temp_dir))
         cluster.wait_for_nodes(1 + len(worker_cpus))
